@@ -1,0 +1,60 @@
+"""The attention-backend interface over the paged KV cache.
+
+A backend owns two things for every layer: writing the step's new keys/values into their
+KV-cache slots, and computing attention of the step's queries over each sequence's whole
+context (cached prefix + new tokens, causal among the new ones). The model calls
+`backend.forward(layer, q, k, v, meta)` and never sees pages. The CPU backend (torch) and
+the GPU backend (Triton kernels) implement the same contract.
+
+Invariants a backend may rely on (the model runner guarantees them):
+- tokens of one sequence are contiguous in q/k/v, in position order, sequences in the
+  order of `meta.seqs`;
+- `meta.slot_mapping[t]` is the KV slot of token t (block * page_size + offset);
+- every slot of a sequence's context below its `prefix_len` already holds that position's K/V.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SequenceSlice:
+    """One sequence's part of a batched step."""
+
+    query_start: int
+    """Index of the sequence's first new token in the flattened batch."""
+    query_len: int
+    """New tokens of this sequence in this step."""
+    prefix_len: int
+    """Tokens whose K/V were in the cache before this step."""
+    context_slots: torch.Tensor
+    """KV slot of every context position 0..prefix_len+query_len-1 (long)."""
+
+    @property
+    def context_len(self) -> int:
+        """Prefix plus new tokens."""
+        return self.prefix_len + self.query_len
+
+
+@dataclass
+class AttentionMetadata:
+    """What a backend needs to know about one step's batch (shared by all layers)."""
+
+    seqs: list[SequenceSlice]
+    """The sequences of the step, in token order."""
+    slot_mapping: torch.Tensor
+    """KV slot of every new token [num_tokens] (long)."""
+    sliding_window: int | None = None
+    """Attend only to keys within this many positions (inclusive of self); None: all."""
+
+
+class AttentionBackend(ABC):
+    """Writes new K/V into the paged cache and attends over each sequence's context."""
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens -> attention output [T, Hq * D]."""

@@ -1,0 +1,188 @@
+"""The engine core: `add_request`, `abort` and one pure `step()` (schedule -> run -> update).
+
+No threads, no asyncio, no gRPC: a service or the offline `LLM` drives it by calling
+`step()` in a loop and forwarding the `RequestDelta`s it returns. Every bad input is
+refused in `add_request` with a `ValueError` before the request holds any resource;
+every request's blocks return to the pool when it finishes or is aborted.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional, Sequence
+
+from services.engine.config import EngineConfig
+from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.engine_setup import EngineParts, build_engine_parts
+from services.engine.output_processor import OutputProcessor
+from services.engine.request import Request, RequestDelta, RequestStatus
+from services.engine.sampler import Sampler, SamplingRow, make_generator
+from services.engine.sampling_params import SamplingParams
+from services.engine.stop_checker import StopStringChecker
+
+
+class Engine:
+    """Continuous batching over a paged KV cache with a radix prefix cache."""
+
+    def __init__(self, config: EngineConfig, parts: Optional[EngineParts] = None) -> None:
+        self.config = config
+        self.parts = parts or build_engine_parts(config)
+        p = self.parts
+        self.tokenizer = p.tokenizer
+        self.model_config = p.model_config
+        self.max_model_len = p.max_model_len
+        self.pool, self.cache, self.scheduler, self.runner = p.pool, p.cache, p.scheduler, p.runner
+        self.sampler = Sampler()
+        self.outputs = OutputProcessor(p.eos_token_ids, p.max_model_len)
+        self._grammars = None
+        self._arrivals = itertools.count()
+        self._requests: dict[str, list[Request]] = {}
+
+    # --- requests ------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Queue a prompt (n completions); raises ValueError for a bad request."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt = [int(t) for t in prompt_token_ids]
+        self._validate(prompt, params)
+        grammars = [self._new_grammar(params) for _ in range(params.n)]
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.seed is not None and i > 0:
+                child_params = _with_seed(params, params.seed + i)
+            children.append(Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}", parent_id=request_id,
+                index=i, prompt_token_ids=prompt, params=child_params, arrival=next(self._arrivals),
+                generator=make_generator(child_params), grammar=grammars[i],
+                detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt),
+                stop_checker=StopStringChecker(params.stop, params.include_stop_str_in_output),
+            ))
+        self._requests[request_id] = children
+        for child in children:
+            self.scheduler.add(child)
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if t < 0 or t >= vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} "
+                             f"tokens, leaving no room to generate")
+        capacity = self.pool.num_blocks * self.config.page_size
+        if len(prompt) + 1 > capacity:
+            raise ValueError(f"the prompt has {len(prompt)} tokens but the KV cache holds only {capacity}")
+
+    def _new_grammar(self, params: SamplingParams):
+        if params.structured_output is None:
+            return None
+        if self._grammars is None:
+            from services.engine.structured_output import GrammarCompilerCache
+            self._grammars = GrammarCompilerCache(self.tokenizer, self.model_config.vocab_size,
+                                                  eos_token_ids=self.parts.eos_token_ids)
+        return self._grammars.new_state(params.structured_output)
+
+    def abort(self, request_id: str) -> list[RequestDelta]:
+        """Stop a request at once (waiting or running); returns its final deltas ('abort')."""
+        deltas = []
+        for request in self._requests.pop(request_id, []):
+            if request.is_finished:
+                continue
+            self.scheduler.remove(request)
+            request.status, request.finish_reason = RequestStatus.FINISHED, "abort"
+            deltas.append(RequestDelta(request.request_id, request.parent_id, request.index, [], "",
+                                       finish_reason="abort", num_prompt_tokens=len(request.prompt_token_ids),
+                                       num_cached_tokens=request.num_cached_tokens))
+        return deltas
+
+    def has_unfinished(self) -> bool:
+        """True while any request is waiting or running."""
+        return self.scheduler.has_work()
+
+    # --- the step ------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        """Schedule, run the model once, sample, and update every scheduled request."""
+        items = self.scheduler.schedule()
+        if not items:
+            return self._starved()
+        logits = self.runner.execute(items)
+        sampling = [item.request for item in items if item.samples]
+        for item in items:
+            item.request.num_computed_tokens += item.num_tokens
+        if not sampling:
+            return []
+        sampled = self.sampler.sample(logits, [self._row(r) for r in sampling], self._mask_fn(sampling))
+        deltas = []
+        for request, token in zip(sampling, sampled):
+            delta = self.outputs.on_token(request, token)
+            if request.finish_reason is not None:
+                self._retire(request)
+            deltas.append(delta)
+        return deltas
+
+    def _row(self, request: Request) -> SamplingRow:
+        return SamplingRow(params=request.params, prompt_token_ids=request.prompt_token_ids,
+                           output_token_ids=request.output_token_ids, generator=request.generator,
+                           banned_token_ids=self.outputs.banned_tokens(request))
+
+    def _mask_fn(self, requests: list[Request]):
+        constrained = [(i, r.grammar) for i, r in enumerate(requests) if r.grammar is not None]
+        if not constrained:
+            return None
+        from services.engine.structured_output import allocate_bitmask, apply_bitmask
+        bitmask = allocate_bitmask(len(requests), self.model_config.vocab_size)
+        for row, grammar in constrained:
+            grammar.fill_bitmask(bitmask, row)
+        return lambda logits: apply_bitmask(logits, bitmask.to(logits.device))
+
+    def _retire(self, request: Request) -> None:
+        request.status = RequestStatus.FINISHED
+        self.scheduler.finish(request)
+        siblings = self._requests.get(request.parent_id, [])
+        if all(s.is_finished for s in siblings):
+            self._requests.pop(request.parent_id, None)
+
+    def _starved(self) -> list[RequestDelta]:
+        """Nothing could be scheduled although work waits: the head request cannot fit at all."""
+        if not self.scheduler.waiting or self.scheduler.running:
+            return []
+        request = self.scheduler.waiting[0]
+        self.scheduler.remove(request)
+        request.status, request.finish_reason = RequestStatus.FINISHED, "length"
+        self._retire(request)
+        return [RequestDelta(request.request_id, request.parent_id, request.index, [], "", finish_reason="length",
+                             num_prompt_tokens=len(request.prompt_token_ids),
+                             error="the KV cache cannot hold this request")]
+
+    # --- introspection -------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        """Load and cache figures (for metrics and tests)."""
+        cache = self.cache
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "free_blocks": self.pool.num_free,
+            "total_blocks": self.pool.num_blocks,
+            "evictable_blocks": cache.evictable_blocks if cache else 0,
+            "prefix_hit_rate": cache.hit_rate if cache else 0.0,
+            "preemptions": self.scheduler.num_preemptions,
+        }
+
+    def check_idle_integrity(self) -> None:
+        """Assert that an idle engine holds no block outside the prefix cache."""
+        assert not self.scheduler.has_work(), "engine is not idle"
+        self.pool.check_integrity()
+        cached = 0
+        if self.cache is not None:
+            self.cache.check_integrity()
+            assert self.cache.locked_blocks == 0, "an idle engine holds radix locks"
+            cached = self.cache.cached_blocks
+        assert self.pool.num_free + cached == self.pool.num_blocks, "blocks leaked"
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+    return replace(params, seed=seed)
+

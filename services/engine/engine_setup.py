@@ -1,0 +1,128 @@
+"""Building an engine's parts from its config: device, dtype, tokenizer, weights, KV pool.
+
+Owns start-up decisions: which model folder (the embedded default when none is given),
+the dtype, how many KV blocks fit (a token budget on CPU, a fraction of free GPU memory
+on CUDA), and the max context length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from services.engine.attention.base import AttentionBackend
+from services.engine.attention.torch_cpu import TorchAttentionBackend
+from services.engine.block_pool import BlockPool
+from services.engine.config import EngineConfig
+from services.engine.kv_cache import KVCache, KVLayout
+from services.engine.model_runner import ModelRunner
+from services.engine.models.loader import load_model
+from services.engine.models.model_config import ModelConfig
+from services.engine.radix_cache import RadixCache
+from services.engine.scheduler import Scheduler
+
+CPU_DEFAULT_KV_TOKENS = 16384
+
+
+@dataclass
+class EngineParts:
+    """Everything an `Engine` is made of."""
+
+    model_path: Path
+    model_config: ModelConfig
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    kv_cache: KVCache
+    backend: AttentionBackend
+    pool: BlockPool
+    cache: Optional[RadixCache]
+    scheduler: Scheduler
+    runner: ModelRunner
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available")
+    return device
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device, model_dtype: str) -> torch.dtype:
+    """--dtype auto: float32 on CPU; on GPU the model's dtype, bf16 for float32 checkpoints."""
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if config.dtype != "auto":
+        return names[config.dtype]
+    if device.type == "cpu" or model_dtype not in ("bfloat16", "float16"):
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return names[model_dtype]
+
+
+def resolve_model_path(config: EngineConfig) -> Path:
+    """The model folder: --model, or the embedded default (converted on first use)."""
+    if config.model:
+        path = Path(config.model).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"--model {config.model}: no such folder")
+        return path
+    from services.engine.default_model import ensure_default_model
+    return ensure_default_model()
+
+
+def kv_cache_tokens(config: EngineConfig, layout_bytes_per_token: int, device: torch.device) -> int:
+    """KV pool size in tokens: the explicit budget, or what fits in GPU memory."""
+    if config.kv_cache_tokens is not None:
+        return config.kv_cache_tokens
+    if device.type != "cuda":
+        return CPU_DEFAULT_KV_TOKENS
+    free, total = torch.cuda.mem_get_info(device)
+    available = total * config.mem_fraction_static - (total - free)
+    if available < layout_bytes_per_token * config.page_size:
+        raise ValueError("no GPU memory left for the KV cache; raise --mem-fraction-static")
+    return int(available // layout_bytes_per_token)
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The model folder's Hugging Face tokenizer."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def build_engine_parts(config: EngineConfig) -> EngineParts:
+    """Load the model and size the KV cache as the config says."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    path = resolve_model_path(config)
+    model_config = ModelConfig.from_folder(path)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config, device, model_config.torch_dtype)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, model_config, dtype, device)
+    max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                        model_config.max_position_embeddings)
+    probe = KVLayout(model_config.num_layers, 1, config.page_size, model_config.num_kv_heads,
+                     model_config.head_dim, dtype)
+    tokens = kv_cache_tokens(config, probe.bytes_per_token, device)
+    layout = KVLayout(model_config.num_layers, max(1, tokens // config.page_size), config.page_size,
+                      model_config.num_kv_heads, model_config.head_dim, dtype)
+    kv_cache = KVCache(layout, device)
+    backend = TorchAttentionBackend(kv_cache, model_config.num_heads, model_config.head_dim)
+    pool = BlockPool(layout.num_blocks)
+    cache = None if config.disable_radix_cache else RadixCache(pool, config.page_size)
+    eos = list(model_config.eos_token_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return EngineParts(
+        model_path=path, model_config=model_config, tokenizer=tokenizer, device=device, dtype=dtype,
+        kv_cache=kv_cache, backend=backend, pool=pool, cache=cache,
+        scheduler=Scheduler(config, pool, cache),
+        runner=ModelRunner(model, backend, config.page_size, device),
+        max_model_len=max_model_len, eos_token_ids=tuple(eos),
+    )

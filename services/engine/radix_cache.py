@@ -1,0 +1,210 @@
+"""The prefix cache: a page-aligned radix tree over token ids whose nodes hold KV blocks.
+
+Invariants (checked by `check_integrity`):
+- every node but the root has a key of whole pages, `len(key) == len(blocks) * page_size`,
+  and is found in its parent's children under its first page;
+- no two children of a node share a first page (they would have been merged);
+- the tree holds one pool reference per block of every node;
+- `lock_ref` of a node counts the requests using it or a descendant; locked nodes are
+  never evicted, and `locked_blocks` counts the blocks of nodes with lock_ref > 0;
+- eviction removes least-recently-used unlocked leaves first.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from services.engine.block_pool import BlockPool
+
+
+@dataclass(eq=False)
+class RadixNode:
+    """A run of whole pages shared by every sequence passing through it."""
+
+    key: tuple[int, ...] = ()
+    blocks: list[int] = field(default_factory=list)
+    parent: Optional["RadixNode"] = None
+    children: dict[tuple[int, ...], "RadixNode"] = field(default_factory=dict)
+    lock_ref: int = 0
+    last_access: int = 0
+
+
+@dataclass
+class PrefixMatch:
+    """The cached part of a token sequence."""
+
+    blocks: list[int]
+    """Blocks holding the matched pages, in order."""
+    node: RadixNode
+    """Deepest node of the match (lock it while using the blocks)."""
+
+    @property
+    def num_blocks(self) -> int:
+        """Matched pages."""
+        return len(self.blocks)
+
+
+class RadixCache:
+    """Page-granular RadixAttention-style prefix cache over a `BlockPool`."""
+
+    def __init__(self, pool: BlockPool, page_size: int) -> None:
+        self.pool = pool
+        self.page_size = page_size
+        self.root = RadixNode()
+        self.cached_blocks = 0
+        self.locked_blocks = 0
+        self.tokens_looked_up = 0
+        self.tokens_matched = 0
+        self._clock = itertools.count(1)
+
+    # --- queries -------------------------------------------------------------------
+    @property
+    def evictable_blocks(self) -> int:
+        """Blocks that eviction could return to the pool."""
+        return self.cached_blocks - self.locked_blocks
+
+    @property
+    def hit_rate(self) -> float:
+        """Tokens matched / tokens looked up since start (0 when nothing was looked up)."""
+        return self.tokens_matched / self.tokens_looked_up if self.tokens_looked_up else 0.0
+
+    def match_prefix(self, tokens: Sequence[int]) -> PrefixMatch:
+        """Longest cached whole-page prefix of `tokens`; splits a node so the match ends on one."""
+        page = self.page_size
+        usable = len(tokens) - len(tokens) % page
+        node, blocks, pos = self.root, [], 0
+        now = next(self._clock)
+        while pos < usable:
+            child = node.children.get(tuple(tokens[pos:pos + page]))
+            if child is None:
+                break
+            common = self._common_pages(child.key, tokens, pos)
+            if common < len(child.key):
+                child = self._split(child, common)
+            child.last_access = now
+            blocks.extend(child.blocks)
+            pos += len(child.key)
+            node = child
+        self.tokens_looked_up += len(tokens)
+        self.tokens_matched += pos
+        return PrefixMatch(blocks=blocks, node=node)
+
+    # --- updates -------------------------------------------------------------------
+    def insert(self, tokens: Sequence[int], blocks: Sequence[int]) -> int:
+        """Cache the whole pages of `tokens` held in `blocks`; returns tokens already cached.
+
+        The tree takes its own reference on blocks of new pages; for pages it already had,
+        the caller's blocks are not adopted. Either way the caller keeps (and later releases)
+        its own references.
+        """
+        page = self.page_size
+        usable = min(len(tokens) - len(tokens) % page, len(blocks) * page)
+        node, pos, present = self.root, 0, None
+        now = next(self._clock)
+        while pos < usable:
+            child = node.children.get(tuple(tokens[pos:pos + page]))
+            if child is None:
+                present = pos if present is None else present
+                new_blocks = list(blocks[pos // page:usable // page])
+                self.pool.share(new_blocks)
+                leaf = RadixNode(key=tuple(tokens[pos:usable]), blocks=new_blocks, parent=node, last_access=now)
+                node.children[leaf.key[:page]] = leaf
+                self.cached_blocks += len(new_blocks)
+                return present
+            common = self._common_pages(child.key, tokens[:usable], pos)
+            if common < len(child.key):
+                child = self._split(child, common)
+            child.last_access = now
+            pos += len(child.key)
+            node = child
+        return pos
+
+    def lock(self, node: RadixNode) -> None:
+        """Protect `node` and its ancestors from eviction while a request uses them."""
+        while node is not self.root and node is not None:
+            if node.lock_ref == 0:
+                self.locked_blocks += len(node.blocks)
+            node.lock_ref += 1
+            node = node.parent
+
+    def unlock(self, node: RadixNode) -> None:
+        """Undo one `lock(node)`."""
+        while node is not self.root and node is not None:
+            if node.lock_ref <= 0:
+                raise ValueError("unlock of a node that is not locked")
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self.locked_blocks -= len(node.blocks)
+            node = node.parent
+
+    def evict(self, num_blocks: int) -> int:
+        """Free at least `num_blocks` blocks if possible, LRU unlocked leaves first; returns blocks evicted."""
+        heap = [(n.last_access, id(n), n) for n in self._leaves() if n.lock_ref == 0]
+        heapq.heapify(heap)
+        evicted = 0
+        while evicted < num_blocks and heap:
+            _, _, leaf = heapq.heappop(heap)
+            parent = leaf.parent
+            del parent.children[leaf.key[:self.page_size]]
+            self.pool.release(leaf.blocks)
+            self.cached_blocks -= len(leaf.blocks)
+            evicted += len(leaf.blocks)
+            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        return evicted
+
+    def reset(self) -> None:
+        """Evict everything (all nodes must be unlocked)."""
+        if self.locked_blocks:
+            raise ValueError("cannot reset the prefix cache while requests hold locked nodes")
+        self.evict(self.cached_blocks)
+
+    # --- internals -----------------------------------------------------------------
+    def _common_pages(self, key: tuple[int, ...], tokens: Sequence[int], pos: int) -> int:
+        """Length (in tokens, whole pages) of the common prefix of `key` and tokens[pos:]."""
+        page, n = self.page_size, 0
+        limit = min(len(key), len(tokens) - pos)
+        while n + page <= limit and tuple(tokens[pos + n:pos + n + page]) == key[n:n + page]:
+            n += page
+        return n
+
+    def _split(self, child: RadixNode, at: int) -> RadixNode:
+        """Cut `child` after `at` tokens; returns the new upper node."""
+        page = self.page_size
+        upper = RadixNode(key=child.key[:at], blocks=child.blocks[:at // page], parent=child.parent,
+                          lock_ref=child.lock_ref, last_access=child.last_access)
+        upper.parent.children[upper.key[:page]] = upper
+        child.key, child.blocks, child.parent = child.key[at:], child.blocks[at // page:], upper
+        upper.children[child.key[:page]] = child
+        return upper
+
+    def _leaves(self) -> list[RadixNode]:
+        leaves, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            elif node is not self.root:
+                leaves.append(node)
+        return leaves
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError when an invariant of the module docstring does not hold."""
+        page, cached, locked, stack = self.page_size, 0, 0, [self.root]
+        while stack:
+            node = stack.pop()
+            for first, child in node.children.items():
+                assert child.parent is node, "child's parent pointer is wrong"
+                assert child.key and len(child.key) % page == 0, "key is not whole pages"
+                assert len(child.key) == len(child.blocks) * page, "key and blocks disagree"
+                assert first == child.key[:page], "child filed under the wrong first page"
+                assert child.lock_ref >= sum(c.lock_ref for c in child.children.values()), "lock_ref below children's"
+                for b in child.blocks:
+                    assert self.pool.refcount(b) >= 1, f"cached block {b} is free"
+                cached += len(child.blocks)
+                locked += len(child.blocks) if child.lock_ref > 0 else 0
+                stack.append(child)
+        assert cached == self.cached_blocks, f"cached_blocks {self.cached_blocks} != {cached}"
+        assert locked == self.locked_blocks, f"locked_blocks {self.locked_blocks} != {locked}"

@@ -1,0 +1,113 @@
+"""One sequence inside the engine, and the outputs the engine hands back.
+
+A `Request` is one completion (a prompt with n > 1 becomes n requests sharing a parent
+id). Its life: WAITING (queued, no blocks) -> RUNNING (holds blocks; prefilling in chunks,
+then decoding one token per step) -> FINISHED. Preemption sends a RUNNING request back to
+WAITING with its blocks released and its generated tokens kept; it is recomputed later.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from services.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is in its life."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """A single completion being generated."""
+
+    request_id: str
+    parent_id: str
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    cache_node: Any = None
+    generator: Optional[torch.Generator] = None
+    grammar: Any = None
+    detokenizer: Any = None
+    stop_checker: Any = None
+    text: str = ""
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+    num_preemptions: int = 0
+    first_admission: bool = True
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by the tokens generated so far."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose K/V are not in the cache yet (the next step's input)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        """True once a finish reason is set."""
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass
+class RequestDelta:
+    """What one step produced for one request (the unit a streaming service forwards)."""
+
+    request_id: str
+    parent_id: str
+    index: int
+    new_token_ids: list[int]
+    new_text: str
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+    new_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: Optional[str] = None
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a finished (or in-progress) prompt."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: Optional[str]
+    stop_reason: Any = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """Everything generated for one prompt (n completions)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+    finished: bool = False
+    error: Optional[str] = None
