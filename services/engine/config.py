@@ -43,7 +43,7 @@ class EngineConfig:
     """Longest prompt + completion in tokens; default: the model's max_position_embeddings."""
     num_threads: int = 0
     """torch CPU threads for this process; 0 keeps torch's default."""
-    seed: int = 0
+    random_seed: int = 0
     """Seed of the engine's default random generator (requests without their own seed)."""
 
     def __post_init__(self) -> None:

@@ -99,6 +99,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     """Load the model and size the KV cache as the config says."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.random_seed)
     path = resolve_model_path(config)
     model_config = ModelConfig.from_folder(path)
     device = resolve_device(config.device)

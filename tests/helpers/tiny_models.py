@@ -6,6 +6,7 @@ transformers loads the very same weights as the reference.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +59,23 @@ def make_tiny_model(name: str, folder: Path, seed: int = 0, **overrides: Any) ->
     return folder
 
 
-def hf_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Reference: transformers' greedy `generate` on one prompt (no padding), new tokens only."""
+def load_hf(folder: Path):
+    """The transformers reference model for a folder, in float32."""
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return hf_greedy_with(model, prompt, max_new_tokens)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def hf_greedy_with(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy `generate` with an already-loaded transformers model; stops at EOS like HF does."""
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    """Reference: transformers' greedy `generate` on one unpadded prompt; the new tokens only.
+
+    Stops at EOS (EOS included) like HF does, unless ignore_eos."""
+    config = copy.deepcopy(model.generation_config)
+    config.do_sample, config.max_new_tokens = False, max_new_tokens
+    config.temperature = config.top_p = config.top_k = None
+    if ignore_eos:
+        config.eos_token_id = [10**9]  # never produced: HF falls back to the model config on None
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
+        config.pad_token_id = 0
+        out = model.generate(torch.tensor([prompt]), generation_config=config,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     return out[0, len(prompt):].tolist()

@@ -1,0 +1,85 @@
+"""The `baton` command line: one sub-command per job.
+
+- `baton generate PROMPT...`: offline generation with the in-process engine (the embedded
+  SmolLM2-135M-Instruct unless --model is given); prompts go through the chat template
+  unless --raw.
+Engine flags (`--page-size`, `--chunked-prefill-size`, ...) are generated from
+`EngineConfig`; sampling flags from a small subset of `SamplingParams`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from services.common.dataclass_flags import add_flags, from_args
+from services.engine.config import EngineConfig
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text offline with the in-process engine")
+    p.add_argument("prompts", nargs="+", help="prompt text(s); each is one chat user message unless --raw")
+    p.add_argument("--raw", action="store_true", help="send the prompt text as is (no chat template)")
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="per-request seed for reproducible sampling")
+    p.add_argument("--json-schema", default=None, help="constrain the output to this JSON schema (JSON text)")
+    p.add_argument("--regex", default=None, help="constrain the output to this regular expression")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON line per result")
+    add_flags(p, EngineConfig)
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from services.engine import LLM, SamplingParams, StructuredOutputParams
+    structured = None
+    if args.json_schema or args.regex:
+        structured = StructuredOutputParams(json=args.json_schema, regex=args.regex)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, structured_output=structured)
+    config = from_args(EngineConfig, args)
+    llm = LLM(**{k: v for k, v in vars(config).items()})
+    tok = llm.tokenizer
+    prompts = []
+    for text in args.prompts:
+        if args.raw or not getattr(tok, "chat_template", None):
+            prompts.append(text)
+        else:
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True)
+            prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    for text, out in zip(args.prompts, llm.generate(prompts, params)):
+        if out.error:
+            print(f"error: {out.error}", file=sys.stderr)
+            return 2
+        completion = out.outputs[0]
+        if args.as_json:
+            print(json.dumps({"prompt": text, "text": completion.text, "token_ids": completion.token_ids,
+                              "finish_reason": completion.finish_reason}))
+        else:
+            print(f"> {text}\n{completion.text}\n[{completion.finish_reason}, {len(completion.token_ids)} tokens]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `baton` argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `baton` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"baton: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

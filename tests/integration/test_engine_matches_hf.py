@@ -1,0 +1,101 @@
+"""Greedy outputs of the engine equal transformers' `generate`, token for token.
+
+Tiny random-weight Llama / Llama-3-rope / Qwen2 / Qwen3 / Mistral models (different GQA
+ratios, head dims, tied and untied embeddings) run batched with mixed prompt lengths,
+under every scheduling regime: chunked prefill on and off, radix cache on and off,
+several page sizes, and a KV budget small enough to force preemption.
+"""
+import random
+
+import pytest
+
+from services.engine import SamplingParams
+from tests.helpers.tiny_models import VOCAB, hf_greedy
+
+FAMILIES = ["llama", "llama3_rope", "qwen2", "qwen3", "mistral"]
+MAX_NEW = 24
+
+
+def mixed_prompts(seed: int, count: int = 6, longest: int = 70) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = [1, 3, longest] + [rng.randrange(2, longest) for _ in range(count - 3)]
+    return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in lengths]
+
+
+def assert_matches_hf(llm, hf, prompts, ignore_eos=True, max_new=MAX_NEW):
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=ignore_eos)
+    outputs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outputs):
+        expected = hf_greedy(hf, prompt, max_new, ignore_eos=ignore_eos)
+        assert out.outputs[0].token_ids == expected, f"prompt of {len(prompt)} tokens diverged"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_greedy_equals_transformers(family, tiny_model, hf_model, make_llm):
+    folder = tiny_model(family)
+    llm = make_llm(folder, page_size=4, kv_cache_tokens=2048, chunked_prefill_size=32)
+    assert_matches_hf(llm, hf_model(folder), mixed_prompts(seed=1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_stopping_at_eos_equals_transformers(family, tiny_model, hf_model, make_llm):
+    folder = tiny_model(family)
+    llm = make_llm(folder, page_size=4, kv_cache_tokens=2048)
+    prompts = mixed_prompts(seed=2, count=10, longest=30)
+    assert_matches_hf(llm, hf_model(folder), prompts, ignore_eos=False, max_new=40)
+
+
+REGIMES = {
+    "chunked_8": dict(chunked_prefill_size=8, max_num_batched_tokens=24),
+    "unchunked": dict(chunked_prefill_size=-1),
+    "no_radix": dict(disable_radix_cache=True, chunked_prefill_size=16),
+    "page_1": dict(page_size=1),
+    "page_16": dict(page_size=16, chunked_prefill_size=20),
+    "lpm": dict(schedule_policy="lpm"),
+    "priority": dict(schedule_policy="priority", max_running_requests=2),
+}
+
+
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+def test_scheduling_regimes_do_not_change_outputs(regime, tiny_model, hf_model, make_llm):
+    folder = tiny_model("llama")
+    options = dict(page_size=4, kv_cache_tokens=2048) | REGIMES[regime]
+    llm = make_llm(folder, **options)
+    assert_matches_hf(llm, hf_model(folder), mixed_prompts(seed=3, count=8))
+
+
+def test_preemption_under_small_kv_budget_keeps_outputs(tiny_model, hf_model, make_llm):
+    folder = tiny_model("qwen2")
+    # 8 prompts of up to 70 tokens + 24 new ones need ~500 tokens of KV at once; give 160.
+    llm = make_llm(folder, page_size=4, kv_cache_tokens=160, chunked_prefill_size=16)
+    assert_matches_hf(llm, hf_model(folder), mixed_prompts(seed=4, count=8))
+    assert llm.engine.stats()["preemptions"] > 0
+
+
+def test_shared_prefix_reports_cached_tokens_and_matches_uncached(tiny_model, hf_model, make_llm):
+    folder = tiny_model("llama")
+    rng = random.Random(5)
+    prefix = [rng.randrange(3, VOCAB) for _ in range(37)]
+    first, second = prefix + [10, 11, 12], prefix + [20, 21]
+    llm = make_llm(folder, page_size=4, kv_cache_tokens=2048)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    out1 = llm.generate([first], params)[0]
+    out2 = llm.generate([second], params)[0]
+    assert out1.num_cached_tokens == 0
+    assert out2.num_cached_tokens == 36  # the 37-token prefix's whole pages
+    uncached = make_llm(folder, page_size=4, kv_cache_tokens=2048, disable_radix_cache=True)
+    assert out2.outputs[0].token_ids == uncached.generate([second], params)[0].outputs[0].token_ids
+    assert out2.outputs[0].token_ids == hf_greedy(hf_model(folder), second, MAX_NEW, ignore_eos=True)
+    hit_rate = llm.engine.stats()["prefix_hit_rate"]
+    assert 0 < hit_rate < 1
+
+
+def test_repeated_prompt_is_served_from_cache_with_same_output(tiny_model, make_llm):
+    folder = tiny_model("mistral")
+    llm = make_llm(folder, page_size=4, kv_cache_tokens=2048)
+    prompt = mixed_prompts(seed=6, count=3)[2]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    a = llm.generate([prompt], params)[0]
+    b = llm.generate([prompt], params)[0]
+    assert b.num_cached_tokens == (len(prompt) - 1) // 4 * 4
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
