@@ -81,7 +81,7 @@ class Engine:
         if self._grammars is None:
             from services.engine.structured_output import GrammarCompilerCache
             self._grammars = GrammarCompilerCache(self.tokenizer, self.model_config.vocab_size,
-                                                  eos_token_ids=self.parts.eos_token_ids)
+                                                  stop_token_ids=self.parts.eos_token_ids, max_threads=2)
         return self._grammars.new_state(params.structured_output)
 
     def abort(self, request_id: str) -> list[RequestDelta]:
