@@ -36,6 +36,8 @@ class Engine:
         self._grammars = None
         self._arrivals = itertools.count()
         self._requests: dict[str, list[Request]] = {}
+        self.last_schedule: list[tuple[str, int, int]] = []
+        """(request id, first token, token count) of every request in the latest step."""
 
     # --- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
@@ -105,6 +107,7 @@ class Engine:
     def step(self) -> list[RequestDelta]:
         """Schedule, run the model once, sample, and update every scheduled request."""
         items = self.scheduler.schedule()
+        self.last_schedule = [(i.request.request_id, i.start, i.num_tokens) for i in items]
         if not items:
             return self._starved()
         logits = self.runner.execute(items)
