@@ -71,6 +71,7 @@ class ModelRunner:
     def execute(self, items: list[ScheduledItem]) -> torch.Tensor:
         """Run one step; returns float32 logits [num sampling requests, vocab]."""
         inputs = self.prepare(items)
+        self.backend.prepare(inputs.meta)
         hidden = self.model(inputs.input_ids, inputs.positions, self.backend, inputs.meta)
         if inputs.sample_rows.numel() == 0:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -49,10 +50,15 @@ class AttentionMetadata:
     """KV slot of every new token [num_tokens] (long)."""
     sliding_window: int | None = None
     """Attend only to keys within this many positions (inclusive of self); None: all."""
+    plan: Any = None
+    """Backend-private per-step state built by `AttentionBackend.prepare` and shared by all layers."""
 
 
 class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and attends over each sequence's context."""
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Called once per step before the first layer; may fill `meta.plan`."""
 
     @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,5 +1,11 @@
-"""Attention on CPU with torch: gather each sequence's context from the paged cache and
-run scaled-dot-product attention with a causal (optionally sliding-window) mask."""
+"""Attention with torch (the CPU path): gather each sequence's context from the paged cache
+and run scaled-dot-product attention.
+
+Single-token (decode) sequences are attended in one padded batch per layer with a length
+mask; multi-token (prefill / extend) sequences one by one with a causal (optionally
+sliding-window) mask. Grouped-query attention uses SDPA's `enable_gqa`, so keys and
+values are never repeated per query head.
+"""
 from __future__ import annotations
 
 import torch
@@ -17,28 +23,63 @@ class TorchAttentionBackend(AttentionBackend):
         self.num_heads = num_heads
         self.scale = head_dim ** -0.5
 
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Split the step into extend sequences and one padded decode batch (shared by all layers)."""
+        extends = [s for s in meta.seqs if s.query_len > 1]
+        decodes = [s for s in meta.seqs if s.query_len == 1]
+        meta.plan = (extends, DecodeBatch(decodes, meta.sliding_window) if decodes else None)
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         self.kv_cache.write(layer, meta.slot_mapping, k, v)
         keys, values = self.kv_cache.keys[layer], self.kv_cache.values[layer]
         out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
-        for seq in meta.seqs:
+        if meta.plan is None:
+            self.prepare(meta)
+        extends, decode = meta.plan
+        for seq in extends:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             ctx_k = keys.index_select(0, seq.context_slots)
             ctx_v = values.index_select(0, seq.context_slots)
-            out[rows] = self._attend(q[rows], ctx_k, ctx_v, seq, meta.sliding_window)
+            out[rows] = self._attend(q[rows], ctx_k, ctx_v, causal_mask(seq, meta.sliding_window, q.device))
+        if decode is not None:
+            out[decode.rows] = decode.attend(q, keys, values, self.scale)
         return out
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceSlice,
-                window: int | None) -> torch.Tensor:
-        group = self.num_heads // k.shape[1]
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        mask = causal_mask(seq, window, q.device)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                           attn_mask=mask, scale=self.scale)
+                                           attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o.transpose(0, 1).reshape(q.shape[0], -1)
+
+
+class DecodeBatch:
+    """All single-token sequences of a step, padded to the longest context."""
+
+    def __init__(self, seqs: list[SequenceSlice], window: int | None) -> None:
+        device = seqs[0].context_slots.device
+        longest = max(s.context_len for s in seqs)
+        slots = torch.zeros(len(seqs), longest, dtype=torch.long, device=device)
+        lengths = torch.tensor([s.context_len for s in seqs], device=device)
+        for i, s in enumerate(seqs):
+            slots[i, :s.context_len] = s.context_slots
+        positions = torch.arange(longest, device=device)[None, :]
+        visible = positions < lengths[:, None]
+        if window is not None:
+            visible &= positions > (lengths[:, None] - 1 - window)
+        self.slots = slots.reshape(-1)
+        self.shape = (len(seqs), longest)
+        self.mask = visible[:, None, None, :]
+        self.rows = torch.tensor([s.query_start for s in seqs], device=device)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention output [batch, Hq * D] of the decode rows of q."""
+        batch, longest = self.shape
+        heads, dim = keys.shape[1], keys.shape[2]
+        k = keys.index_select(0, self.slots).view(batch, longest, heads, dim).transpose(1, 2)
+        v = values.index_select(0, self.slots).view(batch, longest, heads, dim).transpose(1, 2)
+        qd = q.index_select(0, self.rows)[:, :, None, :]  # [batch, Hq, 1, D]
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=self.mask, scale=scale, enable_gqa=True)
+        return o.reshape(batch, -1)
 
 
 def causal_mask(seq: SequenceSlice, window: int | None, device: torch.device) -> torch.Tensor | None:
