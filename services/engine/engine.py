@@ -31,6 +31,7 @@ class Engine:
         self.model_config = p.model_config
         self.max_model_len = p.max_model_len
         self.pool, self.cache, self.scheduler, self.runner = p.pool, p.cache, p.scheduler, p.runner
+        self.kv_cache = p.kv_cache
         self.sampler = Sampler()
         self.outputs = OutputProcessor(p.eos_token_ids, p.max_model_len)
         self._grammars = None
@@ -42,6 +43,12 @@ class Engine:
     # --- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Queue a prompt (n completions); raises ValueError for a bad request."""
+        for child in self._new_requests(request_id, prompt_token_ids, params):
+            self.scheduler.add(child)
+
+    def _new_requests(self, request_id: str, prompt_token_ids: Sequence[int],
+                      params: SamplingParams) -> list[Request]:
+        """Validate and build the n requests of a prompt (registered, not yet queued)."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt = [int(t) for t in prompt_token_ids]
@@ -60,8 +67,7 @@ class Engine:
                 stop_checker=StopStringChecker(params.stop, params.include_stop_str_in_output),
             ))
         self._requests[request_id] = children
-        for child in children:
-            self.scheduler.add(child)
+        return children
 
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -142,6 +148,7 @@ class Engine:
 
     def _retire(self, request: Request) -> None:
         request.status = RequestStatus.FINISHED
+        self._before_release(request)
         self.scheduler.finish(request)
         siblings = self._requests.get(request.parent_id, [])
         if all(s.is_finished for s in siblings):
@@ -158,6 +165,9 @@ class Engine:
         return [RequestDelta(request.request_id, request.parent_id, request.index, [], "", finish_reason="length",
                              num_prompt_tokens=len(request.prompt_token_ids),
                              error="the KV cache cannot hold this request")]
+
+    def _before_release(self, request: Request) -> None:
+        """Hook run when a request finishes, while it still holds its blocks."""
 
     # --- introspection -------------------------------------------------------------
     def stats(self) -> dict[str, float]:

@@ -1,0 +1,105 @@
+"""Regenerates (or checks) the committed Python code of the wire contracts.
+
+Owns the one protoc invocation for `protos/baton/v1/*.proto`; it is exactly
+
+    python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+        protos/baton/v1/*.proto
+
+run from the repository root, but in-process through `grpc_tools.protoc.main`.
+
+    python -m protos.generate          # rewrite the generated files in place
+    python -m protos.generate --check  # exit 1 listing stale files; writes nothing
+
+`stale_files()` is what `--check` and `tests/unit/protos/test_protos_fresh.py` use.
+"""
+from __future__ import annotations
+
+import argparse
+import filecmp
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The directory holding `protos/` (the protoc include root)."""
+PROTO_DIR = Path("protos/baton/v1")
+"""Where the .proto files and their generated code live, relative to the repository root."""
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+"""The files protoc writes for each `name.proto`: name_pb2.py, name_pb2.pyi, name_pb2_grpc.py."""
+
+
+def proto_files(root: Path = REPO_ROOT) -> list[Path]:
+    """The .proto files of the wire API, relative to `root`, sorted."""
+    return sorted(p.relative_to(root) for p in (root / PROTO_DIR).glob("*.proto"))
+
+
+def expected_outputs(proto: Path) -> list[Path]:
+    """The generated files (relative to the root) that one .proto must have."""
+    stem = proto.with_suffix("")
+    return [stem.with_name(stem.name + suffix) for suffix in GENERATED_SUFFIXES]
+
+
+def generate(out_dir: Path, root: Path = REPO_ROOT) -> list[Path]:
+    """Run protoc on every .proto under `root`, writing into `out_dir`; the written paths
+    relative to `out_dir` (which mirror the paths relative to `root`)."""
+    from grpc_tools import protoc  # imported here: importing it installs import hooks
+    from importlib import resources
+
+    protos = proto_files(root)
+    if not protos:
+        raise FileNotFoundError(f"no .proto files under {root / PROTO_DIR}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    well_known = resources.files("grpc_tools") / "_proto"
+    argv = ["grpc_tools.protoc", f"-I{root}",
+            f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}",
+            *[str(root / p) for p in protos], f"-I{well_known}"]
+    rc = protoc.main(argv)
+    if rc != 0:
+        raise RuntimeError(f"protoc failed with exit status {rc} (its errors are on stderr)")
+    return [out for p in protos for out in expected_outputs(p)]
+
+
+def stale_files(root: Path = REPO_ROOT) -> list[str]:
+    """Committed generated files that differ from a fresh generation, are missing, or have
+    no .proto any more; one line each ("path: why"). Empty when everything is fresh."""
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="baton-protos-") as tmp:
+        fresh_dir = Path(tmp)
+        expected = generate(fresh_dir, root)
+        for rel in expected:
+            committed = root / rel
+            if not committed.exists():
+                problems.append(f"{rel}: missing (not generated)")
+            elif not filecmp.cmp(committed, fresh_dir / rel, shallow=False):
+                problems.append(f"{rel}: differs from a fresh generation")
+    known = set(expected)
+    for suffix in GENERATED_SUFFIXES:
+        for path in sorted((root / PROTO_DIR).glob("*" + suffix)):
+            if path.relative_to(root) not in known:
+                problems.append(f"{path.relative_to(root)}: generated file without a .proto")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m protos.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="regenerate into a temporary folder and exit 1 listing stale files")
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = stale_files()
+        for line in problems:
+            print(line)
+        if problems:
+            print("regenerate with: python -m protos.generate", file=sys.stderr)
+            return 1
+        print(f"{len(proto_files())} proto files: generated code is fresh")
+        return 0
+    written = generate(REPO_ROOT)
+    for rel in written:
+        print(rel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The engine hooks that disaggregated serving needs, on top of `Engine`.
+
+Prefill side: `add_request(..., hold_blocks=True)` keeps a finished request's KV blocks
+referenced (a lease) so the transfer engine can read them after the first token is
+sampled; `held_blocks` lists them and `release_held` ends the lease.
+
+Decode side, a request's life: `reserve` (validate, match the local prefix cache, allocate
+blocks for the whole prompt; the request is in no queue) -> the prompt's missing KV lands
+in those blocks from a prefill worker -> `activate(first_token)` (the prompt counts as
+computed, the first token goes through the normal output path, the request joins the
+running batch). `cancel_reservation` gives everything back if the hand-off fails.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from services.engine.engine import Engine
+from services.engine.request import Request, RequestDelta, RequestStatus
+from services.engine.sampler import SampledToken
+from services.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Reservation:
+    """Decode's blocks for a prompt whose KV comes from elsewhere."""
+
+    block_ids: list[int]
+    """The request's whole block table (one block per prompt page)."""
+    cached_tokens: int
+    """Leading prompt tokens already in this worker's prefix cache (whole pages)."""
+
+
+class DisaggEngine(Engine):
+    """An `Engine` that can lease finished blocks (prefill) and adopt external KV (decode)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._hold: set[str] = set()
+        self._held: dict[str, list[int]] = {}
+        self._reserved: dict[str, Request] = {}
+
+    # --- prefill side ----------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                    hold_blocks: bool = False) -> None:
+        """Queue a prompt; with hold_blocks its blocks stay leased after it finishes."""
+        if hold_blocks and params.n != 1:
+            raise ValueError("held (prefill) requests must have n == 1")
+        super().add_request(request_id, prompt_token_ids, params)
+        if hold_blocks:
+            self._hold.add(request_id)
+
+    def _before_release(self, request: Request) -> None:
+        if request.request_id in self._hold:
+            self._hold.discard(request.request_id)
+            self.pool.share(request.block_table)
+            self._held[request.request_id] = list(request.block_table)
+
+    def held_blocks(self, request_id: str) -> list[int]:
+        """The leased blocks of a finished held request (KeyError if none)."""
+        return self._held[request_id]
+
+    def release_held(self, request_id: str) -> None:
+        """End the lease of a held request's blocks (no-op when there is none)."""
+        self._hold.discard(request_id)
+        blocks = self._held.pop(request_id, None)
+        if blocks is not None:
+            self.pool.release(blocks)
+
+    # --- decode side -----------------------------------------------------------------
+    def reserve(self, request_id: str, prompt_token_ids: Sequence[int],
+                params: SamplingParams) -> Optional[Reservation]:
+        """Blocks for a prompt whose KV will be written from outside; None when memory is short."""
+        if params.n != 1:
+            raise ValueError("a disaggregated request must have n == 1")
+        [request] = self._new_requests(request_id, prompt_token_ids, params)
+        scheduler = self.scheduler
+        scheduler._match_prefix(request)
+        missing = len(request.prompt_token_ids) - request.num_computed_tokens
+        if not scheduler._can_fit(request, missing):
+            scheduler.release(request, cache_tokens=False)
+            self._requests.pop(request_id, None)
+            return None
+        scheduler._allocate(request, missing)
+        request.first_admission = False
+        request.status = RequestStatus.WAITING
+        self._reserved[request_id] = request
+        return Reservation(block_ids=list(request.block_table), cached_tokens=request.num_computed_tokens)
+
+    def activate(self, request_id: str, first_token: int, logprob: Optional[float] = None,
+                 top_logprobs: Optional[list[tuple[int, float]]] = None) -> RequestDelta:
+        """The prompt's KV is in place: apply prefill's first token and join the running batch."""
+        request = self._reserved.pop(request_id)
+        request.num_computed_tokens = len(request.prompt_token_ids)
+        if request.generator is not None and not request.params.greedy:
+            torch.rand(1, generator=request.generator, dtype=torch.float64)  # prefill drew one number
+        request.status = RequestStatus.RUNNING
+        self.scheduler.running.append(request)
+        delta = self.outputs.on_token(request, SampledToken(first_token, logprob, top_logprobs))
+        if request.finish_reason is not None:
+            self._retire(request)
+        return delta
+
+    def cancel_reservation(self, request_id: str) -> None:
+        """Give back a reservation's blocks and forget the request."""
+        request = self._reserved.pop(request_id, None)
+        if request is None:
+            return
+        self.scheduler.release(request, cache_tokens=False)
+        self._requests.pop(request_id, None)
+
+    def abort(self, request_id: str) -> list[RequestDelta]:
+        """Abort a queued, running or reserved request and end any lease it holds."""
+        self.release_held(request_id)
+        request = self._reserved.get(request_id)
+        if request is None:
+            return super().abort(request_id)
+        self.cancel_reservation(request_id)
+        return [RequestDelta(request_id, request_id, 0, [], "", finish_reason="abort",
+                             num_prompt_tokens=len(request.prompt_token_ids))]
+
+    def check_idle_integrity(self) -> None:
+        assert not self._reserved and not self._held, "reservations or leases outstanding"
+        super().check_idle_integrity()
