@@ -3,6 +3,8 @@
 - `baton generate PROMPT...`: offline generation with the in-process engine (the embedded
   SmolLM2-135M-Instruct unless --model is given); prompts go through the chat template
   unless --raw.
+- `baton serve prefill|decode`: one worker service (gRPC), flags from `EngineConfig`,
+  `ServerConfig` and `WorkerConfig`.
 Engine flags (`--page-size`, `--chunked-prefill-size`, ...) are generated from
 `EngineConfig`; sampling flags from a small subset of `SamplingParams`.
 """
@@ -63,11 +65,31 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    from services.common.server import ServerConfig
+    from services.common.worker_config import WorkerConfig
+    p = sub.add_parser("serve", help="run one worker service (prefill or decode)")
+    p.add_argument("role", choices=["prefill", "decode"], help="which service to run")
+    add_flags(p, EngineConfig)
+    add_flags(p, ServerConfig)
+    add_flags(p, WorkerConfig)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from services.common.server import ServerConfig
+    from services.common.worker_config import WorkerConfig
+    from services.common.worker_main import run_worker
+    return run_worker(args.role, from_args(EngineConfig, args), from_args(ServerConfig, args),
+                      from_args(WorkerConfig, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `baton` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _serve_parser(sub)
     return parser
 
 

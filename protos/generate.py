@@ -80,22 +80,22 @@ def stale_files(root: Path = REPO_ROOT) -> list[str]:
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
+def main(argv: list[str] | None = None, root: Path = REPO_ROOT) -> int:
+    """CLI entry point; returns the exit status (`root`: the repository to work on)."""
     parser = argparse.ArgumentParser(prog="python -m protos.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
                         help="regenerate into a temporary folder and exit 1 listing stale files")
     args = parser.parse_args(argv)
     if args.check:
-        problems = stale_files()
+        problems = stale_files(root)
         for line in problems:
             print(line)
         if problems:
             print("regenerate with: python -m protos.generate", file=sys.stderr)
             return 1
-        print(f"{len(proto_files())} proto files: generated code is fresh")
+        print(f"{len(proto_files(root))} proto files: generated code is fresh")
         return 0
-    written = generate(REPO_ROOT)
+    written = generate(root, root)
     for rel in written:
         print(rel)
     return 0

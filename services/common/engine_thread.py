@@ -1,0 +1,136 @@
+"""Runs an engine in its own thread and bridges it to asyncio code (the gRPC servicers).
+
+The engine is single-threaded by design. This thread owns it: between steps it runs the
+commands asyncio code submitted (`call`), then steps while there is work, and delivers
+every `RequestDelta` to the asyncio queue of its request (`open_stream`). A failing step
+fails every open stream with the error instead of killing the service.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any, Callable, Optional
+
+from services.engine.request import RequestDelta
+
+log = logging.getLogger(__name__)
+
+
+class StreamClosed(Exception):
+    """Delivered into a stream when the engine thread fails or stops."""
+
+
+class EngineThread:
+    """Owns an engine; `await call(fn)` runs fn(engine) on the engine thread."""
+
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, idle_wait_s: float = 0.05) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.idle_wait_s = idle_wait_s
+        self._commands: queue.Queue[tuple[Callable[[Any], Any], asyncio.Future]] = queue.Queue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.steps = 0
+
+    def start(self) -> None:
+        """Start stepping."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread; open streams receive StreamClosed."""
+        self._stopped.set()
+        self._commands.put((lambda engine: None, None))  # wake it
+        self._thread.join(timeout)
+        self._fail_streams(StreamClosed("the engine stopped"))
+
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run fn(engine) between two steps and return its result (exceptions propagate)."""
+        if self._stopped.is_set():
+            raise StreamClosed("the engine stopped")
+        future = self.loop.create_future()
+        self._commands.put((fn, future))
+        return await future
+
+    def submit(self, fn: Callable[[Any], Any]) -> None:
+        """Run fn(engine) between two steps without waiting (safe in cleanup paths)."""
+        self._commands.put((fn, None))
+
+    def open_stream(self, request_id: str) -> asyncio.Queue:
+        """A queue that receives this request's deltas (open it before adding the request)."""
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        return stream
+
+    def close_stream(self, request_id: str) -> None:
+        """Stop delivering deltas for a request."""
+        self._streams.pop(request_id, None)
+
+    def has_streams(self) -> bool:
+        """True while any request stream is open."""
+        return bool(self._streams)
+
+    # --- the thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            busy = self.engine.has_unfinished()
+            self._run_commands(block=not busy)
+            if self._stopped.is_set() or not self.engine.has_unfinished():
+                continue
+            try:
+                deltas = self.engine.step()
+                self.steps += 1
+            except Exception as error:  # keep serving: fail what was running
+                log.exception("engine step failed")
+                self._abort_all()
+                self._fail_streams(error)
+                continue
+            for delta in deltas:
+                self._deliver(delta.parent_id, delta)
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            fn, future = self._commands.get(timeout=self.idle_wait_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._run_one(fn, future)
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run_one(self, fn: Callable[[Any], Any], future: Optional[asyncio.Future]) -> None:
+        try:
+            result, error = fn(self.engine), None
+        except Exception as exc:  # returned to the caller, not fatal here
+            result, error = None, exc
+        if future is not None:
+            self.loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def _deliver(self, request_id: str, item: RequestDelta | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self.loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _fail_streams(self, error: BaseException) -> None:
+        for request_id in list(self._streams):
+            self._deliver(request_id, error)
+
+    def _abort_all(self) -> None:
+        for request_id in list(self._streams):
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # best effort after a failed step
+                log.exception("abort after failed step")
+
+
+def _settle(future: asyncio.Future, result: Any, error: Optional[BaseException]) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

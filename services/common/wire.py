@@ -1,0 +1,47 @@
+"""Conversions between engine records and wire messages shared by the worker services."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from protos.baton.v1 import common_pb2, worker_pb2
+from services.engine.request import RequestDelta
+
+
+def logprob_to_proto(entry: dict[str, Any]) -> common_pb2.TokenLogprob:
+    """An engine logprob entry as a TokenLogprob message."""
+    return common_pb2.TokenLogprob(
+        token_id=entry["token_id"], logprob=entry["logprob"],
+        top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in entry["top_logprobs"]])
+
+
+def logprob_from_proto(msg: common_pb2.TokenLogprob) -> tuple[float, list[tuple[int, float]]]:
+    """(logprob, top alternatives) of a TokenLogprob message."""
+    return msg.logprob, [(t.token_id, t.logprob) for t in msg.top_logprobs]
+
+
+def delta_to_proto(delta: RequestDelta, completion_tokens: Optional[int] = None) -> worker_pb2.DecodeResponse:
+    """A streamed chunk; usage is attached to a completion's final chunk."""
+    response = worker_pb2.DecodeResponse(
+        request_id=delta.parent_id, index=delta.index, token_ids=delta.new_token_ids, text=delta.new_text,
+        logprobs=[logprob_to_proto(e) for e in delta.new_logprobs],
+        finish_reason=delta.finish_reason or "",
+        stop_reason="" if delta.stop_reason is None else str(delta.stop_reason),
+    )
+    if delta.finish_reason is not None and completion_tokens is not None:
+        response.usage.CopyFrom(common_pb2.Usage(prompt_tokens=delta.num_prompt_tokens,
+                                                 completion_tokens=completion_tokens,
+                                                 cached_tokens=delta.num_cached_tokens))
+    return response
+
+
+def worker_load(engine: Any) -> worker_pb2.WorkerLoad:
+    """The engine's current load as the router sees it."""
+    scheduler = engine.scheduler
+    running = scheduler.running
+    waiting = list(scheduler.waiting)
+    stats = engine.stats()
+    used = stats["total_blocks"] - stats["free_blocks"] - stats["evictable_blocks"]
+    return worker_pb2.WorkerLoad(
+        running_requests=len(running), queued_requests=len(waiting),
+        running_tokens=sum(r.num_tokens for r in running), queued_tokens=sum(r.num_tokens for r in waiting),
+        kv_usage=used / max(1, stats["total_blocks"]), prefix_hit_rate=stats["prefix_hit_rate"])

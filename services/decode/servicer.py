@@ -1,0 +1,172 @@
+"""The decode worker's gRPC service.
+
+A request's life through decode (`Decode.Generate`):
+1. Admission: refused with NOT_READY / DRAINING / OVERLOADED / INVALID_REQUEST before it
+   holds anything.
+2. Decode-only path (no `prefill_address`, or n > 1): the request joins the local engine,
+   which prefills it itself (chunked, with its own prefix cache).
+3. Disaggregated path: `reserve` matches the local prefix cache and allocates blocks for
+   the rest of the prompt; decode calls `Prefill.Prefill` on the named prefill worker with
+   a `KVDestination` (this worker's transfer descriptor, the first uncached token and the
+   block ids to fill). Prefill writes the missing KV straight into those blocks and
+   answers with the first token. Decode checks the transfer landed, `activate`s the
+   request (first token through the normal output path) and it joins the running batch.
+   Any failure before that frees the reservation and fails the RPC with a typed error
+   (PREFILL_FAILED, TRANSFER_FAILED, LAYOUT_MISMATCH, ...) so the router can retry.
+4. Streaming: token ids and text deltas per completion, usage on each final chunk; the
+   client cancelling or the deadline passing aborts the request in the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import AsyncIterator, Optional
+
+import grpc
+
+from protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
+from services.common.errors import BatonError, ErrorCode, abort_with, error_from_rpc
+from services.common.params_codec import sampling_params_from_proto
+from services.common.wire import delta_to_proto, logprob_from_proto
+from services.common.worker_runtime import WorkerRuntime
+from services.engine.request import RequestDelta
+from services.engine.sampling_params import SamplingParams
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeServicer):
+    """Streams completions; pulls prompt KV from prefill workers when told to."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def Generate(self, request: worker_pb2.DecodeRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        rid = request.request_id or uuid.uuid4().hex
+        thread = None
+        finished = False
+        try:
+            self.runtime.check_accepting()
+            params = sampling_params_from_proto(request.params)
+            prompt = list(request.prompt_token_ids)
+            deadline = time.monotonic() + request.timeout_ms / 1000 if request.timeout_ms else None
+            thread = self.runtime.thread
+            stream = thread.open_stream(rid)
+            started = time.monotonic()
+            counts = [0] * params.n
+            done = [False] * params.n
+            if request.prefill_address and params.n == 1:
+                delta = await self._disaggregated(rid, prompt, params, request, deadline)
+                yield self._chunk(delta, counts, done, started)
+            else:
+                await _engine_call(thread, lambda e: e.add_request(rid, prompt, params))
+            while not all(done):
+                delta = await _next(stream, deadline)
+                yield self._chunk(delta, counts, done, started)
+            finished = True
+            self.runtime.metrics.requests.labels(role="decode", status="ok").inc()
+        except BatonError as error:
+            self.runtime.metrics.requests.labels(role="decode", status=error.code_name.lower()).inc()
+            await abort_with(context, error)
+        finally:
+            if thread is not None:
+                thread.close_stream(rid)
+                if not finished:
+                    thread.submit(lambda e: e.abort(rid))
+
+    def _chunk(self, delta: RequestDelta, counts: list[int], done: list[bool],
+               started: float) -> worker_pb2.DecodeResponse:
+        if counts[delta.index] == 0 and delta.new_token_ids:
+            self.runtime.metrics.ttft.observe(time.monotonic() - started)
+        counts[delta.index] += len(delta.new_token_ids)
+        self.runtime.metrics.tokens.inc(len(delta.new_token_ids))
+        if delta.finish_reason is not None:
+            done[delta.index] = True
+            if delta.error:
+                raise BatonError(ErrorCode.INVALID_REQUEST, delta.error)
+        return delta_to_proto(delta, completion_tokens=counts[delta.index])
+
+    async def _disaggregated(self, rid: str, prompt: list[int], params: SamplingParams,
+                             request: worker_pb2.DecodeRequest, deadline: Optional[float]) -> RequestDelta:
+        runtime = self.runtime
+        thread, transfer = runtime.thread, runtime.transfer
+        reservation = await _engine_call(thread, lambda e: e.reserve(rid, prompt, params))
+        if reservation is None:
+            raise BatonError(ErrorCode.OVERLOADED, "no KV-cache room for the prompt on this decode worker")
+        started = time.monotonic()
+        try:
+            page = runtime.engine_config.page_size
+            destination = kv_pb2.KVDestination(
+                rendezvous_id=rid, peer=transfer.descriptor().to_proto(), start_token=reservation.cached_tokens,
+                block_ids=reservation.block_ids[reservation.cached_tokens // page:])
+            timeout = _remaining(deadline, runtime.config.prefill_timeout_s)
+            response = await self._prefill(request.prefill_address, worker_pb2.PrefillRequest(
+                request_id=rid, prompt_token_ids=prompt, params=request.params, destination=destination,
+                timeout_ms=int(timeout * 1000)), timeout)
+            state = await asyncio.to_thread(transfer.wait_received, rid, runtime.config.transfer_timeout_s)
+            transfer.forget(rid)
+            if state.name != "SUCCESS":
+                raise BatonError(ErrorCode.TRANSFER_FAILED, f"KV for {rid} did not arrive (state {state.name})")
+        except BaseException:
+            thread.submit(lambda e: e.cancel_reservation(rid))
+            runtime.metrics.transfer_failures.labels(role="decode", backend=runtime.config.transfer).inc()
+            raise
+        runtime.metrics.transfer_seconds.labels(role="decode", backend=runtime.config.transfer).observe(
+            time.monotonic() - started)
+        runtime.metrics.transfer_bytes.labels(role="decode", backend=runtime.config.transfer,
+                                              direction="in").inc(response.handoff.bytes_transferred)
+        logprob, top = (logprob_from_proto(response.first_logprob) if response.HasField("first_logprob")
+                        else (None, None))
+        return await _engine_call(thread, lambda e: e.activate(rid, response.first_token_id, logprob, top))
+
+    async def _prefill(self, address: str, request: worker_pb2.PrefillRequest,
+                       timeout: float) -> worker_pb2.PrefillResponse:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        try:
+            return await worker_pb2_grpc.PrefillStub(channel).Prefill(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error, default=ErrorCode.PREFILL_FAILED) from None
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
+        thread = self.runtime.thread
+        if thread is None:
+            return worker_pb2.AbortResponse(found=False)
+        deltas = await thread.call(lambda e: e.abort(request.request_id))
+        return worker_pb2.AbortResponse(found=bool(deltas))
+
+    async def Info(self, request: worker_pb2.WorkerInfoRequest, context) -> worker_pb2.WorkerInfo:
+        return self.runtime.info()
+
+    async def close(self) -> None:
+        """Close the channels to prefill workers."""
+        for channel in self._channels.values():
+            await channel.close()
+
+
+async def _engine_call(thread, fn):
+    """Run fn on the engine thread; a ValueError (bad request) becomes INVALID_REQUEST."""
+    try:
+        return await thread.call(fn)
+    except ValueError as error:
+        raise BatonError(ErrorCode.INVALID_REQUEST, str(error)) from None
+
+
+async def _next(stream: asyncio.Queue, deadline: Optional[float]) -> RequestDelta:
+    """The next delta of a request, within its deadline."""
+    try:
+        item = await asyncio.wait_for(stream.get(), _remaining(deadline, None))
+    except asyncio.TimeoutError:
+        raise BatonError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed") from None
+    if isinstance(item, BaseException):
+        raise BatonError(ErrorCode.INTERNAL, f"the engine failed: {item}")
+    return item
+
+
+def _remaining(deadline: Optional[float], cap: Optional[float]) -> Optional[float]:
+    if deadline is None:
+        return cap
+    left = max(0.001, deadline - time.monotonic())
+    return left if cap is None else min(left, cap)

@@ -1,0 +1,255 @@
+"""The `tcp` transfer backend: KV blocks over pyzmq, through host memory.
+
+Owns one ROUTER socket per engine (bound on `host`, a random free port unless one is
+given; descriptor metadata = the endpoint string, e.g. b"tcp://127.0.0.1:5555") served
+by a background receiver thread, and one DEALER socket per peer for writing (each
+guarded by a lock, since zmq sockets are not thread-safe). The portable fallback and
+the easiest backend to debug.
+
+Wire protocol (multipart messages, DEALER -> ROUTER; replies mirror the request id):
+  hello:  [b"hello", req_id, TransferPeer bytes of the sender]
+          -> [b"ok", req_id, TransferPeer bytes of the receiver]
+           | [b"layout", req_id, message] | [b"error", req_id, message]
+  data:   [b"data", req_id, JSON header, K_0, V_0, K_1, V_1, ...]
+          header = {"transfer_id", "target_epoch", "source", "dst": [block ids]}
+          K_l / V_l = layer l's blocks for `dst`, in order, as raw bytes
+          -> [b"ok", req_id] | [b"error", req_id, message]
+The receiver refuses data addressed to another epoch ("stale epoch"), so a sender that
+still holds a restarted peer's old descriptor gets FAILED instead of writing blindly.
+A link whose request timed out is closed and reopened on next use, so late replies and
+queued messages never leak into a later request.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Optional
+
+import torch
+import zmq
+
+from services.engine.kv_cache import KVCache
+from services.transfer.base import TransferEngine
+from services.transfer.descriptor import LayoutMismatch, PeerDescriptor, TransferError, layout_mismatches
+
+
+class _Link:
+    """A DEALER socket to one peer; every use holds `lock` (one thread at a time)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.lock = threading.Lock()
+        self.sock: Optional[zmq.Socket] = None
+        self.closed = False
+
+    def _reset(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    def request(self, kind: bytes, frames: list, deadline: float) -> tuple[bytes, list[bytes]]:
+        """Send one request and wait for its reply; TimeoutError past `deadline`."""
+        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"link to {self.endpoint} stayed busy until the deadline")
+        try:
+            if self.closed:
+                raise TransferError(f"link to {self.endpoint} was closed")
+            if self.sock is None:
+                self.sock = self.ctx.socket(zmq.DEALER)
+                self.sock.setsockopt(zmq.LINGER, 0)
+                self.sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer not connected
+                self.sock.connect(self.endpoint)
+            req_id = os.urandom(8)
+            if not self.sock.poll(_ms_left(deadline), zmq.POLLOUT):
+                self._reset()
+                raise TimeoutError(f"could not reach {self.endpoint}")
+            self.sock.send_multipart([kind, req_id, *frames], copy=False)
+            while True:
+                if not self.sock.poll(_ms_left(deadline), zmq.POLLIN):
+                    self._reset()
+                    raise TimeoutError(f"no reply from {self.endpoint}")
+                reply = self.sock.recv_multipart()
+                if len(reply) >= 2 and reply[1] == req_id:
+                    return reply[0], reply[2:]
+        except BaseException:
+            self._reset()
+            raise
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self._reset()
+
+
+def _ms_left(deadline: float) -> int:
+    return max(0, int((deadline - time.monotonic()) * 1000))
+
+
+class TcpTransferEngine(TransferEngine):
+    """Transfer engine over pyzmq (host memory; device tensors are staged through the CPU)."""
+
+    backend = "tcp"
+
+    def __init__(self, worker_id: str, kv_cache: KVCache, host: str = "127.0.0.1",
+                 port: Optional[int] = None, advertise_host: Optional[str] = None,
+                 poll_interval: float = 0.05) -> None:
+        """Bind on `host` (`port`, or a random free one); peers are told `advertise_host`
+        (default: `host`), which must be an address they can reach."""
+        super().__init__(worker_id, kv_cache)
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        try:
+            if port:
+                self._router.bind(f"tcp://{host}:{port}")
+            else:
+                port = self._router.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError:
+            self._router.close(linger=0)
+            self._ctx.term()
+            raise
+        self.endpoint = f"tcp://{advertise_host or host}:{port}"
+        self.port = port
+        self._interval_ms = max(1, int(poll_interval * 1000))
+        self._links: dict[str, _Link] = {}
+        self._links_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"baton-tcp-rx-{worker_id}", daemon=True)
+        self._thread.start()
+
+    def descriptor(self) -> PeerDescriptor:
+        return PeerDescriptor(self.worker_id, self.epoch, self.backend, self.endpoint.encode(), self.layout)
+
+    # -- sending ----------------------------------------------------------------------
+    def _handshake(self, peer: PeerDescriptor, timeout: float) -> None:
+        endpoint = peer.metadata.decode()
+        link = _Link(self._ctx, endpoint)
+        try:
+            kind, body = link.request(b"hello", [self.descriptor().to_bytes()], time.monotonic() + timeout)
+        except TimeoutError as exc:
+            link.close()
+            raise TransferError(f"handshake with {peer.worker_id!r} at {endpoint} timed out: {exc}") from exc
+        if kind != b"ok":
+            link.close()
+            message = body[0].decode() if body else "no message"
+            raise (LayoutMismatch if kind == b"layout" else TransferError)(message)
+        there = PeerDescriptor.from_bytes(body[0])
+        if there.worker_id != peer.worker_id or there.epoch != peer.epoch:
+            link.close()
+            raise TransferError(
+                f"stale descriptor: {endpoint} is served by {there.worker_id!r} epoch {there.epoch}, "
+                f"descriptor says {peer.worker_id!r} epoch {peer.epoch}")
+        with self._links_lock:
+            self._links[peer.worker_id] = link
+
+    def _drop_peer(self, peer: PeerDescriptor) -> None:
+        with self._links_lock:
+            link = self._links.pop(peer.worker_id, None)
+        if link is not None:
+            link.close()
+
+    def _write(self, peer: PeerDescriptor, transfer_id: str, src: list[int], dst: list[int],
+               nbytes: int, deadline: float) -> Optional[str]:
+        with self._links_lock:
+            link = self._links.get(peer.worker_id)
+        if link is None:
+            return "not connected"
+        frames = self._gather(src)
+        header = json.dumps({"transfer_id": transfer_id, "target_epoch": peer.epoch,
+                             "source": self.worker_id, "dst": dst}).encode()
+        try:
+            kind, body = link.request(b"data", [header, *frames], deadline)
+        except (TimeoutError, TransferError) as exc:
+            return str(exc)
+        if kind != b"ok":
+            return body[0].decode() if body else f"peer replied {kind!r}"
+        return None
+
+    def _gather(self, src: list[int]) -> list:
+        """One contiguous host buffer per layer and K/V holding the `src` blocks in order."""
+        cache, n = self.kv_cache, self.layout.num_blocks
+        idx = torch.tensor(src, dtype=torch.long, device=cache.keys[0].device)
+        frames = []
+        for layer in range(self.layout.num_layers):
+            for tensor in (cache.keys[layer], cache.values[layer]):
+                buf = tensor.view(n, -1).index_select(0, idx)
+                if buf.device.type != "cpu":
+                    buf = buf.cpu()
+                frames.append(buf.view(torch.uint8).numpy())  # zero-copy: zmq keeps a reference
+        return frames
+
+    # -- receiving --------------------------------------------------------------------
+    def _serve(self) -> None:
+        router = self._router
+        try:
+            while not self._stop.is_set():
+                if not router.poll(self._interval_ms, zmq.POLLIN):
+                    continue
+                frames = router.recv_multipart(copy=False)
+                if len(frames) < 3:
+                    continue
+                ident, kind, req_id = frames[0].bytes, frames[1].bytes, frames[2].bytes
+                try:
+                    reply = self._handle(kind, frames[3:])
+                except Exception as exc:  # never let one bad message kill the receiver
+                    reply = [b"error", f"receiver error: {type(exc).__name__}: {exc}".encode()]
+                router.send_multipart([ident, reply[0], req_id, *reply[1:]])
+        finally:
+            router.close(linger=0)
+
+    def _handle(self, kind: bytes, body: list) -> list[bytes]:
+        if kind == b"hello":
+            sender = PeerDescriptor.from_bytes(body[0].bytes)
+            diffs = layout_mismatches(sender.layout, self.layout)  # "local" = the sender's
+            if diffs:
+                return [b"layout", (f"KV layout mismatch with peer {self.worker_id!r}: "
+                                    + ", ".join(diffs)).encode()]
+            return [b"ok", self.descriptor().to_bytes()]
+        if kind == b"data":
+            return self._receive_data(json.loads(body[0].bytes), body[1:])
+        return [b"error", f"unknown request kind {kind!r}".encode()]
+
+    def _receive_data(self, header: dict, payload: list) -> list[bytes]:
+        transfer_id = str(header["transfer_id"])
+        if header.get("target_epoch") != self.epoch:
+            return [b"error", (f"stale epoch: sender targets {self.worker_id!r} epoch {header.get('target_epoch')},"
+                               f" this engine is epoch {self.epoch} (peer restarted; reconnect)").encode()]
+        dst = [int(d) for d in header["dst"]]
+        layers, n = self.layout.num_layers, len(dst)
+        expected = n * self.block_bytes
+        sizes = [len(f.buffer) for f in payload]
+        error = None
+        if len(payload) != 2 * layers or any(s != expected for s in sizes):
+            error = f"malformed payload: {len(payload)} frames of {sizes} bytes, expected {2 * layers} of {expected}"
+        elif any(not 0 <= d < self.layout.num_blocks for d in dst):
+            error = f"destination blocks out of range (this engine has {self.layout.num_blocks})"
+        if error is not None:
+            self._landed(transfer_id, 0, error)
+            return [b"error", error.encode()]
+        if n:
+            cache, nb = self.kv_cache, self.layout.num_blocks
+            device = cache.keys[0].device
+            idx = torch.tensor(dst, dtype=torch.long, device=device)
+            for layer in range(layers):
+                for i, tensor in enumerate((cache.keys[layer], cache.values[layer])):
+                    staging = torch.frombuffer(payload[2 * layer + i].buffer, dtype=self.layout.dtype)
+                    tensor.view(nb, -1).index_copy_(0, idx, staging.view(n, -1).to(device))
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
+        self._landed(transfer_id, 2 * layers * expected)
+        return [b"ok"]
+
+    def _close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        with self._links_lock:
+            links = list(self._links.values())
+            self._links.clear()
+        for link in links:
+            link.close()
+        self._ctx.destroy(linger=0)

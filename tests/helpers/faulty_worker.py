@@ -1,0 +1,42 @@
+"""Failure injection for worker processes (tests only): `python -m tests.helpers.faulty_worker
+FAULT serve ROLE ...` patches this process, then runs the normal `baton` CLI.
+
+Faults:
+- slow_transfer: every KV write sleeps 3 s before moving bytes (to kill a prefill mid-transfer);
+- slow_start: the model loads 3 s late (to watch health stay NOT_SERVING while loading).
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _slow_transfer() -> None:
+    from services.transfer import base
+
+    original = base.TransferEngine.write
+
+    def slow_write(self, *args, **kwargs):
+        time.sleep(3)
+        return original(self, *args, **kwargs)
+    base.TransferEngine.write = slow_write
+
+
+def _slow_start() -> None:
+    from services.common import worker_runtime
+
+    original = worker_runtime.WorkerRuntime.load
+
+    async def slow_load(self, worker_id):
+        import asyncio
+        await asyncio.sleep(3)
+        await original(self, worker_id)
+    worker_runtime.WorkerRuntime.load = slow_load
+
+
+FAULTS = {"slow_transfer": _slow_transfer, "slow_start": _slow_start}
+
+if __name__ == "__main__":
+    FAULTS[sys.argv[1]]()
+    from deploy.cli import main
+    sys.exit(main(sys.argv[2:]))

@@ -1,0 +1,95 @@
+"""Worker processes for integration tests: start `baton serve` on free ports, wait for
+health, read metrics, and stop or kill them. Optional fault injection runs the worker
+through `tests.helpers.faulty_worker`, which patches the process before it starts."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from services.common.server import free_port, wait_for_health
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class WorkerProcess:
+    """A running worker: its address, process and the flags that started it."""
+
+    role: str
+    address: str
+    proc: subprocess.Popen
+    args: list[str] = field(default_factory=list)
+    log_path: Optional[Path] = None
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def metrics(self) -> str:
+        """The worker's /metrics text."""
+        port = re.search(r"metrics :(\d+)", self.log()).group(1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include `labels`."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signal the worker and wait for it; returns its exit code (killed if it hangs)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def start_worker(role: str, model: Path | str, tmp: Path, transfer: str = "tcp", port: int = 0,
+                 fault: Optional[str] = None, wait: bool = True, **flags) -> WorkerProcess:
+    """Start `baton serve ROLE` (optionally with a fault injected) and wait until SERVING."""
+    port = port or free_port()
+    args = ["serve", role, "--model", str(model), "--port", str(port), "--transfer", transfer,
+            "--num-threads", "1", "--drain-timeout-s", "10"]
+    for key, value in {"page_size": 4, "kv_cache_tokens": 4096, **flags}.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    module = ["tests.helpers.faulty_worker", fault] if fault else ["deploy.cli"]
+    env = dict(os.environ, UCX_NET_DEVICES="lo", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    log_path = tmp / f"{role}-{port}-{len(list(tmp.glob('*.log')))}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", *module, *args], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, cwd=REPO)
+    worker = WorkerProcess(role, f"127.0.0.1:{port}", proc, args, log_path)
+    if wait:
+        wait_serving(worker)
+    return worker
+
+
+def wait_serving(worker: WorkerProcess, timeout: float = 90) -> None:
+    """Block until the worker's health is SERVING (fails with its log otherwise)."""
+    try:
+        asyncio.run(wait_for_health(worker.address, timeout))
+    except TimeoutError as error:
+        worker.stop(signal.SIGKILL)
+        raise AssertionError(f"{worker.role} did not become healthy: {error}\n{worker.log()[-3000:]}") from None
+    for _ in range(100):  # the serving line (with the metrics port) follows health by a moment
+        if "serving on" in worker.log():
+            return
+        asyncio.run(asyncio.sleep(0.05))
