@@ -5,6 +5,8 @@
   unless --raw.
 - `baton serve prefill|decode`: one worker service (gRPC), flags from `EngineConfig`,
   `ServerConfig` and `WorkerConfig`.
+- `baton router`: the router (gRPC + OpenAI HTTP gateway), flags from `RouterConfig`.
+- `baton up`: router + prefill + decode workers as local processes (`UpConfig` + engine flags).
 Engine flags (`--page-size`, `--chunked-prefill-size`, ...) are generated from
 `EngineConfig`; sampling flags from a small subset of `SamplingParams`.
 """
@@ -84,12 +86,35 @@ def _run_serve(args: argparse.Namespace) -> int:
                       from_args(WorkerConfig, args))
 
 
+def _router_parser(sub: argparse._SubParsersAction) -> None:
+    from router.config import RouterConfig
+    p = sub.add_parser("router", help="run the router: gRPC API + OpenAI-compatible HTTP gateway")
+    add_flags(p, RouterConfig)
+    p.set_defaults(func=lambda args: __import__("router.main", fromlist=["run_router"]).run_router(
+        from_args(RouterConfig, args)))
+
+
+def _up_parser(sub: argparse._SubParsersAction) -> None:
+    from deploy.launcher import UpConfig
+    p = sub.add_parser("up", help="start router + prefill + decode workers on this machine")
+    add_flags(p, UpConfig)
+    add_flags(p, EngineConfig)
+    p.set_defaults(func=_run_up)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from deploy.launcher import UpConfig, run_up
+    return run_up(from_args(UpConfig, args), from_args(EngineConfig, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `baton` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _serve_parser(sub)
+    _router_parser(sub)
+    _up_parser(sub)
     return parser
 
 

@@ -19,7 +19,7 @@ import struct
 from typing import Optional
 
 from protos.baton.v1 import common_pb2
-from services.common.errors import BatonError, ErrorCode
+from protos.errors import BatonError, ErrorCode
 from services.engine.sampling_params import SamplingParams, StructuredOutputParams
 
 

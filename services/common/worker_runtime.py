@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from protos.baton.v1 import worker_pb2
 from services.common.engine_thread import EngineThread
-from services.common.errors import BatonError, ErrorCode
+from protos.errors import BatonError, ErrorCode
 from services.common.wire import worker_load
 from services.common.worker_config import WorkerConfig
 from services.engine.config import EngineConfig

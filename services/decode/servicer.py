@@ -26,7 +26,7 @@ from typing import AsyncIterator, Optional
 import grpc
 
 from protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
-from services.common.errors import BatonError, ErrorCode, abort_with, error_from_rpc
+from protos.errors import BatonError, ErrorCode, abort_with, error_from_rpc
 from services.common.params_codec import sampling_params_from_proto
 from services.common.wire import delta_to_proto, logprob_from_proto
 from services.common.worker_runtime import WorkerRuntime

@@ -22,7 +22,7 @@ import time
 import grpc
 
 from protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
-from services.common.errors import BatonError, ErrorCode, abort_with
+from protos.errors import BatonError, ErrorCode, abort_with
 from services.common.params_codec import sampling_params_from_proto
 from services.common.wire import logprob_to_proto
 from services.common.worker_runtime import WorkerRuntime

@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from services.common.errors import ErrorCode, error_from_rpc
+from protos.errors import ErrorCode, error_from_rpc
 from services.engine import LLM, SamplingParams
 from tests.helpers.grpc_client import decode_generate, worker_info
 from tests.helpers.tiny_models import make_tiny_model

@@ -5,7 +5,7 @@ import grpc
 import pytest
 
 from protos.baton.v1 import common_pb2
-from services.common.errors import (CODE_BY_STATUS, STATUS_BY_CODE, BatonError, ErrorCode, error_from_rpc)
+from protos.errors import (CODE_BY_STATUS, STATUS_BY_CODE, BatonError, ErrorCode, error_from_rpc)
 
 
 class FakeRpcError(grpc.RpcError):

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from protos.baton.v1 import common_pb2
-from services.common.errors import BatonError, ErrorCode
+from protos.errors import BatonError, ErrorCode
 from services.common.params_codec import sampling_params_from_proto, sampling_params_to_proto
 from services.engine import SamplingParams, StructuredOutputParams
 

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from protos.baton.v1 import worker_pb2, worker_pb2_grpc
-from services.common.errors import BatonError, ErrorCode, abort_with, error_from_rpc
+from protos.errors import BatonError, ErrorCode, abort_with, error_from_rpc
 from services.common.server import ServerConfig, ServiceServer, free_port, wait_for_health
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -172,7 +172,7 @@ DRAIN_SERVER = textwrap.dedent("""
     import asyncio, sys
     from prometheus_client import CollectorRegistry
     from protos.baton.v1 import worker_pb2, worker_pb2_grpc
-    from services.common.errors import BatonError, abort_with
+    from protos.errors import BatonError, abort_with
     from services.common.server import ServerConfig, ServiceServer
 
     class SlowDecode(worker_pb2_grpc.DecodeServicer):

@@ -1,4 +1,4 @@
-"""Typed errors over gRPC: `BatonError`, its wire form, and the mapping to gRPC status codes.
+"""Typed errors over gRPC (shared by services and router): `BatonError`, its wire form, and the mapping to gRPC status codes.
 
 A service refuses or fails a request by raising `BatonError(code, message)` and turning it
 into a failed RPC with `await abort_with(context, error)`: the RPC fails with the mapped

@@ -1,0 +1,184 @@
+"""`baton up`: the whole cluster on one machine as local processes.
+
+Starts N prefill and M decode workers (`baton serve`) on free ports, waits for each to
+report SERVING, then starts the router (`baton router`) in front of them, waits for its
+gateway's /health, prints the address, and stops everything cleanly (SIGTERM, then SIGKILL
+after a grace period) on Ctrl-C or SIGTERM. With no flags it serves the embedded
+SmolLM2-135M-Instruct on this machine.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from services.common.server import free_port, wait_for_health
+from services.engine.config import EngineConfig
+from services.engine.engine_setup import resolve_model_path
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    """The shape of the local cluster."""
+
+    prefills: int = 1
+    """Prefill workers to start (0: every request is prefilled by its decode worker)."""
+    decodes: int = 1
+    """Decode workers to start."""
+    transfer: str = "tcp"
+    """KV transfer backend between them: tcp or nixl."""
+    host: str = "127.0.0.1"
+    """Address everything binds."""
+    port: int = 0
+    """HTTP port of the OpenAI-compatible gateway; 0 picks a free one (printed at start)."""
+    grpc_port: int = 0
+    """Port of the router's gRPC API; 0 picks a free one."""
+    worker_threads: int = 1
+    """torch CPU threads per worker process (several processes share the cores)."""
+    decode_only_threshold: int = 256
+    """Prompts with at most this many uncached tokens skip the prefill worker."""
+    api_keys: str = ""
+    """Comma-separated API keys the gateway requires (empty: none)."""
+    startup_timeout_s: float = 300.0
+    """Longest wait for every process to become healthy."""
+
+    def __post_init__(self) -> None:
+        if self.prefills < 0 or self.decodes < 1:
+            raise ValueError("need prefills >= 0 and decodes >= 1")
+        if self.transfer not in ("tcp", "nixl"):
+            raise ValueError("transfer must be tcp or nixl")
+
+
+ENGINE_FLAGS_SKIPPED = {"model", "num_threads"}
+
+
+def engine_flags(engine: EngineConfig) -> list[str]:
+    """The engine options that differ from the defaults, as `baton serve` flags."""
+    defaults = EngineConfig()
+    args: list[str] = []
+    for f in fields(EngineConfig):
+        value = getattr(engine, f.name)
+        if f.name in ENGINE_FLAGS_SKIPPED or value == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+class Cluster:
+    """The child processes of one `baton up`."""
+
+    def __init__(self, up: UpConfig, engine: EngineConfig) -> None:
+        self.up = up
+        self.engine = engine
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.gateway_url = ""
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        env = dict(os.environ, UCX_NET_DEVICES=os.environ.get("UCX_NET_DEVICES", "lo"))
+        proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], env=env)
+        self.procs.append((name, proc))
+        return proc
+
+    def start(self) -> str:
+        """Start every process and wait until the gateway serves; returns its URL."""
+        model = str(resolve_model_path(self.engine))
+        common = ["--model", model, "--host", self.up.host, "--transfer", self.up.transfer,
+                  "--num-threads", str(self.up.worker_threads), *engine_flags(self.engine)]
+        addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
+        for role, count in (("prefill", self.up.prefills), ("decode", self.up.decodes)):
+            for i in range(count):
+                port = free_port(self.up.host)
+                self._spawn(f"{role}-{i}", ["serve", role, "--port", str(port), *common])
+                addresses[role].append(f"{self.up.host}:{port}")
+        deadline = time.monotonic() + self.up.startup_timeout_s
+        for address in addresses["prefill"] + addresses["decode"]:
+            self._wait_grpc(address, deadline)
+        http_port = self.up.port or free_port(self.up.host)
+        self._spawn("router", ["router", "--model", model, "--host", self.up.host, "--http-port", str(http_port),
+                               "--grpc-port", str(self.up.grpc_port), "--prefill", ",".join(addresses["prefill"]),
+                               "--decode", ",".join(addresses["decode"]), "--api-keys", self.up.api_keys,
+                               "--decode-only-threshold", str(self.up.decode_only_threshold)])
+        self.gateway_url = f"http://{self.up.host}:{http_port}"
+        self._wait_http(self.gateway_url + "/health", deadline)
+        return self.gateway_url
+
+    def _wait_grpc(self, address: str, deadline: float) -> None:
+        self._check_alive()
+        asyncio.run(wait_for_health(address, max(1.0, deadline - time.monotonic())))
+
+    def _wait_http(self, url: str, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{url} did not answer 200 within the start-up timeout")
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM every child (router first), then SIGKILL what is left after the grace period."""
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for _, proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def watch(self, stop_requested: "list[bool]") -> Optional[str]:
+        """Block until asked to stop; report children that die meanwhile (the router fails over)."""
+        reported: set[str] = set()
+        while not stop_requested[0]:
+            for name, proc in self.procs:
+                if proc.poll() is not None and name not in reported:
+                    reported.add(name)
+                    print(f"baton up: {name} exited with code {proc.returncode}", file=sys.stderr, flush=True)
+                    if name == "router":
+                        return "the router exited"
+            time.sleep(0.2)
+        return None
+
+
+def run_up(up: UpConfig, engine: EngineConfig) -> int:
+    """Start the cluster, serve until Ctrl-C / SIGTERM, then stop it; returns the exit code."""
+    stop_requested = [False]
+
+    def request_stop(signum, frame) -> None:
+        stop_requested[0] = True
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    cluster = Cluster(up, engine)
+    try:
+        url = cluster.start()
+        print(f"Baton is up: OpenAI-compatible API at {url}/v1 (dashboard {url}/ , metrics {url}/metrics). "
+              f"Ctrl-C stops it.", flush=True)
+        problem = cluster.watch(stop_requested)
+        return 1 if problem else 0
+    except (RuntimeError, TimeoutError, ValueError, FileNotFoundError) as error:
+        print(f"baton up: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        print("baton up: stopping", file=sys.stderr, flush=True)
+        cluster.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

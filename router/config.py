@@ -1,0 +1,74 @@
+"""Router configuration: one frozen dataclass, a doc line per field (the `baton router` flags)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Where the router listens, which workers it knows, and how it balances and fails over."""
+
+    model: str = ""
+    """Model folder whose tokenizer and chat template the router uses (workers get token ids)."""
+    served_model_name: str = ""
+    """Model name clients use in requests and see in /v1/models; default: the folder's name."""
+    host: str = "127.0.0.1"
+    """Address the gRPC server and the HTTP gateway bind."""
+    grpc_port: int = 0
+    """Port of the baton.v1.Router gRPC service; 0 picks a free one."""
+    http_port: int = 0
+    """Port of the OpenAI-compatible HTTP gateway; 0 picks a free one."""
+    prefill: str = ""
+    """Comma-separated host:port of prefill workers known at start."""
+    decode: str = ""
+    """Comma-separated host:port of decode workers known at start."""
+    prefill_policy: str = "cache_aware"
+    """How to pick a prefill worker: cache_aware, min_load, round_robin or power_of_two."""
+    decode_policy: str = "min_load"
+    """How to pick a decode worker: min_load, round_robin, power_of_two or cache_aware."""
+    decode_only_threshold: int = 256
+    """Prompts with at most this many uncached tokens are prefilled by the decode worker itself."""
+    health_interval_s: float = 1.0
+    """Seconds between health checks and load reports of each worker."""
+    health_timeout_s: float = 2.0
+    """Deadline of one health check."""
+    request_timeout_s: float = 600.0
+    """Deadline of a whole request, first byte to last."""
+    max_attempts: int = 3
+    """Workers tried for one request before its first token (retries with backoff)."""
+    max_migrations: int = 3
+    """Times a stream may move to another decode worker after its first token."""
+    retry_backoff_s: float = 0.05
+    """First retry delay; doubles per attempt."""
+    breaker_failures: int = 3
+    """Consecutive failures that open a worker's circuit breaker."""
+    breaker_cooldown_s: float = 5.0
+    """Seconds an open breaker waits before letting one trial request through."""
+    max_queued_requests: int = 256
+    """Requests in flight beyond this are refused with 429 (admission control)."""
+    api_keys: str = ""
+    """Comma-separated API keys; when set, every /v1 request and gRPC call needs one."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.decode_only_threshold >= 0, "decode_only_threshold must be non-negative"),
+            (self.health_interval_s > 0 and self.health_timeout_s > 0, "health intervals must be positive"),
+            (self.request_timeout_s > 0, "request_timeout_s must be positive"),
+            (self.max_attempts >= 1, "max_attempts must be at least 1"),
+            (self.max_migrations >= 0, "max_migrations must be non-negative"),
+            (self.breaker_failures >= 1, "breaker_failures must be at least 1"),
+            (self.max_queued_requests >= 1, "max_queued_requests must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def api_key_list(self) -> tuple[str, ...]:
+        """The configured API keys (empty: no authentication)."""
+        return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @staticmethod
+    def addresses(text: str) -> list[str]:
+        """Split a comma-separated address list."""
+        return [a.strip() for a in text.split(",") if a.strip()]

@@ -1,0 +1,53 @@
+"""Whether to disaggregate a request: prefill + decode, or decode-only.
+
+After llm-d's disaggregation decider (``profilehandler/disagg``): a prefill worker pays
+off only when there is enough prompt left to compute. A short uncached remainder is
+cheaper to prefill on the decode worker itself than to ship as KV blocks, and it skips a
+hop (and its failure modes).
+
+Rule: disaggregate (``decide`` returns True) only when all hold:
+- a prefill worker is available (``have_prefill``);
+- the request asks for one completion (``n <= 1``): requests with ``n > 1`` always go
+  decode-only, their n samples prefilled and served together on one decode worker (the
+  router passes ``n`` from the request separately from the prompt);
+- the uncached part of the prompt, ``len(prompt) - cached_tokens_estimate`` (the estimate
+  clamped to [0, len(prompt)]), is strictly greater than ``decode_only_threshold``.
+
+``cached_tokens_estimate`` is the router's guess of how much of the prompt the decode
+worker already holds (for instance the matched prefix in a cache-aware policy's tree for
+that worker); 0 when unknown.
+
+Parameters:
+- ``decode_only_threshold`` (int >= 0, default 256): the largest uncached remainder, in
+  tokens, still prefilled on the decode worker. 0 disaggregates every request with at
+  least one uncached token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class DisaggDecider:
+    """Decode-only below a threshold of uncached prompt tokens, else prefill + decode."""
+
+    decode_only_threshold: int = 256
+    """Largest uncached prompt remainder (tokens) that decode prefills by itself."""
+
+    def __post_init__(self) -> None:
+        if self.decode_only_threshold < 0:
+            raise ValueError(f"decode_only_threshold must be >= 0, got {self.decode_only_threshold}")
+
+    @staticmethod
+    def uncached_tokens(prompt_token_ids: Sequence[int], cached_tokens_estimate: int) -> int:
+        """Prompt tokens left to compute, with the estimate clamped to [0, len(prompt)]."""
+        n = len(prompt_token_ids)
+        return n - min(max(cached_tokens_estimate, 0), n)
+
+    def decide(self, prompt_token_ids: Sequence[int], cached_tokens_estimate: int,
+               have_prefill: bool, n: int = 1) -> bool:
+        """True to disaggregate (prefill + decode), False for decode-only."""
+        if not have_prefill or n > 1:
+            return False
+        return self.uncached_tokens(prompt_token_ids, cached_tokens_estimate) > self.decode_only_threshold

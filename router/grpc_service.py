@@ -1,0 +1,93 @@
+"""The `baton.v1.Router` gRPC service: streaming Generate over token ids or text, Abort,
+ListWorkers, Health, and dynamic worker registration. API keys travel as
+`authorization: Bearer KEY` metadata when the router has keys configured."""
+from __future__ import annotations
+
+import uuid
+
+import grpc
+
+from protos.baton.v1 import router_pb2, router_pb2_grpc, worker_pb2
+from protos.errors import BatonError, ErrorCode, abort_with
+from router.core import RouterCore
+from router.types import Role, RouterError, RouterRequest
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    """Thin adapter from the wire to `RouterCore`."""
+
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        keys = self.core.config.api_key_list
+        if not keys:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        token = metadata.get("authorization", "").removeprefix("Bearer ").strip()
+        if token not in keys:
+            await abort_with(context, BatonError(ErrorCode.UNAUTHENTICATED, "a valid API key is required"))
+
+    async def Generate(self, request: router_pb2.GenerateRequest, context):
+        await self._authorize(context)
+        core = self.core
+        if request.model and request.model != core.model_name:
+            await abort_with(context, BatonError(ErrorCode.INVALID_REQUEST, f"unknown model {request.model!r}"))
+        if request.HasField("text"):
+            prompt = list(core.tokenizer.encode(request.text))
+        else:
+            prompt = list(request.token_ids.ids)
+        if not prompt:
+            await abort_with(context, BatonError(ErrorCode.INVALID_REQUEST, "the prompt is empty"))
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else core.config.request_timeout_s
+        routed = RouterRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_token_ids=prompt,
+                               params=request.params, timeout_s=timeout, n=max(1, request.params.n))
+        status = "ok"
+        try:
+            async for chunk in core.generate(routed):
+                yield router_pb2.GenerateResponse(
+                    request_id=routed.request_id, index=chunk.index, token_ids=chunk.token_ids, text=chunk.text,
+                    logprobs=chunk.logprobs, finish_reason=chunk.finish_reason or "", stop_reason=chunk.stop_reason,
+                    usage=chunk.usage)
+        except RouterError as error:
+            status = error.code_name.lower()
+            await abort_with(context, BatonError(error.code, error.message))
+        finally:
+            core.metrics.requests.labels(api="grpc", status=status).inc()
+
+    async def Abort(self, request, context) -> worker_pb2.AbortResponse:
+        await self._authorize(context)
+        found = request.request_id in self.core._active
+        await self.core.abort(request.request_id)
+        return worker_pb2.AbortResponse(found=found)
+
+    async def ListWorkers(self, request, context) -> router_pb2.ListWorkersResponse:
+        await self._authorize(context)
+        workers = []
+        for entry in self.core.registry.workers.values():
+            workers.append(router_pb2.WorkerStatus(
+                address=entry.address, role=worker_pb2.DECODE if entry.role is Role.DECODE else worker_pb2.PREFILL,
+                healthy=entry.healthy, load=entry.load, breaker_state=entry.breaker.state))
+        return router_pb2.ListWorkersResponse(workers=workers)
+
+    async def Health(self, request, context) -> router_pb2.RouterHealthResponse:
+        registry = self.core.registry
+        return router_pb2.RouterHealthResponse(serving=self.core.is_serving(),
+                                               healthy_prefill=registry.healthy_count(Role.PREFILL),
+                                               healthy_decode=registry.healthy_count(Role.DECODE))
+
+    async def RegisterWorker(self, request, context) -> router_pb2.RegisterWorkerResponse:
+        await self._authorize(context)
+        if request.role not in (worker_pb2.PREFILL, worker_pb2.DECODE) or not request.address:
+            await abort_with(context, BatonError(ErrorCode.INVALID_REQUEST, "give an address and role PREFILL or DECODE"))
+        role = Role.DECODE if request.role == worker_pb2.DECODE else Role.PREFILL
+        added = self.core.registry.add(request.address, role)
+        await self.core.registry.check_all()
+        return router_pb2.RegisterWorkerResponse(added=added)
+
+    async def DeregisterWorker(self, request, context) -> router_pb2.DeregisterWorkerResponse:
+        await self._authorize(context)
+        removed = await self.core.registry.remove(request.address)
+        for policy in (self.core.prefill_policy, self.core.decode_policy, self.core.decode_prefixes):
+            policy.on_worker_removed(request.address)
+        return router_pb2.DeregisterWorkerResponse(removed=removed)

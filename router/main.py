@@ -1,0 +1,74 @@
+"""The router process (`baton router`): the baton.v1.Router gRPC service and the
+OpenAI-compatible HTTP gateway over one `RouterCore`, until SIGTERM / SIGINT."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.baton.v1 import router_pb2, router_pb2_grpc
+from router.config import RouterConfig
+from router.core import RouterCore
+from router.grpc_service import RouterServicer
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer_and_context(model: str):
+    """The model folder's tokenizer and its context length (config.json max_position_embeddings)."""
+    from transformers import AutoTokenizer
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: not a model folder (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    return tokenizer, int(config.get("max_position_embeddings", 4096))
+
+
+async def start_grpc(core: RouterCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """The Router gRPC service with standard health and reflection; returns (server, port)."""
+    server = grpc.aio.server()
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name, health.SERVICE_NAME,
+             reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
+async def serve_router(config: RouterConfig) -> int:
+    """Run the router until a signal; returns the exit code."""
+    from router.gateway.server import serve_gateway
+    tokenizer, context = await asyncio.to_thread(load_tokenizer_and_context, config.model)
+    core = RouterCore(config, tokenizer)
+    core.max_model_len = context
+    await core.start()
+    grpc_server, grpc_port = await start_grpc(core, config.host, config.grpc_port)
+    gateway, http_port = await serve_gateway(core, config.host, config.http_port)
+    print(f"baton router: gateway http://{config.host}:{http_port}/v1 (model {core.model_name}), "
+          f"gRPC {config.host}:{grpc_port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    gateway.should_exit = True
+    await grpc_server.stop(5)
+    await core.stop()
+    return 0
+
+
+def run_router(config: RouterConfig) -> int:
+    """Blocking entry point used by the CLI."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
+    return asyncio.run(serve_router(config))

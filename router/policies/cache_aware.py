@@ -1,0 +1,118 @@
+"""cache_aware: send a prompt where its prefix is probably cached. The default for prefill.
+
+After the cache-aware policy of SGLang's model gateway (``policies/cache_aware.rs``). The
+router keeps, per worker, an approximate prefix tree (``prefix_tree.PrefixTree``) of the
+prompts it recently routed there, as a stand-in for that worker's radix cache.
+
+Algorithm, for one prompt of ``n`` tokens over the candidate workers:
+
+1. Balance check: with ``max``/``min`` the highest and lowest ``WorkerView.load`` among
+   the candidates, the system is *imbalanced* when
+   ``max - min > balance_abs_threshold`` and ``max > min * balance_rel_threshold``.
+   Then cache affinity is ignored and the least loaded worker wins (as min_load: lowest
+   load, ties by address). Both conditions must hold, so small absolute gaps between
+   idle workers and large gaps that are small relative to the load do not disturb
+   affinity.
+2. Otherwise find the worker whose tree matches the longest prefix of the prompt (ties:
+   lower load, then smaller address). If ``matched / n >= cache_threshold`` it wins:
+   most of its prompt is likely cached there.
+3. Otherwise (a prompt with little reuse anywhere) take the worker with the smallest
+   tree (ties: lower load, then smaller address), as SGLang does: new prefixes go where
+   the router has sent the fewest tokens lately, so unrelated prompts spread and cache
+   space is used evenly; load is still guarded by step 1.
+
+The policy learns only in ``on_dispatch``, which inserts the prompt into the chosen
+worker's tree (whatever step chose it), and forgets a worker in ``on_worker_removed``.
+Selection reads the trees without refreshing their recency. An empty prompt has a
+match ratio of 0. Workers the policy has never dispatched to have an empty tree.
+
+Parameters:
+- ``cache_threshold`` (float in [0, 1], default 0.5): the matched fraction of the prompt
+  needed to follow the cache rather than spread by tree size.
+- ``balance_abs_threshold`` (float >= 0, default 4096): absolute load gap (load units:
+  tokens, 64 per in-flight request; see ``router/types.py``) beyond which the system may
+  count as imbalanced. 4096 = 64 in-flight requests, SGLang's default of 64 requests.
+- ``balance_rel_threshold`` (float >= 1, default 1.5): the relative gap
+  (max > min * this) that must also hold for imbalance.
+- ``max_tree_tokens`` (int >= 1, default 2**20): the token budget of each worker's tree;
+  least recently routed prefixes are evicted beyond it (memory stays bounded:
+  about 100 bytes per token per worker in CPython at the default chunk size).
+- ``chunk_size`` (int >= 1, default 16): tokens per trie edge; matches are counted in
+  whole chunks (see ``prefix_tree``), so larger is faster but coarser.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from router.policies.base import Policy, least_loaded, register_policy, require_workers
+from router.policies.prefix_tree import PrefixTree
+from router.types import WorkerView
+
+
+@register_policy
+class CacheAwarePolicy(Policy):
+    """Prefix affinity with a load-balance guard (see the module docstring)."""
+
+    name = "cache_aware"
+
+    def __init__(self, cache_threshold: float = 0.5, balance_abs_threshold: float = 4096.0,
+                 balance_rel_threshold: float = 1.5, max_tree_tokens: int = 2 ** 20,
+                 chunk_size: int = 16) -> None:
+        if not 0.0 <= cache_threshold <= 1.0:
+            raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold}")
+        if balance_abs_threshold < 0:
+            raise ValueError(f"balance_abs_threshold must be >= 0, got {balance_abs_threshold}")
+        if balance_rel_threshold < 1.0:
+            raise ValueError(f"balance_rel_threshold must be >= 1, got {balance_rel_threshold}")
+        if max_tree_tokens < 1:
+            raise ValueError(f"max_tree_tokens must be >= 1, got {max_tree_tokens}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.cache_threshold = cache_threshold
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = balance_rel_threshold
+        self.max_tree_tokens = max_tree_tokens
+        self.chunk_size = chunk_size
+        self._trees: dict[str, PrefixTree] = {}
+
+    def select(self, workers: list[WorkerView], prompt_token_ids: Sequence[int]) -> WorkerView:
+        require_workers(workers)
+        if self.is_imbalanced(workers):
+            return least_loaded(workers)
+        matches = {w.address: self.matched_prefix_len(w.address, prompt_token_ids) for w in workers}
+        best = min(workers, key=lambda w: (-matches[w.address], w.load, w.address))
+        n = len(prompt_token_ids)
+        if n and matches[best.address] / n >= self.cache_threshold:
+            return best
+        return min(workers, key=lambda w: (self.tree_size(w.address), w.load, w.address))
+
+    def on_dispatch(self, worker: WorkerView, prompt_token_ids: Sequence[int]) -> None:
+        tree = self._trees.get(worker.address)
+        if tree is None:
+            tree = self._trees[worker.address] = PrefixTree(self.max_tree_tokens, self.chunk_size)
+        tree.insert(prompt_token_ids)
+
+    def on_worker_removed(self, address: str) -> None:
+        self._trees.pop(address, None)
+
+    def is_imbalanced(self, workers: Sequence[WorkerView]) -> bool:
+        """Step 1 of the algorithm: should load override cache affinity?"""
+        loads = [w.load for w in workers]
+        high, low = max(loads), min(loads)
+        return high - low > self.balance_abs_threshold and high > low * self.balance_rel_threshold
+
+    def matched_prefix_len(self, address: str, tokens: Sequence[int]) -> int:
+        """Tokens of ``tokens`` the tree of ``address`` matches (0 for an unknown worker)."""
+        tree = self._trees.get(address)
+        return tree.match(tokens) if tree is not None else 0
+
+    def tree_size(self, address: str) -> int:
+        """Tokens held in the tree of ``address`` (0 for an unknown worker)."""
+        tree = self._trees.get(address)
+        return tree.size if tree is not None else 0
+
+    def __repr__(self) -> str:
+        return (f"CacheAwarePolicy(cache_threshold={self.cache_threshold}, "
+                f"balance_abs_threshold={self.balance_abs_threshold}, "
+                f"balance_rel_threshold={self.balance_rel_threshold}, "
+                f"max_tree_tokens={self.max_tree_tokens}, chunk_size={self.chunk_size})")

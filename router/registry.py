@@ -1,0 +1,147 @@
+"""The worker registry: which prefill and decode workers exist, whether each is healthy,
+how loaded it is, and its circuit breaker.
+
+Workers come from flags (static) or `RegisterWorker` / `DeregisterWorker` (dynamic). A
+background loop checks every worker each `health_interval_s`: the standard
+`grpc.health.v1` Check says whether it serves, and the worker's `Info` brings its load
+report (running / queued tokens, KV usage). A worker that fails either is unhealthy until
+a later check passes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.baton.v1 import worker_pb2, worker_pb2_grpc
+from router.breaker import CircuitBreaker
+from router.config import RouterConfig
+from router.types import Role, WorkerView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerEntry:
+    """Everything the router tracks about one worker."""
+
+    address: str
+    role: Role
+    breaker: CircuitBreaker
+    channel: grpc.aio.Channel
+    healthy: bool = False
+    load: worker_pb2.WorkerLoad = field(default_factory=worker_pb2.WorkerLoad)
+    in_flight: int = 0
+    epoch: int = 0
+    last_error: str = ""
+
+    def view(self) -> WorkerView:
+        """The snapshot policies read."""
+        load = self.load
+        return WorkerView(address=self.address, role=self.role, healthy=self.healthy,
+                          running_requests=load.running_requests, queued_requests=load.queued_requests,
+                          running_tokens=load.running_tokens, queued_tokens=load.queued_tokens,
+                          kv_usage=load.kv_usage, in_flight=self.in_flight)
+
+    def decode_stub(self) -> worker_pb2_grpc.DecodeStub:
+        return worker_pb2_grpc.DecodeStub(self.channel)
+
+
+class WorkerRegistry:
+    """Workers by address, their health loop, and candidate lists for the policies."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.workers: dict[str, WorkerEntry] = {}
+        self._task: Optional[asyncio.Task] = None
+        self._checked = asyncio.Event()
+
+    def add(self, address: str, role: Role) -> bool:
+        """Register a worker (no-op when known with the same role); returns True when added."""
+        known = self.workers.get(address)
+        if known is not None and known.role is role:
+            return False
+        breaker = CircuitBreaker(self.config.breaker_failures, self.config.breaker_cooldown_s)
+        self.workers[address] = WorkerEntry(address, role, breaker, grpc.aio.insecure_channel(address))
+        return True
+
+    async def remove(self, address: str) -> bool:
+        """Forget a worker; returns True when it was known."""
+        entry = self.workers.pop(address, None)
+        if entry is None:
+            return False
+        await entry.channel.close()
+        return True
+
+    def candidates(self, role: Role, exclude: set[str] = frozenset()) -> list[WorkerEntry]:
+        """Healthy workers of a role whose breaker lets work through, minus `exclude`."""
+        return [e for e in self.workers.values()
+                if e.role is role and e.healthy and e.address not in exclude and e.breaker.available()]
+
+    def healthy_count(self, role: Role) -> int:
+        """Workers of a role that passed their last health check."""
+        return sum(1 for e in self.workers.values() if e.role is role and e.healthy)
+
+    # --- health loop ---------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background health/load loop."""
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Stop the loop and close every channel."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for entry in list(self.workers.values()):
+            await entry.channel.close()
+
+    async def wait_first_check(self, timeout: float) -> None:
+        """Wait until every worker has been checked once."""
+        await asyncio.wait_for(self._checked.wait(), timeout)
+
+    async def _loop(self) -> None:
+        while True:
+            await self.check_all()
+            self._checked.set()
+            await asyncio.sleep(self.config.health_interval_s)
+
+    async def check_all(self) -> None:
+        """Check every worker once, concurrently."""
+        await asyncio.gather(*(self._check(e) for e in list(self.workers.values())))
+
+    async def _check(self, entry: WorkerEntry) -> None:
+        timeout = self.config.health_timeout_s
+        try:
+            health = await health_pb2_grpc.HealthStub(entry.channel).Check(health_pb2.HealthCheckRequest(),
+                                                                           timeout=timeout)
+            serving = health.status == health_pb2.HealthCheckResponse.SERVING
+            info = None
+            if serving:
+                stub = (worker_pb2_grpc.DecodeStub if entry.role is Role.DECODE else worker_pb2_grpc.PrefillStub)
+                info = await stub(entry.channel).Info(worker_pb2.WorkerInfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            self._mark(entry, False, f"{error.code().name}: {error.details()}")
+            return
+        if info is not None:
+            entry.load = info.load
+            if entry.epoch and info.epoch != entry.epoch:
+                log.info("worker %s restarted (epoch %s -> %s)", entry.address, entry.epoch, info.epoch)
+                entry.breaker.record_success()
+            entry.epoch = info.epoch
+        self._mark(entry, serving and info is not None and not info.draining, "" if serving else "not serving")
+
+    @staticmethod
+    def _mark(entry: WorkerEntry, healthy: bool, error: str) -> None:
+        if entry.healthy and not healthy:
+            log.warning("worker %s is unhealthy: %s", entry.address, error)
+        entry.healthy, entry.last_error = healthy, error
+
+    def mark_failed(self, address: str, error: str) -> None:
+        """A request saw the worker fail: unhealthy until the next passing check."""
+        entry = self.workers.get(address)
+        if entry is not None:
+            self._mark(entry, False, error)
