@@ -93,3 +93,60 @@ def wait_serving(worker: WorkerProcess, timeout: float = 90) -> None:
         if "serving on" in worker.log():
             return
         asyncio.run(asyncio.sleep(0.05))
+
+
+@dataclass
+class RouterProcess:
+    """A running `baton router`: its gateway URL and gRPC address."""
+
+    http_url: str
+    grpc_address: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def start_router(model: Path | str, tmp: Path, prefill: list[str], decode: list[str],
+                 **flags) -> RouterProcess:
+    """Start `baton router` in front of the given workers and wait for its /health."""
+    http_port, grpc_port = free_port(), free_port()
+    args = ["router", "--model", str(model), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+            "--prefill", ",".join(prefill), "--decode", ",".join(decode)]
+    for key, value in {"health_interval_s": 0.2, "health_timeout_s": 1.0, **flags}.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    log_path = tmp / f"router-{http_port}.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    router = RouterProcess(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log_path)
+    wait_http_ok(router.http_url + "/health", proc, log_path)
+    return router
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90) -> None:
+    """Poll an HTTP URL until it answers 200 (fails with the process log otherwise)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not healthy:\n{log_path.read_text()[-3000:]}")

@@ -1,0 +1,233 @@
+"""OpenAI request bodies -> what the router core takes: prompt token ids and the wire
+`common_pb2.SamplingParams`.
+
+- chat: the tokenizer's chat template (`add_generation_prompt=True`); content given as a list
+  of text parts is joined with newlines (templates of text models expect a string); other part
+  types are a 400.
+- completions: `tokenizer.encode(prompt)` for text, or the token ids as given.
+- `max_tokens` is always set on the wire: absent means the rest of the context
+  (`max_model_len - prompt length`); prompt + max_tokens beyond the context is a 400 with
+  OpenAI's "maximum context length" wording (`code="context_length_exceeded"`).
+- `response_format` / `regex` / `ebnf` become the `StructuredOutput` oneof (at most one).
+Every problem raises `ApiError` (400) naming the field in `param`.
+
+The response side (OpenAI response objects and stream chunks) is in `responses.py`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from protos.baton.v1 import common_pb2
+from router.gateway.errors import ApiError, invalid_request
+from router.gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingBody
+
+_UINT64_MASK = 2**64 - 1
+
+
+@dataclass
+class PreparedRequest:
+    """What the gateway hands to the core for one OpenAI request."""
+
+    prompt_token_ids: list[int]
+    params: common_pb2.SamplingParams
+
+
+def check_model(requested: Optional[str], served: str) -> None:
+    """404 (OpenAI's `model_not_found`) when the body names a model other than the served one."""
+    if requested and requested != served:
+        raise ApiError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def _text_content(content: Any, index: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.type != "text":
+            raise invalid_request(
+                f"content part type {part.type!r} is not supported; only text parts are",
+                param=f"messages.{index}.content")
+        texts.append(part.text or "")
+    return "\n".join(texts)
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The messages as plain dicts for the chat template (content flattened to a string)."""
+    messages = []
+    for i, message in enumerate(body.messages):
+        item = message.model_dump(exclude_none=True)
+        item["content"] = _text_content(message.content, i)
+        messages.append(item)
+    return messages
+
+
+def _as_id_list(result: Any) -> list[int]:
+    """apply_chat_template's result as a flat id list (it may be a list or a BatchEncoding)."""
+    if isinstance(result, dict) or hasattr(result, "keys"):
+        result = result["input_ids"]
+    if hasattr(result, "tolist"):
+        result = result.tolist()
+    if result and isinstance(result[0], (list, tuple)):  # a batch of one
+        result = result[0]
+    return [int(t) for t in result]
+
+
+def chat_prompt_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
+    """Render and tokenize the chat with the model's template; a template error is a 400."""
+    if body.tools and body.tool_choice != "none":
+        raise invalid_request("tool calling is not supported by this server", param="tools")
+    kwargs = dict(body.chat_template_kwargs or {})
+    try:
+        result = tokenizer.apply_chat_template(
+            chat_messages(body), add_generation_prompt=True, tokenize=True, **kwargs)
+    except ApiError:
+        raise
+    except Exception as e:  # jinja TemplateError, missing template (ValueError), bad kwargs
+        raise invalid_request(f"the chat template cannot render these messages: {e}", param="messages") from e
+    return _as_id_list(result)
+
+
+def completion_prompt_ids(body: CompletionRequest, tokenizer) -> list[int]:
+    """The prompt's token ids: text is encoded (with the tokenizer's special tokens, e.g. BOS),
+    token ids are checked against the vocabulary. A batch of more than one prompt is a 400."""
+    prompt: Union[str, list] = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise invalid_request("batched prompts are not supported; send one prompt per request",
+                                  param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return [int(t) for t in tokenizer.encode(prompt)]
+    vocab = len(tokenizer)
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise invalid_request(f"prompt token id {bad[0]} is out of range [0, {vocab})", param="prompt")
+    return list(prompt)
+
+
+# ---------------------------------------------------------------------------- limits
+
+
+def resolve_max_tokens(requested: Optional[int], prompt_len: int, max_model_len: int, *, chat: bool) -> int:
+    """The completion budget: as requested, or the rest of the context; 400 when it cannot fit."""
+    what = "messages" if chat else "prompt"
+    if prompt_len == 0:
+        raise invalid_request(f"the {what} must not be empty", param=what)
+    if requested is None:
+        if prompt_len >= max_model_len:
+            raise invalid_request(
+                f"This model's maximum context length is {max_model_len} tokens. However, your {what} "
+                f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
+                param=what, code="context_length_exceeded")
+        return max_model_len - prompt_len
+    if prompt_len + requested > max_model_len:
+        if chat:
+            detail = (f"({prompt_len} in the messages, {requested} in the completion). "
+                      "Please reduce the length of the messages or completion.")
+        else:
+            detail = (f"({prompt_len} in your prompt; {requested} for the completion). "
+                      "Please reduce your prompt; or completion length.")
+        raise invalid_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + requested} tokens {detail}", param=what, code="context_length_exceeded")
+    return requested
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def structured_output(body: SamplingBody) -> Optional[common_pb2.StructuredOutput]:
+    """response_format / regex / ebnf as the wire oneof; None when unconstrained."""
+    given: list[tuple[str, common_pb2.StructuredOutput]] = []
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        given.append(("response_format", common_pb2.StructuredOutput(json_object=True)))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise invalid_request("response_format.json_schema.schema is required for type json_schema",
+                                  param="response_format.json_schema")
+        given.append(("response_format",
+                      common_pb2.StructuredOutput(json_schema=json.dumps(fmt.json_schema.schema_))))
+    if body.regex is not None:
+        given.append(("regex", common_pb2.StructuredOutput(regex=body.regex)))
+    if body.ebnf is not None:
+        given.append(("ebnf", common_pb2.StructuredOutput(ebnf=body.ebnf)))
+    if len(given) > 1:
+        raise invalid_request("give at most one of response_format (json), regex and ebnf",
+                              param=given[1][0])
+    return given[0][1] if given else None
+
+
+def _check_unsupported(body: SamplingBody) -> None:
+    if body.logit_bias:
+        raise invalid_request("logit_bias is not supported", param="logit_bias")
+    if isinstance(body, CompletionRequest):
+        if body.echo:
+            raise invalid_request("echo is not supported", param="echo")
+        if body.suffix:
+            raise invalid_request("suffix is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != (body.n or 1):
+            raise invalid_request("best_of other than n is not supported", param="best_of")
+
+
+def sampling_params(body: SamplingBody, max_tokens: int) -> common_pb2.SamplingParams:
+    """The wire SamplingParams for a body (chat or completions) and a resolved max_tokens."""
+    _check_unsupported(body)
+    min_tokens = body.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise invalid_request(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})",
+                              param="min_tokens")
+    top_k = body.top_k or 0
+    msg = common_pb2.SamplingParams(
+        n=body.n or 1,
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        top_k=0 if top_k == -1 else top_k,
+        min_p=body.min_p or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        stop=body.stop_list,
+        stop_token_ids=body.stop_token_ids or [],
+        include_stop_str_in_output=bool(body.include_stop_str_in_output),
+        ignore_eos=bool(body.ignore_eos),
+        keep_special_tokens=body.skip_special_tokens is False,
+        priority=body.priority or 0,
+    )
+    if body.temperature is not None:
+        msg.temperature = body.temperature
+    if body.top_p is not None:
+        msg.top_p = body.top_p
+    if body.repetition_penalty is not None:
+        msg.repetition_penalty = body.repetition_penalty
+    if body.seed is not None:
+        msg.seed = body.seed & _UINT64_MASK  # negative seeds wrap to uint64
+    if isinstance(body, ChatCompletionRequest):
+        if body.logprobs:
+            msg.logprobs = body.top_logprobs or 0
+    elif isinstance(body, CompletionRequest) and body.logprobs is not None:
+        msg.logprobs = body.logprobs
+    constraint = structured_output(body)
+    if constraint is not None:
+        msg.structured_output.CopyFrom(constraint)
+    return msg
+
+
+def prepare_chat(body: ChatCompletionRequest, tokenizer, max_model_len: int) -> PreparedRequest:
+    """Tokenize a chat request and map its parameters; raises ApiError (400)."""
+    ids = chat_prompt_ids(body, tokenizer)
+    max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), max_model_len, chat=True)
+    return PreparedRequest(ids, sampling_params(body, max_tokens))
+
+
+def prepare_completion(body: CompletionRequest, tokenizer, max_model_len: int) -> PreparedRequest:
+    """Tokenize a completions request and map its parameters; raises ApiError (400)."""
+    ids = completion_prompt_ids(body, tokenizer)
+    max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), max_model_len, chat=False)
+    return PreparedRequest(ids, sampling_params(body, max_tokens))

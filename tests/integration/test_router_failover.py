@@ -1,0 +1,146 @@
+"""The router in front of real workers, under faults, with 8+ concurrent streams: a decode
+worker killed mid-stream loses no token (every stream equals the undisturbed greedy run);
+a dead prefill worker's requests are retried elsewhere; with every decode worker down the
+client gets NO_WORKER fast; over-admission is refused; API keys are enforced."""
+import asyncio
+import random
+import signal
+import time
+
+import grpc
+import pytest
+
+from protos.errors import error_from_rpc
+from services.engine import LLM, SamplingParams
+from tests.helpers.router_client import router_generate
+from tests.helpers.tiny_models import VOCAB, make_tiny_model
+from tests.helpers.workers import start_router, start_worker
+
+STREAMS = 8
+MAX_NEW = 300
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.mktemp("router-model"))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(21)
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(4, 40))] for _ in range(STREAMS)]
+
+
+@pytest.fixture(scope="module")
+def expected(model, prompts):
+    llm = LLM(model=str(model), page_size=4, kv_cache_tokens=8192, num_threads=1)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.fixture
+def cluster(model, tmp_path):
+    started = []
+
+    def start(prefills=1, decodes=2, **router_flags):
+        workers = {"prefill": [], "decode": []}
+        for role, count in (("prefill", prefills), ("decode", decodes)):
+            for _ in range(count):
+                worker = start_worker(role, model, tmp_path, kv_cache_tokens=8192)
+                started.append(worker)
+                workers[role].append(worker)
+        router = start_router(model, tmp_path, [w.address for w in workers["prefill"]],
+                              [w.address for w in workers["decode"]], decode_only_threshold=8, **router_flags)
+        started.append(router)
+        return router, workers
+    yield start
+    for process in reversed(started):
+        process.stop()
+
+
+async def stream_all(router, prompts, on_progress=None, **kwargs):
+    progress = [0] * len(prompts)
+
+    async def one(i, prompt):
+        tokens = []
+        async for chunk in _chunks(router.grpc_address, prompt, **kwargs):
+            tokens += chunk
+            progress[i] = len(tokens)
+            if on_progress:
+                on_progress(progress)
+        return tokens
+    return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)), return_exceptions=True)
+
+
+async def _chunks(address, prompt, max_tokens=MAX_NEW, timeout=120.0):
+    from protos.baton.v1 import common_pb2, router_pb2, router_pb2_grpc
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        request = router_pb2.GenerateRequest(token_ids=router_pb2.TokenIds(ids=prompt), params=params)
+        async for chunk in stub.Generate(request, timeout=timeout):
+            yield list(chunk.token_ids)
+
+
+def metric(router, name):
+    import urllib.request
+    with urllib.request.urlopen(router.http_url + "/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def test_decode_killed_mid_stream_loses_no_token(cluster, prompts, expected):
+    router, workers = cluster(prefills=1, decodes=2)
+    victim = workers["decode"][0]
+    killed = []
+
+    def kill_when_streaming(progress):
+        if not killed and min(progress) >= 3:
+            killed.append(time.monotonic())
+            victim.proc.send_signal(signal.SIGKILL)
+    results = asyncio.run(stream_all(router, prompts, on_progress=kill_when_streaming))
+    assert killed, "the decode worker was never killed"
+    for got, want in zip(results, expected):
+        assert not isinstance(got, BaseException), repr(got)
+        assert got == want
+    assert metric(router, "baton_router_migrations_total") >= 1
+
+
+def test_dead_prefill_requests_are_retried(cluster, prompts, expected):
+    router, workers = cluster(prefills=2, decodes=1, health_interval_s=30)
+    workers["prefill"][0].stop(signal.SIGKILL)  # the router will only learn from failed requests
+    results = asyncio.run(stream_all(router, prompts, max_tokens=20))
+    for got, want in zip(results, expected):
+        assert not isinstance(got, BaseException), repr(got)
+        assert got == want[:20]
+    assert metric(router, "baton_router_retries_total") >= 1
+
+
+def test_all_decode_workers_down_fails_fast(cluster, prompts):
+    router, workers = cluster(prefills=1, decodes=1)
+    workers["decode"][0].stop(signal.SIGKILL)
+    started = time.monotonic()
+    results = asyncio.run(stream_all(router, prompts[:4], max_tokens=5))
+    assert time.monotonic() - started < 10
+    for result in results:
+        assert isinstance(result, grpc.RpcError)
+        assert result.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_from_rpc(result).code_name in ("NO_WORKER", "INTERNAL")
+
+
+def test_over_admission_is_refused_and_api_keys_enforced(cluster, prompts):
+    router, _ = cluster(prefills=0, decodes=1, max_queued_requests=2, api_keys="secret")
+    with pytest.raises(grpc.RpcError) as excinfo:
+        asyncio.run(router_generate(router.grpc_address, prompts[0], 4))
+    assert excinfo.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    tokens, finish, _ = asyncio.run(router_generate(router.grpc_address, prompts[0], 4, api_key="secret"))
+    assert len(tokens) == 4 and finish == "length"
+
+    async def burst():
+        return await asyncio.gather(*(router_generate(router.grpc_address, p, 200, api_key="secret")
+                                      for p in prompts), return_exceptions=True)
+    results = asyncio.run(burst())
+    refused = [r for r in results if isinstance(r, grpc.RpcError)]
+    assert refused and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert any(not isinstance(r, BaseException) for r in results)

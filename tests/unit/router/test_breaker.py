@@ -1,0 +1,49 @@
+"""CircuitBreaker: opens after consecutive failures, lets one trial through after the
+cooldown, closes on success and reopens on a failed trial."""
+from router.breaker import CircuitBreaker
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_opens_after_threshold_and_recovers_through_one_trial():
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=3, cooldown_s=5, clock=clock)
+    for _ in range(2):
+        breaker.record_failure()
+    assert breaker.state == "closed" and breaker.allow()
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow() and not breaker.available()
+    clock.now = 5.0
+    assert breaker.state == "half_open" and breaker.available()
+    assert breaker.allow()            # the trial
+    assert not breaker.allow()        # only one at a time
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.failures == 0
+
+
+def test_failed_trial_reopens_for_a_new_cooldown():
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=2, clock=clock)
+    breaker.record_failure()
+    clock.now = 2.5
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.state == "open"
+    clock.now = 4.0
+    assert breaker.state == "open"
+    clock.now = 4.5
+    assert breaker.state == "half_open"
+
+
+def test_success_resets_the_failure_count():
+    breaker = CircuitBreaker(failure_threshold=2, cooldown_s=1)
+    breaker.record_failure()
+    breaker.record_success()
+    breaker.record_failure()
+    assert breaker.state == "closed"
