@@ -62,7 +62,7 @@ async def serve_router(config: RouterConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    gateway.should_exit = True
+    await gateway.stop()
     await grpc_server.stop(5)
     await core.stop()
     return 0

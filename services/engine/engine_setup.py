@@ -95,6 +95,19 @@ def load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def make_attention_backend(kv_cache: KVCache, num_heads: int, head_dim: int,
+                           device: torch.device) -> AttentionBackend:
+    """Triton kernels on CUDA when Triton imports; the torch reference backend otherwise."""
+    if device.type == "cuda":
+        try:
+            from services.engine.attention.triton_backend import TritonAttentionBackend
+        except ImportError:
+            pass
+        else:
+            return TritonAttentionBackend(kv_cache, num_heads, head_dim)
+    return TorchAttentionBackend(kv_cache, num_heads, head_dim)
+
+
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     """Load the model and size the KV cache as the config says."""
     if config.num_threads:
@@ -114,7 +127,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     layout = KVLayout(model_config.num_layers, max(1, tokens // config.page_size), config.page_size,
                       model_config.num_kv_heads, model_config.head_dim, dtype)
     kv_cache = KVCache(layout, device)
-    backend = TorchAttentionBackend(kv_cache, model_config.num_heads, model_config.head_dim)
+    backend = make_attention_backend(kv_cache, model_config.num_heads, model_config.head_dim, device)
     pool = BlockPool(layout.num_blocks)
     cache = None if config.disable_radix_cache else RadixCache(pool, config.page_size)
     eos = list(model_config.eos_token_ids)

@@ -42,24 +42,29 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         seqs: list[SequenceSlice] = []
+        tables: list[list[int]] = []
         slots: list[torch.Tensor] = []
         sample_rows: list[int] = []
         page = self.page_size
         offsets = torch.arange(page)
+        slots_on_device = self.backend.uses_context_slots
         for item in items:
             req = item.request
             end = item.start + item.num_tokens
             ids.extend(req.all_token_ids[item.start:end])
             positions.extend(range(item.start, end))
-            table = torch.tensor(req.block_table, dtype=torch.long)
+            blocks = req.block_table[:(end + page - 1) // page]
+            tables.append(blocks)
+            table = torch.tensor(blocks, dtype=torch.long)
             context = (table[:, None] * page + offsets[None, :]).reshape(-1)[:end]
             seqs.append(SequenceSlice(query_start=len(ids) - item.num_tokens, query_len=item.num_tokens,
-                                      prefix_len=item.start, context_slots=context.to(self.device)))
+                                      prefix_len=item.start,
+                                      context_slots=context.to(self.device) if slots_on_device else context))
             slots.append(context[item.start:end])
             if item.samples:
                 sample_rows.append(len(ids) - 1)
         meta = AttentionMetadata(seqs=seqs, slot_mapping=torch.cat(slots).to(self.device),
-                                 sliding_window=self.sliding_window)
+                                 sliding_window=self.sliding_window, block_tables=tables, page_size=page)
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),

@@ -32,7 +32,8 @@ class SequenceSlice:
     prefix_len: int
     """Tokens whose K/V were in the cache before this step."""
     context_slots: torch.Tensor
-    """KV slot of every context position 0..prefix_len+query_len-1 (long)."""
+    """KV slot of every context position 0..prefix_len+query_len-1 (long); on the model's
+    device, or on the CPU for a backend whose `uses_context_slots` is False."""
 
     @property
     def context_len(self) -> int:
@@ -52,10 +53,19 @@ class AttentionMetadata:
     """Attend only to keys within this many positions (inclusive of self); None: all."""
     plan: Any = None
     """Backend-private per-step state built by `AttentionBackend.prepare` and shared by all layers."""
+    block_tables: list[list[int]] | None = None
+    """Per sequence (order of `seqs`), the KV blocks holding its context positions 0.. in order
+    (at least ceil(context_len / page_size) of them); None when the builder did not provide them."""
+    page_size: int | None = None
+    """Tokens per KV block (what `block_tables` count in); None when not provided."""
 
 
 class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and attends over each sequence's context."""
+
+    uses_context_slots: bool = True
+    """False: the backend reads `meta.block_tables` instead, so the model runner may leave
+    each `SequenceSlice.context_slots` on the CPU (saving one host-to-device copy per sequence)."""
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per step before the first layer; may fill `meta.plan`."""

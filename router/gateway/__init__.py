@@ -1,0 +1,12 @@
+"""The OpenAI-compatible HTTP gateway of the router (FastAPI + uvicorn).
+
+- `protocol`: request bodies; `convert`: bodies -> prompt ids + wire SamplingParams;
+  `responses` / `logprobs`: OpenAI response objects and stream chunks;
+  `errors`: the OpenAI error body and status mapping; `relay`: core -> client streaming,
+  disconnect and abort; `app`: `create_app(core)`; `server`: `serve_gateway(core, host, port)`;
+  `dashboard`: the live HTML page.
+"""
+from router.gateway.app import create_app
+from router.gateway.server import GatewayServer, serve_gateway
+
+__all__ = ["create_app", "serve_gateway", "GatewayServer"]

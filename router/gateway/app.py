@@ -1,0 +1,199 @@
+"""The OpenAI-compatible HTTP gateway: `create_app(core)` builds the FastAPI app.
+
+Routes:
+- `POST /v1/chat/completions`, `POST /v1/completions`: JSON, or SSE when `stream` is true
+  (`data: {json}` events, then `data: [DONE]`). An error before the first chunk is a plain
+  HTTP error (400 / 401 / 404 / 429 / 503 / 504 / 500, OpenAI body); an error mid-stream is
+  one `data: {"error": ...}` event, then the stream closes. A client that disconnects has its
+  request aborted in the core (`core.abort`); its response is logged as 499.
+- `GET /v1/models`, `GET /v1/models/{model}`: the one served model.
+- `GET /health` (200 / 503 on `core.is_serving()`), `GET /metrics` (Prometheus text of
+  `core.metrics.registry`), `GET /workers` (`core.worker_statuses()`), `GET /` (dashboard).
+With `core.config.api_keys` set, `/v1/*` needs `Authorization: Bearer <key>`; the other
+routes stay open. Bodies are parsed as JSON whatever the Content-Type (`curl -d` sends a
+form type); a bad body is a 400 naming the field. Every chat / completions response is
+counted in `core.metrics.requests` (labels `api` = chat | completions, `status` = the HTTP
+status sent).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from typing import Any, Union
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router.gateway.convert import PreparedRequest, check_model, prepare_chat, prepare_completion
+from router.gateway.dashboard import dashboard_html
+from router.gateway.errors import ApiError, install_error_handlers
+from router.gateway.logprobs import TokenStrings
+from router.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from router.gateway.relay import ClientDisconnected, Relay, sse_body
+from router.gateway.responses import ChatStream, Collector, CompletionStream, ResponseContext
+from router.types import RouterRequest
+
+CLIENT_CLOSED = 499
+"""Status recorded (metrics, access log) for a request whose client went away."""
+
+_COUNTED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+class RequestCounter:
+    """ASGI middleware: counts chat / completions responses by API and status sent."""
+
+    def __init__(self, app, core) -> None:
+        self.app = app
+        self.core = core
+
+    async def __call__(self, scope, receive, send) -> None:
+        api = _COUNTED_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if api is None:
+            await self.app(scope, receive, send)
+            return
+        status = [0]
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except BaseException:
+            status[0] = status[0] or 500
+            raise
+        finally:
+            self.core.metrics.requests.labels(api=api, status=str(status[0] or 500)).inc()
+
+
+def api_keys(config) -> tuple[str, ...]:
+    """The keys the gateway accepts: `config.api_key_list` when the config has it, else
+    `config.api_keys` (a tuple, or a comma-separated string)."""
+    keys = getattr(config, "api_key_list", None)
+    if keys is None:
+        keys = getattr(config, "api_keys", ()) or ()
+    if isinstance(keys, str):
+        keys = keys.split(",")
+    return tuple(k.strip() for k in keys if k and k.strip())
+
+
+def _api_key_dependency(core):
+    async def require_api_key(request: Request) -> None:
+        keys = api_keys(core.config)
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                           code="missing_api_key")
+        token = token.strip().encode()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, key.encode()) for key in keys):
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    return require_api_key
+
+
+def create_app(core) -> FastAPI:
+    """The gateway app over a `RouterCore` (see router/core.py)."""
+    app = FastAPI(title="Baton", summary="OpenAI-compatible gateway of the Baton router",
+                  docs_url="/docs", redoc_url=None)
+    install_error_handlers(app)
+    app.add_middleware(RequestCounter, core=core)
+    strings = TokenStrings(core.tokenizer)
+    started = int(time.time())
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_dependency(core))])
+
+    def model_card() -> dict[str, Any]:
+        return {"id": core.model_name, "object": "model", "created": started, "owned_by": "baton",
+                "root": core.model_name, "max_model_len": core.max_model_len}
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        check_model(model, core.model_name)
+        return model_card()
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = ChatCompletionRequest.model_validate_json(await request.body())
+        check_model(body.model, core.model_name)
+        prepared = await asyncio.to_thread(prepare_chat, body, core.tokenizer, core.max_model_len)
+        return await _serve(request, body, prepared, chat=True)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        body = CompletionRequest.model_validate_json(await request.body())
+        check_model(body.model, core.model_name)
+        prepared = await asyncio.to_thread(prepare_completion, body, core.tokenizer, core.max_model_len)
+        return await _serve(request, body, prepared, chat=False)
+
+    async def _serve(request: Request, body: Union[ChatCompletionRequest, CompletionRequest],
+                     prepared: PreparedRequest, *, chat: bool) -> Response:
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        n = body.n or 1
+        ctx = ResponseContext(
+            request_id=request_id, model=core.model_name, prompt_tokens=len(prepared.prompt_token_ids),
+            strings=strings, n=n, logprobs=prepared.params.HasField("logprobs"),
+            include_usage=body.include_usage)
+        relay = Relay(core, RouterRequest(
+            request_id=request_id, prompt_token_ids=prepared.prompt_token_ids, params=prepared.params,
+            timeout_s=core.config.request_timeout_s, n=n))
+        relay.watch_disconnect(request.receive)
+        if body.stream:
+            return await _stream(relay, ChatStream(ctx) if chat else CompletionStream(ctx))
+        collector = Collector(ctx)
+        try:
+            while (chunk := await relay.next()) is not None:
+                collector.add(chunk)
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED)
+        finally:
+            relay.close()
+        return JSONResponse(collector.chat_completion() if chat else collector.text_completion())
+
+    async def _stream(relay: Relay, stream: Union[ChatStream, CompletionStream]) -> Response:
+        try:
+            first = await relay.next()  # errors before the first chunk keep their HTTP status
+        except ClientDisconnected:
+            relay.close()
+            return Response(status_code=CLIENT_CLOSED)
+        except BaseException:
+            relay.close()
+            raise
+        relay.stop_watching()  # from here Starlette watches the connection
+        return StreamingResponse(
+            sse_body(relay, first, stream), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if core.is_serving():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": "no healthy decode worker"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/workers")
+    async def workers() -> JSONResponse:
+        return JSONResponse(jsonable_encoder(core.worker_statuses()))
+
+    page = dashboard_html(core.model_name)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app

@@ -1,0 +1,213 @@
+"""Router `Chunk`s -> OpenAI response objects (plain dicts, ready for JSON).
+
+Non-streaming: a `Collector` gathers every chunk of a request (all `n` choices) and builds a
+`chat.completion` or `text_completion` object. Streaming: `ChatStream` / `CompletionStream`
+turn each chunk into a `chat.completion.chunk` / `text_completion` chunk (the chat delta
+carries `role` on the first chunk of each choice) and, when `stream_options.include_usage`,
+build the extra final chunk with `choices: []` and the usage (every other chunk then has
+`"usage": null`, as OpenAI does).
+
+Usage: `prompt_tokens`, the sum of the choices' `completion_tokens`, `total_tokens` and
+`prompt_tokens_details.cached_tokens`, taken from the `Usage` on each choice's final chunk
+(token counts seen in the chunks stand in when a choice ended without one). `stop_reason`
+(the stop string or token that ended a choice, vLLM's extension) rides along on each choice.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from protos.baton.v1 import common_pb2
+from router.gateway.logprobs import CompletionLogprobs, TokenStrings, chat_logprobs
+from router.types import Chunk
+
+
+@dataclass
+class ResponseContext:
+    """Per-request facts every response object repeats."""
+
+    request_id: str
+    model: str
+    prompt_tokens: int
+    strings: TokenStrings
+    n: int = 1
+    logprobs: bool = False
+    """Whether the request asked for logprobs (else `logprobs` is null)."""
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+class UsageTracker:
+    """The request's usage over all its choices."""
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self._prompt_tokens = prompt_tokens
+        self._counted: dict[int, int] = {}
+        self._final: dict[int, common_pb2.Usage] = {}
+
+    def add(self, chunk: Chunk) -> None:
+        self._counted[chunk.index] = self._counted.get(chunk.index, 0) + len(chunk.token_ids)
+        if chunk.usage is not None:
+            self._final[chunk.index] = chunk.usage
+
+    def as_dict(self) -> dict[str, Any]:
+        indices = set(self._counted) | set(self._final)
+        completion = sum(
+            self._final[i].completion_tokens if i in self._final else self._counted.get(i, 0) for i in indices)
+        prompt = max((u.prompt_tokens for u in self._final.values()), default=0) or self._prompt_tokens
+        cached = max((u.cached_tokens for u in self._final.values()), default=0)
+        return usage_dict(prompt, completion, cached)
+
+
+@dataclass
+class _Choice:
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[str] = None
+
+
+def _stop_reason(chunk: Chunk) -> Optional[str]:
+    return chunk.stop_reason or None
+
+
+class Collector:
+    """Gathers a whole request's chunks for a non-streaming response."""
+
+    def __init__(self, ctx: ResponseContext) -> None:
+        self.ctx = ctx
+        self.usage = UsageTracker(ctx.prompt_tokens)
+        self._choices: dict[int, _Choice] = {i: _Choice() for i in range(ctx.n)}
+
+    def add(self, chunk: Chunk) -> None:
+        choice = self._choices.setdefault(chunk.index, _Choice())
+        choice.texts.append(chunk.text)
+        choice.logprobs.extend(chunk.logprobs)
+        if chunk.finish_reason is not None:
+            choice.finish_reason = chunk.finish_reason
+            choice.stop_reason = _stop_reason(chunk)
+        self.usage.add(chunk)
+
+    def _sorted(self) -> list[tuple[int, _Choice]]:
+        return sorted(self._choices.items())
+
+    def chat_completion(self) -> dict[str, Any]:
+        """The `chat.completion` object."""
+        ctx = self.ctx
+        choices = [{
+            "index": index,
+            "message": {"role": "assistant", "content": "".join(choice.texts)},
+            "logprobs": chat_logprobs(choice.logprobs, ctx.strings) if ctx.logprobs else None,
+            "finish_reason": choice.finish_reason or "abort",
+            "stop_reason": choice.stop_reason,
+        } for index, choice in self._sorted()]
+        return {"id": ctx.request_id, "object": "chat.completion", "created": ctx.created,
+                "model": ctx.model, "choices": choices, "usage": self.usage.as_dict()}
+
+    def text_completion(self) -> dict[str, Any]:
+        """The `text_completion` object."""
+        ctx = self.ctx
+        choices = []
+        for index, choice in self._sorted():
+            logprobs = CompletionLogprobs(ctx.strings).add(choice.logprobs) if ctx.logprobs else None
+            choices.append({
+                "index": index,
+                "text": "".join(choice.texts),
+                "logprobs": logprobs,
+                "finish_reason": choice.finish_reason or "abort",
+                "stop_reason": choice.stop_reason,
+            })
+        return {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
+                "model": ctx.model, "choices": choices, "usage": self.usage.as_dict()}
+
+
+class _Stream:
+    object_name = ""
+
+    def __init__(self, ctx: ResponseContext) -> None:
+        self.ctx = ctx
+        self.usage = UsageTracker(ctx.prompt_tokens)
+
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        obj = {"id": self.ctx.request_id, "object": self.object_name, "created": self.ctx.created,
+               "model": self.ctx.model, "choices": choices}
+        if self.ctx.include_usage:
+            obj["usage"] = None
+        return obj
+
+    def _skip(self, chunk: Chunk) -> bool:
+        """Nothing to tell the client: no text, not final, no logprobs to report."""
+        return not chunk.text and chunk.finish_reason is None and not (self.ctx.logprobs and chunk.logprobs)
+
+    def usage_chunk(self) -> Optional[dict[str, Any]]:
+        """The extra last chunk (`choices: []`, the usage) when include_usage, else None."""
+        if not self.ctx.include_usage:
+            return None
+        obj = self._envelope([])
+        obj["usage"] = self.usage.as_dict()
+        return obj
+
+
+class ChatStream(_Stream):
+    """`chat.completion.chunk` objects for a streamed chat request."""
+
+    object_name = "chat.completion.chunk"
+
+    def __init__(self, ctx: ResponseContext) -> None:
+        super().__init__(ctx)
+        self._started: set[int] = set()
+
+    def chunk(self, chunk: Chunk) -> Optional[dict[str, Any]]:
+        """The chunk object for one router chunk, or None when there is nothing to send."""
+        self.usage.add(chunk)
+        if self._skip(chunk):
+            return None
+        delta: dict[str, Any] = {}
+        if chunk.index not in self._started:
+            self._started.add(chunk.index)
+            delta["role"] = "assistant"
+        delta["content"] = chunk.text
+        choice = {
+            "index": chunk.index,
+            "delta": delta,
+            "logprobs": chat_logprobs(chunk.logprobs, self.ctx.strings) if self.ctx.logprobs else None,
+            "finish_reason": chunk.finish_reason,
+        }
+        if chunk.finish_reason is not None:
+            choice["stop_reason"] = _stop_reason(chunk)
+        return self._envelope([choice])
+
+
+class CompletionStream(_Stream):
+    """`text_completion` chunk objects for a streamed completions request."""
+
+    object_name = "text_completion"
+
+    def __init__(self, ctx: ResponseContext) -> None:
+        super().__init__(ctx)
+        self._logprobs: dict[int, CompletionLogprobs] = {}
+
+    def chunk(self, chunk: Chunk) -> Optional[dict[str, Any]]:
+        """The chunk object for one router chunk, or None when there is nothing to send."""
+        self.usage.add(chunk)
+        if self._skip(chunk):
+            return None
+        logprobs = None
+        if self.ctx.logprobs:
+            state = self._logprobs.setdefault(chunk.index, CompletionLogprobs(self.ctx.strings))
+            logprobs = state.add(chunk.logprobs)
+        choice = {"index": chunk.index, "text": chunk.text, "logprobs": logprobs,
+                  "finish_reason": chunk.finish_reason}
+        if chunk.finish_reason is not None:
+            choice["stop_reason"] = _stop_reason(chunk)
+        return self._envelope([choice])
