@@ -117,6 +117,19 @@ def test_dead_prefill_requests_are_retried(cluster, prompts, expected):
     assert metric(router, "baton_router_retries_total") >= 1
 
 
+def http_post(router, path, body, key=""):
+    import json
+    import urllib.error
+    import urllib.request
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(router.http_url + path, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
 def test_all_decode_workers_down_fails_fast(cluster, prompts):
     router, workers = cluster(prefills=1, decodes=1)
     workers["decode"][0].stop(signal.SIGKILL)
@@ -127,6 +140,9 @@ def test_all_decode_workers_down_fails_fast(cluster, prompts):
         assert isinstance(result, grpc.RpcError)
         assert result.code() == grpc.StatusCode.UNAVAILABLE
         assert error_from_rpc(result).code_name in ("NO_WORKER", "INTERNAL")
+    started = time.monotonic()
+    status, body = http_post(router, "/v1/completions", {"prompt": "w5 w6", "max_tokens": 4})
+    assert status == 503 and body["error"]["message"] and time.monotonic() - started < 10
 
 
 def test_over_admission_is_refused_and_api_keys_enforced(cluster, prompts):
@@ -144,3 +160,14 @@ def test_over_admission_is_refused_and_api_keys_enforced(cluster, prompts):
     refused = [r for r in results if isinstance(r, grpc.RpcError)]
     assert refused and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
     assert any(not isinstance(r, BaseException) for r in results)
+    status, body = http_post(router, "/v1/completions", {"prompt": "w5 w6", "max_tokens": 4})
+    assert status == 401 and body["error"]["message"]
+    status, body = http_post(router, "/v1/completions", {"prompt": "w5 w6", "max_tokens": 4}, key="secret")
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
+
+    async def http_burst():
+        return await asyncio.gather(*(asyncio.to_thread(http_post, router, "/v1/completions",
+                                                        {"prompt": "w5 w6 w7", "max_tokens": 300,
+                                                         "ignore_eos": True}, "secret") for _ in range(8)))
+    statuses = [status for status, _ in asyncio.run(http_burst())]
+    assert 429 in statuses and 200 in statuses

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-MASKED_MAX = -1.0e30
+MASKED_MAX = tl.constexpr(-1.0e30)
 """Initial running max: finite, so a row with nothing visible yet never computes -inf - -inf."""
 
 

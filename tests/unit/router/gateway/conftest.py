@@ -48,6 +48,8 @@ class FakeCore:
         self.requests: list[RouterRequest] = []
         self.aborted: list[str] = []
         self.serving = True
+        self.hang_after: Optional[int] = None
+        """Chunks to send before hanging forever (until cancelled)."""
 
     async def generate(self, request: RouterRequest):
         self.requests.append(request)
@@ -58,6 +60,8 @@ class FakeCore:
         sent = 0
         for pos, token in enumerate(ids):
             for index in range(n):
+                if self.hang_after is not None and sent == self.hang_after:
+                    await asyncio.Event().wait()
                 if self.fail_after is not None and sent == self.fail_after:
                     raise RouterError(common_pb2.ErrorCode.NO_WORKER, "every decode worker is gone")
                 await asyncio.sleep(0)

@@ -6,7 +6,6 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from protos.baton.v1 import common_pb2
 from router.gateway.convert import (_as_id_list, chat_messages, check_model, prepare_chat,
                                     prepare_completion, resolve_max_tokens, sampling_params)
 from router.gateway.errors import ApiError, as_api_error

@@ -1,0 +1,45 @@
+"""Failure injection for the FastAPI app: a scripted core fails before and during a stream
+(errors that are hard to trigger on real workers). Normal traffic is tested end to end."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+
+from protos.baton.v1 import common_pb2
+from router.gateway.app import create_app
+
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def call(core, method: str, path: str, **kw) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(core))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            return await client.request(method, path, **kw)
+    return asyncio.run(go())
+
+
+def events(response: httpx.Response) -> list[str]:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return [line[len("data: "):] for line in response.text.split("\n\n") if line]
+
+
+def test_errors_before_and_during_the_stream(fake_core) -> None:
+    fake_core.fail_before = common_pb2.ErrorCode.OVERLOADED
+    response = call(fake_core, "POST", "/v1/chat/completions", json={**CHAT, "stream": True})
+    assert response.status_code == 429 and response.json()["error"]["code"] == "overloaded"
+    fake_core.fail_before, fake_core.fail_after = None, 2
+    data = events(call(fake_core, "POST", "/v1/completions", json={"prompt": "x", "stream": True}))
+    assert len(data) == 3 and json.loads(data[-1])["error"]["type"] == "service_unavailable_error"
+    response = call(fake_core, "POST", "/v1/completions", json={"prompt": "x"})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "no_worker"
+    response = call(fake_core, "POST", "/v1/chat/completions", json={**CHAT, "model": "gpt-4"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    response = call(fake_core, "POST", "/v1/chat/completions", content=b'{"messages": [}')
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    metrics = call(fake_core, "GET", "/metrics").text
+    assert 'baton_router_requests_total{api="chat",status="429"} 1.0' in metrics
+    assert 'baton_router_requests_total{api="completions",status="200"} 1.0' in metrics
+    assert 'baton_router_requests_total{api="completions",status="503"} 1.0' in metrics
