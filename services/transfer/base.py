@@ -157,8 +157,12 @@ class TransferEngine(ABC):
             return TransferState.WAITING_FOR_INPUT if entry is None else entry.state
 
     def wait_received(self, transfer_id: str, timeout: float) -> TransferState:
-        """`received`, waiting up to `timeout` seconds for a final state."""
+        """`received`, waiting up to `timeout` seconds for a final state.
+
+        Polls fast at first (50 us, doubling up to `_poll_interval()`): a hand-off usually
+        lands within a millisecond of the sender's success."""
         deadline = time.monotonic() + timeout
+        interval = 5e-5
         while True:
             state = self.received(transfer_id)
             left = deadline - time.monotonic()
@@ -166,7 +170,8 @@ class TransferEngine(ABC):
                 return state
             with self._inbound_cond:
                 if transfer_id not in self._inbound:
-                    self._inbound_cond.wait(min(left, self._poll_interval()))
+                    self._inbound_cond.wait(min(left, interval))
+            interval = min(interval * 2, self._poll_interval())
 
     def forget(self, transfer_id: str) -> None:
         """Drop the receive-side bookkeeping of `transfer_id`."""
