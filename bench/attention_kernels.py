@@ -78,20 +78,26 @@ def bench_decode(batch: int, ctx: int, heads: int, kv_heads: int, dim: int, page
     return splits, err, rows_out
 
 
-def bench_extend(q_len: int, prefix: int, heads: int, kv_heads: int, dim: int, page: int, dtype: torch.dtype):
+def bench_extend(q_len: int, prefix: int, heads: int, kv_heads: int, dim: int, page: int, dtype: torch.dtype,
+                 configs: list | None = None):
     from triton.testing import do_bench
 
-    from services.engine.attention.triton_kernels import extend_attention, extend_blocks, extend_tiles
+    from services.engine.attention.triton_kernels import extend_attention, extend_config, extend_tiles
     ctx = prefix + q_len
     k, v, table, _ = paged_setup(1, ctx, heads, kv_heads, dim, page, dtype)
     q = torch.randn(q_len, heads, dim, device="cuda", dtype=dtype)
     scale = dim ** -0.5
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device="cuda")  # noqa: E731
-    tiles = i32(extend_tiles([q_len], extend_blocks(dim, dtype)[0]))
     out = torch.empty(q_len, heads * dim, device="cuda", dtype=dtype)
 
-    def triton_extend():
-        extend_attention(q, k, v, table, i32([0]), i32([q_len]), i32([prefix]), page, scale, tiles=tiles, out=out)
+    def make(config):
+        tiles = i32(extend_tiles([q_len], config[0], [prefix]))
+
+        def run():
+            extend_attention(q, k, v, table, i32([0]), i32([q_len]), i32([prefix]), page, scale, tiles=tiles,
+                             out=out, config=config)
+        return run
+    triton_extend = make(extend_config(dim, dtype))
 
     pos = torch.arange(ctx, device="cuda")
     slots = table.long()[0, pos // page] * page + pos % page
@@ -113,12 +119,25 @@ def bench_extend(q_len: int, prefix: int, heads: int, kv_heads: int, dim: int, p
     for name, fn in (("triton-extend", triton_extend), ("sdpa-dense", sdpa_dense)):
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
         rows_out.append((name, ms, flops / ms / 1e9))
+    for config in configs or []:
+        try:
+            fn = make(config)
+            fn()
+            bad = ((out.float() - ref).norm() / ref.norm()).item() > 1e-2
+            ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this config
+            print(f"  config {config}: {type(exc).__name__}")
+            continue
+        rows_out.append((f"{'BAD ' if bad else ''}{'/'.join(map(str, config))}", ms, flops / ms / 1e9))
     return err, rows_out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the headline decode shape")
+    parser.add_argument("--skip-decode", action="store_true", help="only the extend timings")
+    parser.add_argument("--sweep-extend", action="store_true",
+                        help="also time extend BLOCK_M/BLOCK_N/warps/stages variants")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
@@ -126,6 +145,8 @@ def main() -> None:
     if not args.quick:
         decode_shapes += [(1, 8192, 32, 8, 128, 16), (8, 4096, 32, 8, 128, 16), (256, 512, 32, 8, 128, 16),
                           (64, 2048, 32, 8, 128, 1), (32, 1024, 32, 32, 128, 16), (64, 2048, 9, 3, 64, 16)]
+    if args.skip_decode:
+        decode_shapes = []
     print("\ndecode, bf16 (GB/s = K+V bytes of the contexts / time)")
     print(f"{'batch':>5} {'ctx':>5} {'Hq/Hkv/D':>10} {'page':>4} {'splits':>6} {'rel.err':>8} | "
           f"{'impl':<14} {'ms':>8} {'GB/s':>7} {'x torch-paged':>13}")
@@ -138,8 +159,11 @@ def main() -> None:
     if not args.quick:
         print("\nextend (prefill / chunked prefill), bf16, 32/8/128, page 16 (TFLOP/s of the causal attention)")
         print(f"{'q_len':>5} {'prefix':>6} {'rel.err':>8} | {'impl':<14} {'ms':>8} {'TFLOP/s':>8}")
+        configs = None
+        if args.sweep_extend:
+            configs = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
         for q_len, prefix in ((4096, 0), (2048, 2048), (512, 3584)):
-            err, rows = bench_extend(q_len, prefix, 32, 8, 128, 16, torch.bfloat16)
+            err, rows = bench_extend(q_len, prefix, 32, 8, 128, 16, torch.bfloat16, configs)
             for name, ms, tflops in rows:
                 print(f"{q_len:>5} {prefix:>6} {err:>8.1e} | {name:<14} {ms:>8.3f} {tflops:>8.1f}")
 

@@ -7,6 +7,8 @@
   `ServerConfig` and `WorkerConfig`.
 - `baton router`: the router (gRPC + OpenAI HTTP gateway), flags from `RouterConfig`.
 - `baton up`: router + prefill + decode workers as local processes (`UpConfig` + engine flags).
+- `baton bench`: the online serving benchmark against any OpenAI-compatible server, flags
+  from `bench.serving.config.BenchConfig`.
 Engine flags (`--page-size`, `--chunked-prefill-size`, ...) are generated from
 `EngineConfig`; sampling flags from a small subset of `SamplingParams`.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Optional, Sequence
 
@@ -107,6 +110,20 @@ def _run_up(args: argparse.Namespace) -> int:
     return run_up(from_args(UpConfig, args), from_args(EngineConfig, args))
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    from bench.serving.config import BenchConfig
+    p = sub.add_parser("bench", help="measure a running server: TTFT, ITL, TPOT, E2E, throughput, goodput",
+                       description="Online serving benchmark through the OpenAI streaming API (see bench/serving).")
+    add_flags(p, BenchConfig)
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from bench.serving.config import BenchConfig
+    from bench.serving.runner import main as bench_main
+    return bench_main(from_args(BenchConfig, args), command="baton " + shlex.join(args.cli_argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `baton` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated LLM serving")
@@ -115,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _router_parser(sub)
     _up_parser(sub)
+    _bench_parser(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `baton` console script."""
     args = build_parser().parse_args(argv)
+    args.cli_argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as error:

@@ -5,7 +5,7 @@ Owns the one protoc invocation for `protos/baton/v1/*.proto`; it is exactly
     python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
         protos/baton/v1/*.proto
 
-run from the repository root, but in-process through `grpc_tools.protoc.main`.
+run from the repository root (in a child process, see `generate`).
 
     python -m protos.generate          # rewrite the generated files in place
     python -m protos.generate --check  # exit 1 listing stale files; writes nothing
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -42,18 +43,18 @@ def expected_outputs(proto: Path) -> list[Path]:
 def generate(out_dir: Path, root: Path = REPO_ROOT) -> list[Path]:
     """Run protoc on every .proto under `root`, writing into `out_dir`; the written paths
     relative to `out_dir` (which mirror the paths relative to `root`)."""
-    from grpc_tools import protoc  # imported here: importing it installs import hooks
-    from importlib import resources
-
     protos = proto_files(root)
     if not protos:
         raise FileNotFoundError(f"no .proto files under {root / PROTO_DIR}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    well_known = resources.files("grpc_tools") / "_proto"
-    argv = ["grpc_tools.protoc", f"-I{root}",
+    # protoc runs in a child process: grpc_tools' bundled C++ libraries, once loaded, crash a
+    # later `import nixl` in the same process (clashing allocators: "munmap_chunk(): invalid pointer").
+    script = ("import sys; from importlib import resources; from grpc_tools import protoc; "
+              "sys.exit(protoc.main(sys.argv[1:] + ['-I' + str(resources.files('grpc_tools') / '_proto')]))")
+    argv = [sys.executable, "-c", script, "grpc_tools.protoc", f"-I{root}",
             f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}",
-            *[str(root / p) for p in protos], f"-I{well_known}"]
-    rc = protoc.main(argv)
+            *[str(root / p) for p in protos]]
+    rc = subprocess.run(argv, check=False).returncode
     if rc != 0:
         raise RuntimeError(f"protoc failed with exit status {rc} (its errors are on stderr)")
     return [out for p in protos for out in expected_outputs(p)]

@@ -126,7 +126,7 @@ def run_extend_case(q_lens, prefixes, group, kv_heads, head_dim, page, dtype, wi
     starts = [sum(q_lens[:i]) for i in range(len(q_lens))]
     scale = head_dim ** -0.5
     as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-    tiles = as_int(extend_tiles(q_lens, extend_blocks(head_dim, dtype)[0])) if use_tiles else None
+    tiles = as_int(extend_tiles(q_lens, extend_blocks(head_dim, dtype)[0], prefixes)) if use_tiles else None
     out = torch.full((tokens, heads * head_dim), float("nan"), dtype=dtype, device=device)
     extend_attention(q, k, v, table, as_int(starts), as_int(q_lens), as_int(prefixes), page, scale,
                      tiles=tiles, out=out, sliding_window=window,

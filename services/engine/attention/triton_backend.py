@@ -95,7 +95,8 @@ class TritonAttentionBackend(AttentionBackend):
             add("e_start", [meta.seqs[i].query_start for i in extends], (len(extends),))
             add("e_lens", [meta.seqs[i].query_len for i in extends], (len(extends),))
             add("e_prefix", [meta.seqs[i].prefix_len for i in extends], (len(extends),))
-            add("e_tiles", extend_tiles([meta.seqs[i].query_len for i in extends], self.block_m), (-1,))
+            add("e_tiles", extend_tiles([meta.seqs[i].query_len for i in extends], self.block_m,
+                                        [meta.seqs[i].prefix_len for i in extends]), (-1,))
         host = torch.tensor(packed, dtype=torch.int32)
         if self.device.type == "cuda":
             device_buf = host.pin_memory().to(self.device, non_blocking=True)

@@ -137,8 +137,8 @@ def _extend_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(0)
+    tile = tl.program_id(1)
     seq = tl.load(Tiles + 2 * tile)
     m_block = tl.load(Tiles + 2 * tile + 1)
     q_start = tl.load(QStart + seq).to(tl.int64)
@@ -207,10 +207,17 @@ def decode_block_n(head_dim: int) -> int:
     return 64 if padded_head_dim(head_dim) <= 128 else 32
 
 
+def extend_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the extend kernel."""
+    wide = padded_head_dim(head_dim) > 128
+    if wide or dtype == torch.float32:
+        return (64, 32, 8 if wide else 4, 2)
+    return (64, 64, 4, 2)
+
+
 def extend_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the extend kernel: query rows and keys per tile."""
-    wide = padded_head_dim(head_dim) > 128 or dtype == torch.float32
-    return (64, 32) if wide else (64, 64)
+    return extend_config(head_dim, dtype)[:2]
 
 
 def num_decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132,
@@ -290,19 +297,26 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
-def extend_tiles(query_lens: list[int], block_m: int) -> list[int]:
-    """Flat [seq0, block0, seq0, block1, ...] list of the extend kernel's work tiles."""
-    tiles: list[int] = []
+def extend_tiles(query_lens: list[int], block_m: int, prefix_lens: list[int] | None = None) -> list[int]:
+    """Flat [seq, block, seq, block, ...] list of the extend kernel's work tiles, the ones
+    with the most keys to read first (so the longest programs do not start last)."""
+    work = []
     for i, n in enumerate(query_lens):
+        prefix = prefix_lens[i] if prefix_lens is not None else 0
         for m in range(math.ceil(n / block_m)):
-            tiles.extend((i, m))
+            work.append((prefix + min(n, (m + 1) * block_m), i, m))
+    work.sort(key=lambda t: -t[0])
+    tiles: list[int] = []
+    for _, i, m in work:
+        tiles.extend((i, m))
     return tiles
 
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                      q_start: torch.Tensor, q_lens: torch.Tensor, prefix_lens: torch.Tensor, page_size: int,
                      scale: float, *, tiles: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     sliding_window: int | None = None, max_query_len: int | None = None) -> torch.Tensor:
+                     sliding_window: int | None = None, max_query_len: int | None = None,
+                     config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Attention of each sequence's new tokens over its cached prefix and, causally, each other.
 
     q [T, Hq, D]; sequence i's new tokens are rows q_start[i] .. q_start[i] + q_lens[i] - 1 at
@@ -311,6 +325,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     int32 [batch]. `tiles` (int32, from `extend_tiles` with the kernel's BLOCK_M) lists the
     work; without it, it is built from q_lens (a device-to-host copy unless max_query_len
     is given, in which case every sequence gets that many blocks and empty ones do nothing).
+    `config` overrides `extend_config` (tiles must then be built with its BLOCK_M).
     Writes out's rows of those tokens ([T, Hq * D], q's dtype) and returns out.
     """
     tokens, num_heads, head_dim = q.shape
@@ -319,7 +334,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
     if out is None:
         out = torch.empty(tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
-    block_m, block_n = extend_blocks(head_dim, q.dtype)
+    block_m, block_n, num_warps, num_stages = config or extend_config(head_dim, q.dtype)
     if tiles is None:
         if max_query_len is None:
             lens = [int(n) for n in q_lens.tolist()]
@@ -329,14 +344,14 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_tiles = tiles.numel() // 2
     if num_tiles == 0:
         return out
-    wide = padded_head_dim(head_dim) > 128
-    _extend_kernel[(num_tiles, num_heads)](
+    assert num_tiles < 65536, "too many extend tiles for one launch"
+    _extend_kernel[(num_heads, num_tiles)](
         q, k_cache, v_cache, out, block_table, q_start, q_lens, prefix_lens, tiles,
         scale * LOG2E, _window_arg(sliding_window),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_table.stride(0), out.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), PAGE_SIZE=page_size,
         BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-        num_warps=8 if wide else 4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -4,6 +4,12 @@ Parameter names match Hugging Face's exactly (`model.layers.N.self_attn.q_proj.w
 ...), so a safetensors state dict loads without renaming. Tokens of all sequences in a
 step are flattened into one [tokens, hidden] batch; attention goes through the
 `AttentionBackend` handed in with the step's metadata, which owns the paged KV cache.
+
+`fused=True` (the GPU path) builds one QKV and one gate/up projection instead of the
+separate ones (`hf_tensors` maps Hugging Face's names onto their row slices, so the same
+safetensors load) and runs each layer through the Triton kernels of `triton_ops`: RMSNorm
+fused with the residual add, RoPE fused with the KV-cache store, SiLU fused with the
+multiply; the attention backend then reads every key from the cache (`backend.attend`).
 """
 from __future__ import annotations
 
@@ -34,14 +40,18 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE (and Qwen3's per-head q/k norm)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, fused: bool = False) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.q_width, self.kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        if fused:
+            self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_width + 2 * self.kv_width, bias=bias)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.q_width, bias=bias)
+            self.k_proj = nn.Linear(cfg.hidden_size, self.kv_width, bias=bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, self.kv_width, bias=bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -59,27 +69,50 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(backend.forward(self.layer, q, k, v, meta))
 
+    def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
+        from services.engine.models.triton_ops import rope_and_store
+        tokens = x.shape[0]
+        qkv = self.qkv_proj(x)
+        if self.qk_norm:
+            q = self.q_norm(qkv[:, :self.q_width].view(tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, self.q_width:self.q_width + self.kv_width].view(tokens, self.num_kv_heads,
+                                                                                     self.head_dim))
+            qkv[:, :self.q_width] = q.view(tokens, -1)
+            qkv[:, self.q_width:self.q_width + self.kv_width] = k.view(tokens, -1)
+        cache = backend.kv_cache
+        q = rope_and_store(qkv, cos, sin, meta.slot_mapping, cache.keys[self.layer], cache.values[self.layer],
+                           self.num_heads, self.num_kv_heads, self.head_dim)
+        return self.o_proj(backend.attend(self.layer, q, meta))
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, fused: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        if fused:
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        from services.engine.models.triton_ops import silu_and_mul
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention block then pre-norm MLP block, each with a residual."""
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, fused: bool = False) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer, fused)
+        self.mlp = MLP(cfg, fused)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -88,24 +121,36 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                      backend: AttentionBackend, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); the caller adds them."""
+        from services.engine.models.triton_ops import rms_norm
+        norm = self.input_layernorm
+        h, residual = rms_norm(x, norm.weight, norm.eps, residual)
+        h = self.self_attn.forward_fused(h, cos, sin, backend, meta)
+        norm = self.post_attention_layernorm
+        h, residual = rms_norm(h, norm.weight, norm.eps, residual)
+        return self.mlp.forward_fused(h), residual
+
 
 class DecoderModel(nn.Module):
     """Embedding, decoder layers and final norm (Hugging Face's `model.` prefix)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, fused: bool = False) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, fused) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
     """The whole causal LM: flattened token ids + positions in, hidden states out."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, fused: bool = False) -> None:
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg)
+        self.fused = fused
+        self.model = DecoderModel(cfg, fused)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -116,6 +161,12 @@ class LlamaForCausalLM(nn.Module):
         """Final-norm hidden states [tokens, hidden] for every new token of the step."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        if self.fused:
+            from services.engine.models.triton_ops import rms_norm
+            residual = None
+            for layer in self.model.layers:
+                x, residual = layer.forward_fused(x, residual, cos, sin, backend, meta)
+            return rms_norm(x, self.model.norm.weight, self.model.norm.eps, residual)[0]
         for layer in self.model.layers:
             x = layer(x, cos, sin, backend, meta)
         return self.model.norm(x)
@@ -123,3 +174,23 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] for the selected hidden states."""
         return self.lm_head(hidden)
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """Every Hugging Face tensor name -> the tensor (or, fused, the row slice) it loads into."""
+        tensors = dict(self.named_parameters(remove_duplicate=False))
+        if not self.fused:
+            return tensors
+        cfg = self.config
+        for i, layer in enumerate(self.model.layers):
+            prefix = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            q, kv = attn.q_width, attn.kv_width
+            for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
+                whole = tensors.pop(f"{prefix}self_attn.qkv_proj.{kind}")
+                tensors[f"{prefix}self_attn.q_proj.{kind}"] = whole[:q]
+                tensors[f"{prefix}self_attn.k_proj.{kind}"] = whole[q:q + kv]
+                tensors[f"{prefix}self_attn.v_proj.{kind}"] = whole[q + kv:]
+            whole = tensors.pop(f"{prefix}mlp.gate_up_proj.weight")
+            tensors[f"{prefix}mlp.gate_proj.weight"] = whole[:cfg.intermediate_size]
+            tensors[f"{prefix}mlp.up_proj.weight"] = whole[cfg.intermediate_size:]
+        return tensors

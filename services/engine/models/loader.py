@@ -31,16 +31,33 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_model(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """Build the model for `cfg` and fill it with the folder's weights."""
+def fused_kernels_available(device: torch.device) -> bool:
+    """True where the fused Triton decoder path runs: a CUDA device with Triton importable."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_model(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               fused: bool | None = None) -> LlamaForCausalLM:
+    """Build the model for `cfg` and fill it with the folder's weights.
+
+    `fused` (default: on CUDA with Triton) builds the fused-projection GPU model; the weights
+    are allocated once, directly in `dtype` on `device`."""
     folder = Path(folder)
+    if fused is None:
+        fused = fused_kernels_available(device)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device=device).to(dtype)
+        model = LlamaForCausalLM(cfg, fused=fused)
+    model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim).to(device)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = model.hf_tensors()
     loaded: set[str] = set()
     for path in weight_files(folder):
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -61,7 +78,7 @@ def load_model(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, device:
     return model.eval()
 
 
-def _copy_into(param: torch.nn.Parameter, tensor: torch.Tensor, name: str) -> None:
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     if tuple(param.shape) != tuple(tensor.shape):
         raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
     with torch.no_grad():
