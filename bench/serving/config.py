@@ -31,11 +31,11 @@ class BenchConfig:
     dataset_path: str = ""
     """JSONL file for --dataset file: one object per line with "prompt", optional "system" and "output_len"."""
     num_prompts: int = 100
-    """Requests to send (random, sharegpt-like, file; shared-prefix and multi-turn derive their shape from it when not given)."""
+    """Requests to send (shared-prefix and multi-turn derive Q / sessions from it when those are 0)."""
     input_len: int = 256
     """Prompt tokens: random's upper end (see range_ratio), each shared-prefix question, each multi-turn user turn."""
     output_len: int = 64
-    """Output tokens per request: random's upper end (see range_ratio), fixed for shared-prefix, multi-turn and file lines without one."""
+    """Output tokens: random's upper end (see range_ratio); shared-prefix, multi-turn; file lines without one."""
     range_ratio: float = 1.0
     """random: lengths drawn uniformly from [len * ratio, len] (1.0: every request has exactly the given lengths)."""
     sharegpt_output_len: Optional[int] = None

@@ -110,7 +110,8 @@ def format_summary(run: dict, config: Any, model: str) -> str:
         lines.append(_title("Errors"))
         for kind, count in run["errors"].items():
             lines.append(_row(f"{kind}:", count))
-            lines.append(f"    e.g. {run['error_examples'].get(kind, '')[:WIDTH - 9]}")
+            example = run["error_examples"].get(kind, "")
+            lines.append(f"    e.g. {example[:150]}" + ("..." if len(example) > 150 else ""))
     lines += _server_lines(run.get("server_metrics"))
     lines.append("=" * WIDTH)
     return "\n".join(lines)

@@ -63,7 +63,7 @@ def _has(snapshot: Snapshot, name: str) -> bool:
 
 
 def delta(before: Snapshot, after: Snapshot) -> Snapshot:
-    """after - before for every sample in `after` (gauges keep their `after` value in `gauges`)."""
+    """after - before for every sample in `after` (meaningful for counters and histogram sums / counts)."""
     return {key: value - before.get(key, 0.0) for key, value in after.items()}
 
 

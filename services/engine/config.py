@@ -13,6 +13,14 @@ SchedulePolicy = Literal["fcfs", "lpm", "priority"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+def cuda_graph_batch_sizes(max_bs: int) -> list[int]:
+    """The captured decode batch sizes up to a largest one (SGLang's): 1, 2, 4, 8, then every 8."""
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_bs] + list(range(16, max_bs + 1, 8))
+    if max_bs >= 1 and sizes[-1] != max_bs:
+        sizes.append(max_bs)
+    return sizes
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything that shapes one engine instance (model, memory, batching)."""
@@ -45,6 +53,12 @@ class EngineConfig:
     """torch CPU threads for this process; 0 keeps torch's default."""
     random_seed: int = 0
     """Seed of the engine's default random generator (requests without their own seed)."""
+    disable_cuda_graph: bool = False
+    """Run every decode step eagerly on the GPU instead of replaying captured CUDA graphs."""
+    cuda_graph_max_bs: int = 256
+    """Largest decode batch captured as a CUDA graph; captured sizes are 1, 2, 4, 8, then every 8 up to it (capped by max_running_requests)."""
+    skip_tokenizer_init: bool = False
+    """Return token ids only: outputs are not detokenized (text stays empty) and stop strings are refused (vLLM's name)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,10 +74,18 @@ class EngineConfig:
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto, float32, bfloat16 or float16"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be at least 2"),
             (self.num_threads >= 0, "num_threads must be non-negative"),
+            (self.cuda_graph_max_bs >= 0, "cuda_graph_max_bs must be non-negative"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def cuda_graph_batch_sizes(self) -> list[int]:
+        """The decode batch sizes captured as CUDA graphs (empty when graphs are off)."""
+        if self.disable_cuda_graph:
+            return []
+        return cuda_graph_batch_sizes(min(self.cuda_graph_max_bs, self.max_running_requests))
 
     @property
     def prefill_chunk(self) -> int:

@@ -63,7 +63,8 @@ class Engine:
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}", parent_id=request_id,
                 index=i, prompt_token_ids=prompt, params=child_params, arrival=next(self._arrivals),
                 generator=make_generator(child_params), grammar=grammars[i],
-                detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt),
+                detokenizer=None if self.config.skip_tokenizer_init else
+                IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt),
                 stop_checker=StopStringChecker(params.stop, params.include_stop_str_in_output),
             ))
         self._requests[request_id] = children
@@ -76,6 +77,8 @@ class Engine:
         bad = [t for t in prompt if t < 0 or t >= vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if self.config.skip_tokenizer_init and params.stop:
+            raise ValueError("stop strings need detokenization, which skip_tokenizer_init turns off")
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} "
                              f"tokens, leaving no room to generate")

@@ -119,6 +119,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     dtype = resolve_dtype(config, device, model_config.torch_dtype)
     tokenizer = load_tokenizer(path)
     model = load_model(path, model_config, dtype, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the KV pool is sized from free memory: return loader leftovers
     max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
     probe = KVLayout(model_config.num_layers, 1, config.page_size, model_config.num_kv_heads,
@@ -137,6 +139,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         model_path=path, model_config=model_config, tokenizer=tokenizer, device=device, dtype=dtype,
         kv_cache=kv_cache, backend=backend, pool=pool, cache=cache,
         scheduler=Scheduler(config, pool, cache),
-        runner=ModelRunner(model, backend, config.page_size, device),
+        runner=ModelRunner(model, backend, config.page_size, device, max_model_len=max_model_len,
+                           cuda_graph_bs=config.cuda_graph_batch_sizes if device.type == "cuda" else ()),
         max_model_len=max_model_len, eos_token_ids=tuple(eos),
     )

@@ -31,9 +31,9 @@ class SequenceSlice:
     """New tokens of this sequence in this step."""
     prefix_len: int
     """Tokens whose K/V were in the cache before this step."""
-    context_slots: torch.Tensor
-    """KV slot of every context position 0..prefix_len+query_len-1 (long); on the model's
-    device, or on the CPU for a backend whose `uses_context_slots` is False."""
+    context_slots: torch.Tensor | None = None
+    """KV slot of every context position 0..prefix_len+query_len-1 (long) on the model's
+    device; None for a backend whose `uses_context_slots` is False (it reads block tables)."""
 
     @property
     def context_len(self) -> int:
@@ -64,8 +64,8 @@ class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and attends over each sequence's context."""
 
     uses_context_slots: bool = True
-    """False: the backend reads `meta.block_tables` instead, so the model runner may leave
-    each `SequenceSlice.context_slots` on the CPU (saving one host-to-device copy per sequence)."""
+    """False: the backend reads `meta.block_tables` instead, so the model runner leaves each
+    `SequenceSlice.context_slots` unset (no per-sequence tensors on the hot path)."""
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per step before the first layer; may fill `meta.plan`."""
@@ -74,3 +74,8 @@ class AttentionBackend(ABC):
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens -> attention output [T, Hq * D]."""
+
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """As `forward`, with the step's new K/V already stored in the cache by the caller
+        (the fused GPU decoder stores them together with RoPE). Optional for a backend."""
+        raise NotImplementedError(f"{type(self).__name__} cannot attend over K/V stored by the model")

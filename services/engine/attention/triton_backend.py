@@ -127,9 +127,26 @@ class TritonAttentionBackend(AttentionBackend):
                                 views["e_tiles"])
         meta.plan = TritonPlan(decode=decode, extend=extend)
 
+    def graph_decode_plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor,
+                          num_splits: int) -> TritonPlan:
+        """A decode-only plan over static tensors (a CUDA graph's inputs): a fixed split count
+        and its own static workspace, so the captured launches never change shape."""
+        batch = block_table.shape[0]
+        workspace = None
+        if num_splits > 1:
+            workspace = (
+                torch.empty(batch, self.num_heads, num_splits, self.head_dim, dtype=torch.float32, device=self.device),
+                torch.empty(batch, self.num_heads, num_splits, dtype=torch.float32, device=self.device),
+            )
+        return TritonPlan(decode=DecodePlan(block_table, seq_lens, rows, num_splits, workspace), extend=None)
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         self.kv_cache.write(layer, meta.slot_mapping, k, v)
+        return self.attend(layer, q, meta)
+
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention over the cache, which already holds the step's new K/V."""
         if not isinstance(meta.plan, TritonPlan):
             self.prepare(meta)
         plan: TritonPlan = meta.plan
