@@ -26,7 +26,7 @@ from protos.baton.v1 import common_pb2, worker_pb2
 from protos.errors import BatonError, ErrorCode, error_from_rpc
 from router.config import RouterConfig
 from router.decider import DisaggDecider
-from router.metrics import RouterMetrics
+from router.metrics import RouterMetrics, WorkerCountersCollector
 from router.policies.base import make_policy
 from router.registry import WorkerEntry, WorkerRegistry
 from router.types import Chunk, Role, RouterError, RouterRequest
@@ -55,6 +55,7 @@ class RouterCore:
         self.config = config
         self.metrics = RouterMetrics()
         self.registry = WorkerRegistry(config)
+        self.metrics.registry.register(WorkerCountersCollector(lambda: list(self.registry.workers.values())))
         self.model_name = config.served_model_name or Path(config.model or "model").name
         self.tokenizer = tokenizer
         self.max_model_len = 0
@@ -80,6 +81,10 @@ class RouterCore:
         for task in list(self._active.values()):
             task.cancel()
         await self.registry.stop()
+
+    async def refresh_worker_loads(self) -> None:
+        """Ask every worker for a fresh load report now (before a metrics scrape)."""
+        await self.registry.check_all()
 
     def is_serving(self) -> bool:
         """True when at least one decode worker is healthy."""

@@ -1,7 +1,10 @@
 """The router's Prometheus metrics (`baton_router_` prefix), on its own registry."""
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -32,3 +35,24 @@ class RouterMetrics:
         self.paths = Counter("baton_router_paths", "Requests by path (disaggregated or decode_only)", ["path"],
                              registry=r)
         self.in_flight = Gauge("baton_router_in_flight_requests", "Requests being served", registry=r)
+
+
+class WorkerCountersCollector:
+    """Re-exports each worker's cumulative counters from its latest load report, so one scrape of
+    the gateway shows prefix-cache hits and KV transfer bytes of the whole cluster."""
+
+    FIELDS = (("prefix_tokens_matched", "baton_router_worker_prefix_tokens_matched", "Prompt tokens found in the prefix cache"),
+              ("prefix_tokens_looked_up", "baton_router_worker_prefix_tokens_looked_up", "Prompt tokens looked up in the prefix cache"),
+              ("kv_bytes_received", "baton_router_worker_kv_bytes_received", "KV bytes the worker received"),
+              ("kv_bytes_sent", "baton_router_worker_kv_bytes_sent", "KV bytes the worker sent"),
+              ("kv_transfer_failures", "baton_router_worker_kv_transfer_failures", "KV transfers that failed"))
+
+    def __init__(self, entries: Callable[[], Iterable]) -> None:
+        self.entries = entries
+
+    def collect(self):
+        families = {field: CounterMetricFamily(name, doc, labels=["worker", "role"]) for field, name, doc in self.FIELDS}
+        for entry in self.entries():
+            for field, family in families.items():
+                family.add_metric([entry.address, entry.role.value], float(getattr(entry.load, field)))
+        yield from families.values()

@@ -3,10 +3,11 @@
 When the server is Baton (its /metrics has `baton_` samples) the difference of the two
 scrapes gives the router's view of the run: requests by status, retries by reason,
 mid-stream migrations, paths (disaggregated / decode_only), and the router's own mean TTFT
-and E2E. The gateway's /metrics is the router's registry only; the worker metrics
-(`baton_worker_prefix_cache_hit_ratio`, `baton_kv_transfer_bytes_total`,
-`baton_kv_transfer_failures_total`) live on each worker's own port, so when they are absent
-the report names them under `unavailable` instead of inventing numbers. The gateway's
+and E2E. The workers' own metrics live on their own ports, but the router re-exports every worker's cumulative counters from its load reports
+(`baton_router_worker_prefix_tokens_matched/looked_up`, `..._kv_bytes_received`,
+`..._kv_transfer_failures`, refreshed at scrape time); the run's prefix-cache hit rate and KV
+bytes are their differences, summed over workers. When absent (an older router) the report
+names them under `unavailable` instead of inventing numbers. The gateway's
 /workers page still carries each worker's lifetime prefix-hit rate (from its load reports),
 reported as `workers_prefix_hit_rate`; the client-side hit rate for the run comes from
 usage.cached_tokens (see metrics.summarize).
@@ -20,11 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 Snapshot = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-WORKER_ONLY = {
-    "prefix_cache_hit_rate": "baton_worker_prefix_cache_hit_ratio",
-    "kv_transfer_bytes": "baton_kv_transfer_bytes_total",
-    "kv_transfer_failures": "baton_kv_transfer_failures_total",
-}
+MATCHED = "baton_router_worker_prefix_tokens_matched_total"
+LOOKED_UP = "baton_router_worker_prefix_tokens_looked_up_total"
+RECEIVED = "baton_router_worker_kv_bytes_received_total"
+FAILURES = "baton_router_worker_kv_transfer_failures_total"
 
 
 def parse(text: Optional[str]) -> Optional[Snapshot]:
@@ -100,14 +100,14 @@ def baton_report(before: Optional[Snapshot], after: Optional[Snapshot], workers_
         "prefix_cache_hit_rate": None, "kv_transfer_bytes": None, "kv_transfer_failures": None,
         "unavailable": [],
     }
-    for key, name in WORKER_ONLY.items():
-        if not _has(after, name):
-            report["unavailable"].append(f"{name} (a worker metric; not exported at the gateway's /metrics)")
-        elif key == "prefix_cache_hit_rate":
-            values = [v for (n, _), v in after.items() if n == name]
-            report[key] = sum(values) / len(values)
-        else:
-            report[key] = _sum(d, name)
+    if _has(after, LOOKED_UP):
+        looked_up = _sum(d, LOOKED_UP)
+        report["prefix_cache_hit_rate"] = _sum(d, MATCHED) / looked_up if looked_up else 0.0
+        report["kv_transfer_bytes"] = _sum(d, RECEIVED)
+        report["kv_transfer_failures"] = _sum(d, FAILURES)
+    else:
+        report["unavailable"] += [f"{n} (the router re-exports workers' counters since Baton 0.1)"
+                                  for n in (MATCHED, RECEIVED, FAILURES)]
     report["workers_prefix_hit_rate"] = _workers_hit_rates(workers_json)
     return report
 

@@ -184,6 +184,9 @@ def create_app(core) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        refresh = getattr(core, "refresh_worker_loads", None)
+        if refresh is not None:
+            await refresh()  # the re-exported worker counters are current at scrape time
         return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/workers")

@@ -34,8 +34,8 @@ def delta_to_proto(delta: RequestDelta, completion_tokens: Optional[int] = None)
     return response
 
 
-def worker_load(engine: Any) -> worker_pb2.WorkerLoad:
-    """The engine's current load as the router sees it."""
+def worker_load(engine: Any, transfer: Any = None, transfer_failures: int = 0) -> worker_pb2.WorkerLoad:
+    """The engine's current load (and cumulative cache / transfer counters) as the router sees it."""
     scheduler = engine.scheduler
     running = scheduler.running
     waiting = list(scheduler.waiting)
@@ -44,4 +44,8 @@ def worker_load(engine: Any) -> worker_pb2.WorkerLoad:
     return worker_pb2.WorkerLoad(
         running_requests=len(running), queued_requests=len(waiting),
         running_tokens=sum(r.num_tokens for r in running), queued_tokens=sum(r.num_tokens for r in waiting),
-        kv_usage=used / max(1, stats["total_blocks"]), prefix_hit_rate=stats["prefix_hit_rate"])
+        kv_usage=used / max(1, stats["total_blocks"]), prefix_hit_rate=stats["prefix_hit_rate"],
+        prefix_tokens_matched=engine.cache.tokens_matched if engine.cache else 0,
+        prefix_tokens_looked_up=engine.cache.tokens_looked_up if engine.cache else 0,
+        kv_bytes_received=transfer.bytes_received if transfer else 0,
+        kv_bytes_sent=transfer.bytes_sent if transfer else 0, kv_transfer_failures=transfer_failures)

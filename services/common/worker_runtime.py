@@ -72,6 +72,8 @@ class WorkerRuntime:
         self.ready = False
         self.draining = False
         self.load_error: Optional[BaseException] = None
+        self.transfer_failures = 0
+        """KV transfers that failed on this worker (also in the labelled metric)."""
 
     # --- start-up ------------------------------------------------------------------
     async def load(self, worker_id: str) -> None:
@@ -113,7 +115,7 @@ class WorkerRuntime:
         if self.ready:
             info.epoch = self.transfer.epoch
             info.transfer.CopyFrom(self.transfer.descriptor().to_proto())
-            load = worker_load(self.thread.engine)
+            load = worker_load(self.thread.engine, self.transfer, self.transfer_failures)
             self.metrics.observe_load(load)
             info.load.CopyFrom(load)
         return info

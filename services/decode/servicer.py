@@ -111,6 +111,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         except BaseException:
             thread.submit(lambda e: e.cancel_reservation(rid))
             runtime.metrics.transfer_failures.labels(role="decode", backend=runtime.config.transfer).inc()
+            runtime.transfer_failures += 1
             raise
         runtime.metrics.transfer_seconds.labels(role="decode", backend=runtime.config.transfer).observe(
             time.monotonic() - started)

@@ -151,6 +151,13 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     return torch.minimum(chosen, last_positive)
 
 
+def _changes_logits(row: SamplingRow) -> bool:
+    """True when `process_logits` would change this row (a penalty or a ban applies)."""
+    p = row.params
+    return bool(row.banned_token_ids) or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 \
+        or p.presence_penalty != 0.0
+
+
 class Sampler:
     """Stateless: all per-request state (generators, token history) comes in through the rows."""
 
@@ -167,7 +174,8 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows), V]; got {tuple(logits.shape)} for {len(rows)} rows")
         raw = logits.to(torch.float32)
-        processed = process_logits(raw, rows)
+        plain = mask_fn is None and not any(_changes_logits(row) for row in rows)
+        processed = raw if plain else process_logits(raw, rows)  # plain: read only, no copy
         if mask_fn is not None:
             mask_fn(processed)
         tokens = processed.argmax(dim=-1)
@@ -175,11 +183,11 @@ class Sampler:
         if sampled_rows:
             index = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
             tokens[index] = self._sample_rows(processed[index], [rows[i] for i in sampled_rows])
-        has_token = processed.amax(dim=-1) > float("-inf")
-        token_list, has_token_list = tokens.tolist(), has_token.tolist()
-        for i, ok in enumerate(has_token_list):
-            if not ok:
-                raise ValueError(f"row {i}: every token is banned or masked; nothing can be sampled")
+        token_list = tokens.tolist()
+        if not plain:  # only bans and masks can leave a row without a token
+            for i, ok in enumerate((processed.amax(dim=-1) > float("-inf")).tolist()):
+                if not ok:
+                    raise ValueError(f"row {i}: every token is banned or masked; nothing can be sampled")
         logprobs = self._logprobs(raw, rows, tokens)
         return [
             SampledToken(token_id=token, logprob=lp[0], top_logprobs=lp[1])

@@ -142,6 +142,8 @@ class Scheduler:
 
     def _reserve(self, request: Request, n: int, items: list[ScheduledItem]) -> bool:
         """Allocate blocks for n more tokens of a running request, preempting others if needed."""
+        if self._blocks_needed(request, n) == 0:  # the common decode step: the last block has room
+            return True
         while not self._can_fit(request, n):
             victim = self._pick_victim(request, items)
             if victim is None:

@@ -82,6 +82,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
                                              max(0.001, deadline - time.monotonic()))
             if handle.state.name != "SUCCESS":
                 runtime.metrics.transfer_failures.labels(role="prefill", backend=runtime.config.transfer).inc()
+                runtime.transfer_failures += 1
                 raise BatonError(ErrorCode.TRANSFER_FAILED, f"KV write to {peer.worker_id} failed: {handle.error}")
             runtime.metrics.transfer_bytes.labels(role="prefill", backend=runtime.config.transfer,
                                                   direction="out").inc(handle.bytes)

@@ -26,41 +26,41 @@ from protos.baton.v1 import common_pb2 as protos_dot_baton_dot_v1_dot_common__pb
 from protos.baton.v1 import kv_pb2 as protos_dot_baton_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/baton/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\x1cprotos/baton/v1/common.proto\x1a\x18protos/baton/v1/kv.proto\"\x99\x01\n\nWorkerLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\r\x12\x16\n\x0erunning_tokens\x18\x03 \x01(\x04\x12\x15\n\rqueued_tokens\x18\x04 \x01(\x04\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\x12\x17\n\x0fprefix_hit_rate\x18\x06 \x01(\x02\"\x13\n\x11WorkerInfoRequest\"\xd0\x01\n\nWorkerInfo\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.baton.v1.WorkerRole\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12(\n\x08transfer\x18\x05 \x01(\x0b\x32\x16.baton.v1.TransferPeer\x12\"\n\x04load\x18\x06 \x01(\x0b\x32\x14.baton.v1.WorkerLoad\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\"\xaa\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12,\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x17.baton.v1.KVDestination\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"\xa9\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12-\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12$\n\x07handoff\x18\x05 \x01(\x0b\x32\x13.baton.v1.KVHandoff\"\x94\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"\xca\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x1e\n\x05usage\x18\x08 \x01(\x0b\x32\x0f.baton.v1.Usage\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"3\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\"B\n\x0e\x45ncodeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1c\n\x14num_embedding_tokens\x18\x02 \x03(\r*O\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\x0b\n\x07\x45NCODER\x10\x03\x32\xbe\x01\n\x07Prefill\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfo2\xbe\x01\n\x06\x44\x65\x63ode\x12?\n\x08Generate\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfo2\x81\x01\n\x07\x45ncoder\x12;\n\x06\x45ncode\x12\x17.baton.v1.EncodeRequest\x1a\x18.baton.v1.EncodeResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/baton/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\x1cprotos/baton/v1/common.proto\x1a\x18protos/baton/v1/kv.proto\"\xa9\x02\n\nWorkerLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\r\x12\x16\n\x0erunning_tokens\x18\x03 \x01(\x04\x12\x15\n\rqueued_tokens\x18\x04 \x01(\x04\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\x12\x17\n\x0fprefix_hit_rate\x18\x06 \x01(\x02\x12\x1d\n\x15prefix_tokens_matched\x18\x07 \x01(\x04\x12\x1f\n\x17prefix_tokens_looked_up\x18\x08 \x01(\x04\x12\x19\n\x11kv_bytes_received\x18\t \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\n \x01(\x04\x12\x1c\n\x14kv_transfer_failures\x18\x0b \x01(\x04\"\x13\n\x11WorkerInfoRequest\"\xd0\x01\n\nWorkerInfo\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.baton.v1.WorkerRole\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12(\n\x08transfer\x18\x05 \x01(\x0b\x32\x16.baton.v1.TransferPeer\x12\"\n\x04load\x18\x06 \x01(\x0b\x32\x14.baton.v1.WorkerLoad\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\"\xaa\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12,\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x17.baton.v1.KVDestination\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"\xa9\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12-\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12$\n\x07handoff\x18\x05 \x01(\x0b\x32\x13.baton.v1.KVHandoff\"\x94\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"\xca\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x1e\n\x05usage\x18\x08 \x01(\x0b\x32\x0f.baton.v1.Usage\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"3\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\"B\n\x0e\x45ncodeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1c\n\x14num_embedding_tokens\x18\x02 \x03(\r*O\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\x0b\n\x07\x45NCODER\x10\x03\x32\xbe\x01\n\x07Prefill\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfo2\xbe\x01\n\x06\x44\x65\x63ode\x12?\n\x08Generate\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfo2\x81\x01\n\x07\x45ncoder\x12;\n\x06\x45ncode\x12\x17.baton.v1.EncodeRequest\x1a\x18.baton.v1.EncodeResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.baton.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=1376
-  _globals['_WORKERROLE']._serialized_end=1455
+  _globals['_WORKERROLE']._serialized_start=1520
+  _globals['_WORKERROLE']._serialized_end=1599
   _globals['_WORKERLOAD']._serialized_start=99
-  _globals['_WORKERLOAD']._serialized_end=252
-  _globals['_WORKERINFOREQUEST']._serialized_start=254
-  _globals['_WORKERINFOREQUEST']._serialized_end=273
-  _globals['_WORKERINFO']._serialized_start=276
-  _globals['_WORKERINFO']._serialized_end=484
-  _globals['_PREFILLREQUEST']._serialized_start=487
-  _globals['_PREFILLREQUEST']._serialized_end=657
-  _globals['_PREFILLRESPONSE']._serialized_start=660
-  _globals['_PREFILLRESPONSE']._serialized_end=829
-  _globals['_DECODEREQUEST']._serialized_start=832
-  _globals['_DECODEREQUEST']._serialized_end=980
-  _globals['_DECODERESPONSE']._serialized_start=983
-  _globals['_DECODERESPONSE']._serialized_end=1185
-  _globals['_ABORTREQUEST']._serialized_start=1187
-  _globals['_ABORTREQUEST']._serialized_end=1221
-  _globals['_ABORTRESPONSE']._serialized_start=1223
-  _globals['_ABORTRESPONSE']._serialized_end=1253
-  _globals['_ENCODEREQUEST']._serialized_start=1255
-  _globals['_ENCODEREQUEST']._serialized_end=1306
-  _globals['_ENCODERESPONSE']._serialized_start=1308
-  _globals['_ENCODERESPONSE']._serialized_end=1374
-  _globals['_PREFILL']._serialized_start=1458
-  _globals['_PREFILL']._serialized_end=1648
-  _globals['_DECODE']._serialized_start=1651
-  _globals['_DECODE']._serialized_end=1841
-  _globals['_ENCODER']._serialized_start=1844
-  _globals['_ENCODER']._serialized_end=1973
+  _globals['_WORKERLOAD']._serialized_end=396
+  _globals['_WORKERINFOREQUEST']._serialized_start=398
+  _globals['_WORKERINFOREQUEST']._serialized_end=417
+  _globals['_WORKERINFO']._serialized_start=420
+  _globals['_WORKERINFO']._serialized_end=628
+  _globals['_PREFILLREQUEST']._serialized_start=631
+  _globals['_PREFILLREQUEST']._serialized_end=801
+  _globals['_PREFILLRESPONSE']._serialized_start=804
+  _globals['_PREFILLRESPONSE']._serialized_end=973
+  _globals['_DECODEREQUEST']._serialized_start=976
+  _globals['_DECODEREQUEST']._serialized_end=1124
+  _globals['_DECODERESPONSE']._serialized_start=1127
+  _globals['_DECODERESPONSE']._serialized_end=1329
+  _globals['_ABORTREQUEST']._serialized_start=1331
+  _globals['_ABORTREQUEST']._serialized_end=1365
+  _globals['_ABORTRESPONSE']._serialized_start=1367
+  _globals['_ABORTRESPONSE']._serialized_end=1397
+  _globals['_ENCODEREQUEST']._serialized_start=1399
+  _globals['_ENCODEREQUEST']._serialized_end=1450
+  _globals['_ENCODERESPONSE']._serialized_start=1452
+  _globals['_ENCODERESPONSE']._serialized_end=1518
+  _globals['_PREFILL']._serialized_start=1602
+  _globals['_PREFILL']._serialized_end=1792
+  _globals['_DECODE']._serialized_start=1795
+  _globals['_DECODE']._serialized_end=1985
+  _globals['_ENCODER']._serialized_start=1988
+  _globals['_ENCODER']._serialized_end=2117
 # @@protoc_insertion_point(module_scope)

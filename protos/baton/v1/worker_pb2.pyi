@@ -21,20 +21,30 @@ DECODE: WorkerRole
 ENCODER: WorkerRole
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running_requests", "queued_requests", "running_tokens", "queued_tokens", "kv_usage", "prefix_hit_rate")
+    __slots__ = ("running_requests", "queued_requests", "running_tokens", "queued_tokens", "kv_usage", "prefix_hit_rate", "prefix_tokens_matched", "prefix_tokens_looked_up", "kv_bytes_received", "kv_bytes_sent", "kv_transfer_failures")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_MATCHED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_LOOKED_UP_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_FAILURES_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     queued_requests: int
     running_tokens: int
     queued_tokens: int
     kv_usage: float
     prefix_hit_rate: float
-    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., running_tokens: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ...) -> None: ...
+    prefix_tokens_matched: int
+    prefix_tokens_looked_up: int
+    kv_bytes_received: int
+    kv_bytes_sent: int
+    kv_transfer_failures: int
+    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., running_tokens: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_tokens_matched: _Optional[int] = ..., prefix_tokens_looked_up: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
     __slots__ = ()

@@ -152,7 +152,7 @@ def test_baton_report_from_router_metrics():
     assert report["router"]["paths"] == {"decode_only": 1.0, "disaggregated": 2.0}
     assert report["router"]["ttft_mean_ms"] == pytest.approx(300.0)
     assert report["prefix_cache_hit_rate"] is None and report["kv_transfer_bytes"] is None
-    assert any("baton_kv_transfer_bytes_total" in u for u in report["unavailable"])
+    assert any("kv_bytes_received" in u for u in report["unavailable"])
     assert report["workers_prefix_hit_rate"] == {"decode@h:1": 0.5}
     assert not baton_report(None, parse("plain_metric 1\n"))["is_baton"]
     assert baton_report(None, None)["available"] is False
@@ -189,3 +189,25 @@ def test_unreachable_server_gives_an_error_summary(tmp_path, capsys):
     assert run["server_metrics"]["available"] is False
     printed = capsys.readouterr().out
     assert "connection_error" in printed and "Failed requests" in printed
+
+
+def test_worker_counters_reexported_by_the_router_give_run_figures():
+    from protos.baton.v1 import worker_pb2
+    from router.metrics import RouterMetrics, WorkerCountersCollector
+    from router.types import Role
+
+    class Entry:  # what the registry holds: an address, a role and the latest load report
+        def __init__(self, address, role, **load):
+            self.address, self.role, self.load = address, role, worker_pb2.WorkerLoad(**load)
+    entries = [Entry("d:1", Role.DECODE, prefix_tokens_matched=10, prefix_tokens_looked_up=100, kv_bytes_received=500),
+               Entry("p:1", Role.PREFILL, prefix_tokens_matched=0, prefix_tokens_looked_up=100, kv_bytes_sent=500)]
+    m = RouterMetrics()
+    m.registry.register(WorkerCountersCollector(lambda: entries))
+    before = parse(router_page(m))
+    entries[0].load.prefix_tokens_matched, entries[0].load.prefix_tokens_looked_up = 70, 200
+    entries[0].load.kv_bytes_received, entries[0].load.kv_transfer_failures = 1500, 1
+    entries[1].load.prefix_tokens_looked_up = 200
+    report = baton_report(before, parse(router_page(m)))
+    assert report["prefix_cache_hit_rate"] == pytest.approx(60 / 200)
+    assert report["kv_transfer_bytes"] == 1000 and report["kv_transfer_failures"] == 1
+    assert report["unavailable"] == []
