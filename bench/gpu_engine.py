@@ -155,6 +155,7 @@ def section_a(llm, res: dict) -> dict:
     runner.use_graphs = bool(runner.graph_bs)
     if runner.graph_bs:
         graph = runner.graphs[runner.graph_bs[0]]
+        runner.reset_graph_inputs()  # padding rows: the bare replays store no K/V
         out["replay_ms"] = median_ms(graph.replay, warmup=5, reps=50)
     weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
     embedding = llm.engine.runner.model.model.embed_tokens.weight

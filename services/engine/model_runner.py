@@ -228,6 +228,14 @@ class ModelRunner:
                                                         splits)))
         return plans
 
+    def reset_graph_inputs(self) -> None:
+        """Make every static row a padding row (stores nothing), e.g. before replaying a graph bare."""
+        self._h_ids[:] = 0
+        self._h_pos[:] = 0
+        self._h_slots[:] = -1
+        self._h_lens[:] = 1
+        self._static.copy_(self._host)
+
     def _graph_forward(self, bs: int, plan) -> None:
         meta = AttentionMetadata(seqs=[], slot_mapping=self._s_slots[:bs], sliding_window=self.sliding_window,
                                  plan=plan, page_size=self.page_size)

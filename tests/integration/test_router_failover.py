@@ -171,3 +171,29 @@ def test_over_admission_is_refused_and_api_keys_enforced(cluster, prompts):
                                                          "ignore_eos": True}, "secret") for _ in range(8)))
     statuses = [status for status, _ in asyncio.run(http_burst())]
     assert 429 in statuses and 200 in statuses
+
+
+def test_dynamic_register_and_deregister(cluster, model, tmp_path, prompts):
+    from protos.baton.v1 import router_pb2, router_pb2_grpc, worker_pb2
+    router, _ = cluster(prefills=0, decodes=1)
+    extra = start_worker("decode", model, tmp_path)
+    try:
+        async def scenario():
+            async with grpc.aio.insecure_channel(router.grpc_address) as channel:
+                stub = router_pb2_grpc.RouterStub(channel)
+                added = await stub.RegisterWorker(router_pb2.RegisterWorkerRequest(address=extra.address,
+                                                                                   role=worker_pb2.DECODE))
+                listed = await stub.ListWorkers(router_pb2.ListWorkersRequest())
+                health = await stub.Health(router_pb2.RouterHealthRequest())
+                removed = await stub.DeregisterWorker(router_pb2.DeregisterWorkerRequest(address=extra.address))
+                after = await stub.ListWorkers(router_pb2.ListWorkersRequest())
+                return added, listed, health, removed, after
+        added, listed, health, removed, after = asyncio.run(scenario())
+        assert added.added and removed.removed
+        assert {w.address: w.healthy for w in listed.workers}[extra.address]
+        assert health.serving and health.healthy_decode == 2
+        assert extra.address not in {w.address for w in after.workers}
+        tokens, finish, _ = asyncio.run(router_generate(router.grpc_address, prompts[0], 4))
+        assert len(tokens) == 4
+    finally:
+        extra.stop()
