@@ -120,6 +120,13 @@ class WorkerRuntime:
             info.load.CopyFrom(load)
         return info
 
+    async def abort(self, request_id: str) -> worker_pb2.AbortResponse:
+        """The Abort RPC's answer: stop the request wherever it is in the engine."""
+        if self.thread is None:
+            return worker_pb2.AbortResponse(found=False)
+        deltas = await self.thread.call(lambda e: e.abort(request_id))
+        return worker_pb2.AbortResponse(found=bool(deltas))
+
     async def drain(self, timeout_s: float) -> None:
         """Refuse new work and wait (bounded) for running requests to finish."""
         self.draining = True

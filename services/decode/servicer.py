@@ -132,11 +132,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             raise error_from_rpc(error, default=ErrorCode.PREFILL_FAILED) from None
 
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
-        thread = self.runtime.thread
-        if thread is None:
-            return worker_pb2.AbortResponse(found=False)
-        deltas = await thread.call(lambda e: e.abort(request.request_id))
-        return worker_pb2.AbortResponse(found=bool(deltas))
+        return await self.runtime.abort(request.request_id)
 
     async def Info(self, request: worker_pb2.WorkerInfoRequest, context) -> worker_pb2.WorkerInfo:
         return self.runtime.info()

@@ -3,38 +3,13 @@ and one decode worker over tcp): chat and completions, streaming and not, n > 1,
 json_schema output that validates, usage numbers, cached tokens on a repeated prefix,
 greedy outputs equal to the offline engine's, and OpenAI-shaped errors."""
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
 
 import jsonschema
 import openai
 import pytest
 
-from services.common.server import free_port
-from tests.helpers.workers import REPO
-
-
-@pytest.fixture(scope="module")
-def baton_up(default_model_path, tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("up") / "up.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--port", str(port),
-                             "--decode-only-threshold", "16", "--kv-cache-tokens", "16384"],
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while "Baton is up" not in log_path.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
-        time.sleep(0.2)
-    yield url
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 0, log_path.read_text()[-4000:]
 
 
 @pytest.fixture(scope="module")

@@ -5,38 +5,14 @@ goodput <= throughput, token counts from usage), the router's counters from /met
 JSON file that validates against bench/serving/result_schema.json and the PNG charts; a
 wrong model name gives an error summary with the 404s counted by kind."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import jsonschema
 import pytest
 
 from bench.serving import result_schema
 from deploy.cli import main as cli_main
-from services.common.server import free_port
-from tests.helpers.workers import REPO
 
 STATS = ("mean", "median", "p90", "p99", "min", "max")
-
-
-@pytest.fixture(scope="module")
-def baton_up(default_model_path, tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("up") / "up.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--port", str(port),
-                             "--decode-only-threshold", "16", "--kv-cache-tokens", "16384"],
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    deadline = time.monotonic() + 240
-    while "Baton is up" not in log_path.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
-        time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 0, log_path.read_text()[-4000:]
 
 
 def bench(url, tmp_path, *flags):

@@ -1,0 +1,31 @@
+"""One real `baton up` (embedded SmolLM2 on CPU: a prefill and a decode worker over tcp and
+the router) shared by the end-to-end tests of the session; stopped with SIGINT at the end,
+which must exit cleanly."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from services.common.server import free_port
+from tests.helpers.workers import REPO
+
+
+@pytest.fixture(scope="session")
+def baton_up(default_model_path, tmp_path_factory):
+    """The gateway URL of a running `baton up`."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("up") / "up.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--port", str(port),
+                             "--decode-only-threshold", "16", "--kv-cache-tokens", "16384"],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    deadline = time.monotonic() + 240
+    while "Baton is up" not in log_path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+        time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0, log_path.read_text()[-4000:]
