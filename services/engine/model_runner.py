@@ -182,9 +182,10 @@ class ModelRunner:
         if not sizes:
             return
         pool = None
+        self._graph_plans = self.static_decode_plans(sizes)  # the graphs read their buffers: keep them
         torch.cuda.synchronize(self.device)
         with torch.inference_mode():
-            for bs, plan in reversed(self.static_decode_plans(sizes)):
+            for bs, plan in reversed(self._graph_plans):
                 self._graph_forward(bs, plan)  # warm-up: compiles kernels, picks GEMM algorithms
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
@@ -228,6 +229,7 @@ class ModelRunner:
                                                         splits)))
         return plans
 
+    @torch.inference_mode()
     def reset_graph_inputs(self) -> None:
         """Make every static row a padding row (stores nothing), e.g. before replaying a graph bare."""
         self._h_ids[:] = 0
