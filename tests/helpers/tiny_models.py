@@ -46,15 +46,17 @@ def word_tokenizer(vocab_size: int = VOCAB):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def make_tiny_model(name: str, folder: Path, seed: int = 0, **overrides: Any) -> Path:
-    """Build the named tiny model with random weights (seeded) and save it in `folder`."""
+def make_tiny_model(name: str, folder: Path, seed: int = 0, max_shard_size: str | None = None,
+                    **overrides: Any) -> Path:
+    """Build the named tiny model with random weights (seeded) and save it in `folder`
+    (sharded with an index file when `max_shard_size` is given, e.g. "100KB")."""
     import transformers
     class_name, family_overrides = TINY_CONFIGS[name]
     config = getattr(transformers, class_name)(**{**BASE, **family_overrides, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     word_tokenizer(config.vocab_size).save_pretrained(folder)
     return folder
 

@@ -99,3 +99,11 @@ def test_repeated_prompt_is_served_from_cache_with_same_output(tiny_model, make_
     b = llm.generate([prompt], params)[0]
     assert b.num_cached_tokens == (len(prompt) - 1) // 4 * 4
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_sharded_checkpoint_with_index_loads_and_matches(tmp_path, hf_model, make_llm):
+    from tests.helpers.tiny_models import make_tiny_model
+    folder = make_tiny_model("qwen3", tmp_path / "sharded", seed=3, max_shard_size="60KB")
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 2
+    llm = make_llm(folder, page_size=4, kv_cache_tokens=1024)
+    assert_matches_hf(llm, hf_model(folder), mixed_prompts(seed=7, count=4))
