@@ -20,6 +20,10 @@ normal loader). Sections (`--sections`, in this order):
 - hf (a separate invocation, `--hf`, after the engine's process has freed the GPU):
   transformers' continuous batching (`generate_batch`, paged|sdpa) on the 300 x 128 workload.
 
+`--overlap both` runs every section with overlap scheduling and again without (keys + `_sync`)
+and prints the two side by side; `--rounds 2` runs everything twice and keeps the second round
+(the first pays Triton's per-shape kernel compiles, which would bias the mode measured first).
+
 Every section writes into $OUT/gpu_engine.json (or --json); the last invocation prints the table.
 
     python3 -m bench.gpu_engine --make-model /tmp/m8b
@@ -327,7 +331,8 @@ def report(res: dict) -> str:
         rows.append(f"| (c) same through LLM.generate (chunks {cc['chunked_prefill_size']}, "
                     f"budget {cc['max_num_batched_tokens']}) | {cc['engine_tok_s']:.0f} tok/s | bf16 matmul | "
                     f"{cc['engine_ratio']:.1%} | |")
-    for key in sorted(k for k in res if k.startswith("b") and isinstance(res[k], dict) and "w1" in res[k]):
+    for key in sorted(k for k in res if k.startswith("b") and isinstance(res[k], dict) and "w1" in res[k]
+                      and "_round" not in k):
         b = res[key]
         opts = res.get(b.get("engine", ""), {}).get("options", {})
         shown = {k: v for k, v in opts.items() if k not in ("device", "skip_tokenizer_init")}
@@ -348,6 +353,34 @@ def report(res: dict) -> str:
     return "\n".join(rows)
 
 
+def overlap_table(res: dict, tag: str = "") -> str:
+    """The sections measured with overlap scheduling and without, side by side (same run)."""
+    rows = ["| measure | overlap on | overlap off | on / off |", "|---|---:|---:|---:|"]
+
+    def row(label: str, on: Any, off: Any, fmt: str, better_low: bool = False) -> None:
+        if on is None or off is None:
+            return
+        ratio = (off / on if better_low else on / off) if on and off else float("nan")
+        rows.append(f"| {label} | {on:{fmt}} | {off:{fmt}} | {ratio:.2f}x{' (lower is better)' if better_low else ''} |")
+
+    a, a0 = res.get("a" + tag, {}), res.get("a" + tag + "_sync", {})
+    for mode in ("graph", "eager"):
+        row(f"(a) batch-1 decode, {mode}, tok/s", a.get(f"{mode}_tok_s"), a0.get(f"{mode}_tok_s"), ".1f")
+    if a.get("limit_tok_s") and a.get("graph_tok_s") and a0.get("graph_tok_s"):
+        rows.append(f"| (a) graphs, % of the bandwidth limit ({a['limit_tok_s']:.1f} tok/s) | "
+                    f"{a['graph_tok_s'] / a['limit_tok_s']:.1%} | {a0['graph_tok_s'] / a['limit_tok_s']:.1%} | |")
+    d, d0 = res.get("d" + tag, {}), res.get("d" + tag + "_sync", {})
+    for mode in ("graph", "eager"):
+        x, y = d.get(mode, {}), d0.get(mode, {})
+        row(f"(d) batch {x.get('batch', 256)} decode, {mode}, GPU idle fraction", x.get("idle_frac"),
+            y.get("idle_frac"), ".1%", better_low=True)
+        row("(d) same, ms per step (period)", x.get("period_ms"), y.get("period_ms"), ".2f", better_low=True)
+    b, b0 = res.get("b" + tag, {}), res.get("b" + tag + "_sync", {})
+    for w, label in (("w1", "ShareGPT-like 1,000 prompts"), ("w2", "300 x 128")):
+        row(f"(b) {label}, out tok/s", b.get(w, {}).get("out_tok_s"), b0.get(w, {}).get("out_tok_s"), ".0f")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="/tmp/m8b")
@@ -358,6 +391,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--deadline", type=float, default=540.0, help="start no section after this many seconds")
     p.add_argument("--engine", default="", help="extra EngineConfig options as JSON")
     p.add_argument("--tag", default="", help="suffix of this invocation's section keys (another engine config)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the sections this many times (in the same order) and keep the last round: the first "
+                        "rounds warm Triton's per-shape kernel compiles, which otherwise bias the first mode measured")
+    p.add_argument("--overlap", default="on", choices=["on", "off", "both"],
+                   help="overlap scheduling in the sections; both: each section with it, then without (keys + _sync)")
     args = p.parse_args(argv)
     if args.make_model:
         if not (Path(args.make_model) / "config.json").exists():
@@ -397,18 +435,24 @@ def main(argv: list[str] | None = None) -> dict:
     print("engine", json.dumps(res["engine" + args.tag]), flush=True)
     save()
     table = {"a": section_a, "d": section_d, "c": section_c, "b": section_b}
-    for name in sections:
-        if name not in table:
-            continue
-        key = name + args.tag
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.overlap]
+    plan = [(r, name, overlap) for r in range(args.rounds) for name in sections if name in table
+            for overlap in (modes if r % 2 == 0 else modes[::-1])]  # odd rounds: the other mode first
+    for round_, name, overlap in plan:
+        key = name + args.tag + ("_sync" if args.overlap == "both" and not overlap else "")
+        if round_ < args.rounds - 1:
+            key += f"_round{round_}"
         if time.time() - began > args.deadline:
             res[key] = {"error": "skipped: past the deadline"}
             continue
+        llm.engine.flush()
+        llm.engine.overlap_schedule = overlap
         t = time.time()
         try:
             res[key] = table[name](llm, res)
             res[key]["section_s"] = time.time() - t
             res[key]["engine"] = "engine" + args.tag
+            res[key]["overlap"] = overlap
         except Exception as error:  # noqa: BLE001 - reported in the table, the other sections still run
             import traceback
             traceback.print_exc()
@@ -418,6 +462,8 @@ def main(argv: list[str] | None = None) -> dict:
     del llm
     gc.collect()
     print(report(res))
+    if args.overlap == "both":
+        print(overlap_table(res, args.tag))
     return res
 
 

@@ -59,6 +59,8 @@ class EngineConfig:
     """Largest decode batch captured as a CUDA graph; captured sizes are 1, 2, 4, 8, then every 8 up to it (capped by max_running_requests)."""
     skip_tokenizer_init: bool = False
     """Return token ids only: outputs are not detokenized (text stays empty) and stop strings are refused (vLLM's name)."""
+    disable_overlap_schedule: bool = False
+    """Run every step synchronously; by default (CUDA only) the host schedules and launches step N+1 before reading step N's tokens back (steps with grammar, penalty or logprobs requests always run synchronously)."""
 
     def __post_init__(self) -> None:
         checks = [

@@ -51,6 +51,8 @@ class DisaggEngine(Engine):
         super().add_request(request_id, prompt_token_ids, params)
         if hold_blocks:
             self._hold.add(request_id)
+            for request in self._requests[request_id]:
+                request.sync_only = True  # its finish must be seen before another step touches its blocks
 
     def _before_release(self, request: Request) -> None:
         if request.request_id in self._hold:

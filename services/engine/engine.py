@@ -4,20 +4,48 @@ No threads, no asyncio, no gRPC: a service or the offline `LLM` drives it by cal
 `step()` in a loop and forwarding the `RequestDelta`s it returns. Every bad input is
 refused in `add_request` with a `ValueError` before the request holds any resource;
 every request's blocks return to the pool when it finishes or is aborted.
+
+Overlap scheduling (CUDA, on unless `disable_overlap_schedule`): a step launches its model
+run and sampling with the sampled ids left on the GPU (each sampling request gets the
+placeholder `PENDING_TOKEN` as its newest output token), then reads back the tokens of the
+step before, which the GPU finished meanwhile, and processes them (stop checks, finish,
+deltas): the host schedules and launches step N+1 while the GPU runs step N, and outputs
+come one `step()` late. Step N+1's inputs take the placeholders' values on the GPU. A
+request that finished at step N already ran in step N+1: that token is discarded, and the
+blocks it took are released with the rest. A step whose batch has a request that needs host
+state to sample (grammar, penalties, logprobs, a held prefill lease: `Request.sync_only`)
+first settles the pending step and then runs synchronously. Seeded sampling stays
+reproducible: every row still draws its uniform from its own CPU generator, in order.
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Optional, Sequence
+
+import torch
 
 from services.engine.config import EngineConfig
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.engine_setup import EngineParts, build_engine_parts
 from services.engine.output_processor import OutputProcessor
-from services.engine.request import Request, RequestDelta, RequestStatus
+from services.engine.request import PENDING_TOKEN, Request, RequestDelta, RequestStatus
 from services.engine.sampler import Sampler, SamplingRow, make_generator
 from services.engine.sampling_params import SamplingParams
 from services.engine.stop_checker import StopStringChecker
+from services.engine.scheduler import ScheduledItem
+
+
+@dataclass
+class _PendingStep:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    requests: list[Request]
+    indices: list[int]
+    """Where each request's placeholder stands in its output_token_ids."""
+    tokens: torch.Tensor
+    """Host tensor the sampled ids are being copied into."""
+    ready: Optional[torch.cuda.Event]
 
 
 class Engine:
@@ -39,6 +67,11 @@ class Engine:
         self._requests: dict[str, list[Request]] = {}
         self.last_schedule: list[tuple[str, int, int]] = []
         """(request id, first token, token count) of every request in the latest step."""
+        self.overlap_schedule = not config.disable_overlap_schedule and self.runner.device.type == "cuda"
+        """Overlap the host's work with the device's (see the module doc); may be switched between steps."""
+        self._pending: Optional[_PendingStep] = None
+        self.num_overlapped_steps = 0
+        """Steps launched overlapped so far (the others ran synchronously)."""
 
     # --- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
@@ -55,6 +88,9 @@ class Engine:
         self._validate(prompt, params)
         grammars = [self._new_grammar(params) for _ in range(params.n)]
         children = []
+        sync_only = (params.structured_output is not None or params.logprobs is not None
+                     or params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+                     or params.presence_penalty != 0.0)
         for i in range(params.n):
             child_params = params
             if params.seed is not None and i > 0:
@@ -66,6 +102,7 @@ class Engine:
                 detokenizer=None if self.config.skip_tokenizer_init else
                 IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt),
                 stop_checker=StopStringChecker(params.stop, params.include_stop_str_in_output),
+                sync_only=sync_only,
             ))
         self._requests[request_id] = children
         return children
@@ -114,8 +151,32 @@ class Engine:
 
     # --- the step ------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
-        """Schedule, run the model once, sample, and update every scheduled request."""
+        """Schedule, run the model once, sample, and update every scheduled request.
+
+        With overlap scheduling the deltas returned are those of the step launched by the
+        previous call (see the module doc)."""
         items = self.scheduler.schedule()
+        if self._pending is None and not self.overlap_schedule:
+            return self._run_sync(items)
+        sampling = [item.request for item in items if item.samples]
+        if items and self.overlap_schedule and self._can_overlap(sampling):
+            self.last_schedule = [(i.request.request_id, i.start, i.num_tokens) for i in items]
+            launched = self._launch(items, sampling)
+            self.num_overlapped_steps += 1
+            deltas = self._settle()
+            self._pending = launched
+            return deltas
+        if self._pending is None:
+            return self._run_sync(items)
+        deltas = self._settle()
+        # requests that finished just now hold no blocks any more: they leave this step
+        items = [item for item in items if not item.request.is_finished]
+        if not items:  # the next step schedules again, with those blocks free
+            return deltas
+        return deltas + self._run_sync(items)
+
+    def _run_sync(self, items: list[ScheduledItem]) -> list[RequestDelta]:
+        """The synchronous step: run, sample (waiting for the device), update."""
         self.last_schedule = [(i.request.request_id, i.start, i.num_tokens) for i in items]
         if not items:
             return self._starved()
@@ -133,6 +194,52 @@ class Engine:
                 self._retire(request)
             deltas.append(delta)
         return deltas
+
+    # --- overlap scheduling --------------------------------------------------------
+    def _can_overlap(self, sampling: list[Request]) -> bool:
+        return len(sampling) <= self.runner.max_rows and not any(r.sync_only for r in sampling)
+
+    def _launch(self, items: list[ScheduledItem], sampling: list[Request]) -> Optional[_PendingStep]:
+        """Run the model and sample with the tokens left on the device; placeholders stand for them."""
+        rows = [self._row(r) for r in sampling]  # bans count the placeholders: they are tokens already
+        logits = self.runner.execute(items)
+        for item in items:
+            item.request.num_computed_tokens += item.num_tokens
+        if not sampling:
+            return None
+        tokens, ready = self.runner.publish_tokens(self.sampler.sample_device(logits, rows))
+        indices = []
+        for row, request in enumerate(sampling):
+            out = request.output_token_ids
+            indices.append(len(out))
+            out.append(PENDING_TOKEN)
+            request.pending_row = row
+        return _PendingStep(sampling, indices, tokens, ready)
+
+    def _settle(self) -> list[RequestDelta]:
+        """Read back the pending step's tokens and apply them (one step late); [] when none is pending."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return []
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        deltas = []
+        on_resolved = self.outputs.on_resolved
+        for request, index, token in zip(pending.requests, pending.indices, pending.tokens.tolist()):
+            if request.status is RequestStatus.FINISHED:  # finished (or aborted) earlier: drop the token
+                continue
+            out = request.output_token_ids
+            out[index] = token
+            delta = on_resolved(request, token, index + 1)
+            if request.finish_reason is not None:
+                del out[index + 1:]  # the token of a step it ran in after finishing is discarded
+                self._retire(request)
+            deltas.append(delta)
+        return deltas
+
+    def flush(self) -> list[RequestDelta]:
+        """Settle the pending overlapped step now (its deltas); a no-op without one."""
+        return self._settle()
 
     def _row(self, request: Request) -> SamplingRow:
         return SamplingRow(params=request.params, prompt_token_ids=request.prompt_token_ids,

@@ -140,6 +140,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         kv_cache=kv_cache, backend=backend, pool=pool, cache=cache,
         scheduler=Scheduler(config, pool, cache),
         runner=ModelRunner(model, backend, config.page_size, device, max_model_len=max_model_len,
-                           cuda_graph_bs=config.cuda_graph_batch_sizes if device.type == "cuda" else ()),
+                           cuda_graph_bs=config.cuda_graph_batch_sizes if device.type == "cuda" else (),
+                           max_rows=config.max_running_requests),
         max_model_len=max_model_len, eos_token_ids=tuple(eos),
     )

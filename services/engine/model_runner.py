@@ -14,6 +14,13 @@ reads static input buffers (token ids, positions, slot mapping, sequence lengths
 tables: one pinned host mirror, one copy per step) and uses a fixed decode split count with
 its own workspace; padding rows store nothing (slot -1) and attend to one key. The logits
 of every graph land in one shared static buffer; sampling stays outside the graph.
+
+Overlap scheduling: an input token that is still a placeholder (`PENDING_TOKEN`, sampled by
+the previous step and not yet read back by the host) is taken on the GPU from `prev_tokens`
+(the previous step's sampled ids, written by `publish_tokens`) at the request's
+`pending_row`; graphs do this gather themselves from a static index buffer. The graph
+inputs' pinned host mirror is double-buffered, so filling step N+1's inputs never races the
+still-queued copy of step N's.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import torch
 
 from services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
 from services.engine.models.llama import LlamaForCausalLM
-from services.engine.request import Request
+from services.engine.request import PENDING_TOKEN, Request
 from services.engine.scheduler import ScheduledItem
 
 
@@ -79,7 +86,7 @@ class ModelRunner:
 
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, page_size: int,
                  device: torch.device, max_model_len: Optional[int] = None,
-                 cuda_graph_bs: Sequence[int] = ()) -> None:
+                 cuda_graph_bs: Sequence[int] = (), max_rows: int = 1024) -> None:
         self.model = model
         self.backend = backend
         self.page_size = page_size
@@ -92,6 +99,9 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.use_graphs = False
         """Replay captured graphs for decode-only steps (set by `capture_cuda_graphs`)."""
+        self.max_rows = max(1, max_rows, max(cuda_graph_bs, default=0))
+        self.prev_tokens = torch.zeros(self.max_rows, dtype=torch.int32, device=device)
+        """The last overlapped step's sampled token ids (GPU), read by the next step's placeholder inputs."""
         if cuda_graph_bs and self.graphs_supported():
             self.capture_cuda_graphs(cuda_graph_bs)
 
@@ -104,6 +114,8 @@ class ModelRunner:
         seqs: list[SequenceSlice] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
+        gather_dst: list[int] = []
+        gather_src: list[int] = []
         page = self.page_size
         want_context = self.backend.uses_context_slots
         for item in items:
@@ -120,6 +132,9 @@ class ModelRunner:
                 ids.extend(token_slice(req, start, end))
                 positions.extend(range(start, end))
                 slots.extend(slot_range(table, start, end, page))
+            if ids[-1] == PENDING_TOKEN:  # only a request's last token can be pending
+                gather_dst.append(len(ids) - 1)
+                gather_src.append(req.pending_row)
             blocks = table[:(end + page - 1) // page]
             tables.append(blocks)
             context = None
@@ -131,15 +146,20 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(len(ids) - 1)
         count = len(ids)
-        host = torch.tensor(ids + positions + slots + sample_rows, dtype=torch.long)
+        host = torch.tensor(ids + positions + slots + sample_rows + gather_dst + gather_src, dtype=torch.long)
         if self.device.type == "cuda":
             dev = host.pin_memory().to(self.device, non_blocking=True)
         else:
             dev = host
+        if gather_dst:
+            g, base = len(gather_dst), 3 * count + len(sample_rows)
+            dst, src = dev[base:base + g], dev[base + g:base + 2 * g]
+            dev[:count].index_put_((dst,), self.prev_tokens.index_select(0, src).long())
+        dev_rows = dev[3 * count:3 * count + len(sample_rows)]
         meta = AttentionMetadata(seqs=seqs, slot_mapping=dev[2 * count:3 * count], sliding_window=self.sliding_window,
                                  block_tables=tables, page_size=page)
         return StepInputs(input_ids=dev[:count], positions=dev[count:2 * count], meta=meta,
-                          sample_rows=dev[3 * count:], all_rows_sample=len(sample_rows) == count)
+                          sample_rows=dev_rows, all_rows_sample=len(sample_rows) == count)
 
     @torch.inference_mode()
     def execute(self, items: list[ScheduledItem]) -> torch.Tensor:
@@ -158,6 +178,19 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows)).float()
         self._record(start)
         return logits
+
+    def publish_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+        """Keep a step's sampled ids [n] on the device for the next step's inputs and start copying
+        them to the host; returns (host tensor, event to wait on before reading it; None on CPU)."""
+        n = tokens.shape[0]
+        self.prev_tokens[:n].copy_(tokens)
+        if self.device.type != "cuda":
+            return tokens, None
+        host = torch.empty(n, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
 
     def _event(self) -> Optional[torch.cuda.Event]:
         if self.timing is None:
@@ -205,19 +238,30 @@ class ModelRunner:
         width = -(-self.max_model_len // self.page_size)
         self._graph_width = width
         self._graph_max = most
-        total = 4 * most + most * width
-        self._host = torch.zeros(total, dtype=torch.int32)
-        if self.device.type == "cuda":
-            self._host = self._host.pin_memory()
+        total = 5 * most + most * width
+        self._hosts = []
+        self._host_views = []
+        for _ in range(2):  # double-buffered: step N+1 is filled while step N's copy may still be queued
+            buf = torch.zeros(total, dtype=torch.int32)
+            if self.device.type == "cuda":
+                buf = buf.pin_memory()
+            h = buf.numpy()
+            views = tuple(h[i * most:(i + 1) * most] for i in range(5)) + (h[5 * most:].reshape(most, width),)
+            views[2][:] = -1  # slots: padding rows store nothing
+            views[3][:] = 1   # lens
+            views[4][:] = -1  # gather index: the token id is in the ids row
+            self._hosts.append(buf)
+            self._host_views.append(views)
+        self._host_events: list[Optional[torch.cuda.Event]] = [None, None]
+        self._host_next = 0
+        self._host = self._hosts[0]
+        self._h_ids, self._h_pos, self._h_slots, self._h_lens, self._h_gidx, self._h_table = self._host_views[0]
         self._static = torch.zeros(total, dtype=torch.int32, device=self.device)
-        host, dev = self._host.numpy(), self._static
-        self._h_ids, self._h_pos, self._h_slots, self._h_lens = (host[i * most:(i + 1) * most] for i in range(4))
-        self._h_table = host[4 * most:].reshape(most, width)
-        self._s_ids, self._s_pos, self._s_slots, self._s_lens = (dev[i * most:(i + 1) * most] for i in range(4))
-        self._s_table = dev[4 * most:].view(most, width)
+        dev = self._static
+        self._s_ids, self._s_pos, self._s_slots, self._s_lens, self._s_gidx = (
+            dev[i * most:(i + 1) * most] for i in range(5))
+        self._s_table = dev[5 * most:].view(most, width)
         self._s_rows = torch.arange(most, dtype=torch.int32, device=self.device)
-        self._h_slots[:] = -1
-        self._h_lens[:] = 1
         self._static.copy_(self._host)
         cfg = self.model.config
         self._s_logits = torch.empty(most, cfg.vocab_size, dtype=self.model.lm_head.weight.dtype, device=self.device)
@@ -232,53 +276,70 @@ class ModelRunner:
     @torch.inference_mode()
     def reset_graph_inputs(self) -> None:
         """Make every static row a padding row (stores nothing), e.g. before replaying a graph bare."""
-        self._h_ids[:] = 0
-        self._h_pos[:] = 0
-        self._h_slots[:] = -1
-        self._h_lens[:] = 1
+        torch.cuda.synchronize(self.device)
+        for h_ids, h_pos, h_slots, h_lens, h_gidx, _ in self._host_views:
+            h_ids[:] = 0
+            h_pos[:] = 0
+            h_slots[:] = -1
+            h_lens[:] = 1
+            h_gidx[:] = -1
         self._static.copy_(self._host)
 
     def _graph_forward(self, bs: int, plan) -> None:
         meta = AttentionMetadata(seqs=[], slot_mapping=self._s_slots[:bs], sliding_window=self.sliding_window,
                                  plan=plan, page_size=self.page_size)
-        hidden = self.model(self._s_ids[:bs], self._s_pos[:bs], self.backend, meta)
+        gidx = self._s_gidx[:bs]  # rows whose token is the previous step's, still on the GPU
+        ids = torch.where(gidx >= 0, self.prev_tokens.index_select(0, gidx.clamp(min=0)), self._s_ids[:bs])
+        hidden = self.model(ids, self._s_pos[:bs], self.backend, meta)
         torch.mm(hidden, self.model.lm_head.weight.t(), out=self._s_logits[:bs])
 
     def _execute_graph(self, items: list[ScheduledItem]) -> torch.Tensor:
         n = len(items)
         bs = self.graph_bs[bisect.bisect_left(self.graph_bs, n)]
         page = self.page_size
-        ids, positions, slots, lens = [], [], [], []
-        table_rows = self._h_table
+        ids, positions, slots, lens, gidx = [], [], [], [], []
+        k = self._host_next
+        self._host_next = 1 - k
+        if self._host_events[k] is not None:
+            self._host_events[k].synchronize()  # this mirror's last copy (two steps back) has been read
+        h_ids, h_pos, h_slots, h_lens, h_gidx, table_rows = self._host_views[k]
         samples = True
         for i, item in enumerate(items):
             req = item.request
             pos = item.start
             table = req.block_table
-            ids.append(token_at(req, pos))
+            token = token_at(req, pos)
+            ids.append(token)
+            gidx.append(req.pending_row if token == PENDING_TOKEN else -1)
             positions.append(pos)
             slots.append(table[pos // page] * page + pos % page)
             lens.append(pos + 1)
             blocks = pos // page + 1
             table_rows[i, :blocks] = table[:blocks]
             samples = samples and item.samples
-        self._h_ids[:n] = ids
-        self._h_pos[:n] = positions
-        self._h_slots[:n] = slots
-        self._h_lens[:n] = lens
+        h_ids[:n] = ids
+        h_pos[:n] = positions
+        h_slots[:n] = slots
+        h_lens[:n] = lens
+        h_gidx[:n] = gidx
         if bs > n:
-            self._h_ids[n:bs] = 0
-            self._h_pos[n:bs] = 0
-            self._h_slots[n:bs] = -1
-            self._h_lens[n:bs] = 1
+            h_ids[n:bs] = 0
+            h_pos[n:bs] = 0
+            h_slots[n:bs] = -1
+            h_lens[n:bs] = 1
+            h_gidx[n:bs] = -1
         start = self._event()
-        used = 4 * self._graph_max + bs * self._graph_width
-        self._static[:used].copy_(self._host[:used], non_blocking=True)
+        used = 5 * self._graph_max + bs * self._graph_width
+        self._static[:used].copy_(self._hosts[k][:used], non_blocking=True)
+        if self.device.type == "cuda":
+            event = self._host_events[k] or torch.cuda.Event()
+            event.record()
+            self._host_events[k] = event
         self.graphs[bs].replay()
         logits = self._s_logits[:n]
         if not samples:
             rows = torch.tensor([i for i, item in enumerate(items) if item.samples], dtype=torch.long)
-            logits = logits.index_select(0, rows.to(self.device, non_blocking=True))
+            logits = logits.index_select(0, rows.pin_memory().to(self.device, non_blocking=True))
         logits = logits.float()
         self._record(start)
         return logits

@@ -30,12 +30,27 @@ class OutputProcessor:
 
     def on_token(self, request: Request, sampled: SampledToken) -> RequestDelta:
         """Apply one sampled token; returns the delta (with finish_reason once finished)."""
-        token = sampled.token_id
-        request.output_token_ids.append(token)
+        request.output_token_ids.append(sampled.token_id)
+        return self._apply(request, sampled.token_id, len(request.output_token_ids), sampled)
+
+    def on_resolved(self, request: Request, token: int, count: int) -> RequestDelta:
+        """Apply a token sampled one step earlier (overlap scheduling): it already sits at
+        output_token_ids[count - 1], where a placeholder stood; later placeholders are ignored."""
+        return self._apply(request, token, count, None)
+
+    def _apply(self, request: Request, token: int, count: int, sampled: Optional[SampledToken]) -> RequestDelta:
+        params = request.params
+        if request.grammar is None and request.detokenizer is None and params.logprobs is None:
+            # the common case (token ids only): no text, no grammar, no logprobs
+            reason, stop_reason = self._finish_reason(request, token, count)
+            if reason is not None:
+                request.finish_reason, request.stop_reason = reason, stop_reason
+            return RequestDelta(request.request_id, request.parent_id, request.index, [token], "", reason,
+                                stop_reason, [], len(request.prompt_token_ids), request.num_cached_tokens)
         if request.grammar is not None:
             request.grammar.accept(token)
         new_logprobs = []
-        if request.params.logprobs is not None:
+        if params.logprobs is not None and sampled is not None:
             entry = {"token_id": token, "logprob": sampled.logprob, "top_logprobs": sampled.top_logprobs or []}
             request.logprobs.append(entry)
             new_logprobs.append(entry)
@@ -45,7 +60,7 @@ class OutputProcessor:
             if stopped:
                 self._finish(request, "stop", request.stop_checker.matched_stop)
         if request.finish_reason is None:
-            reason, stop_reason = self._finish_reason(request, token)
+            reason, stop_reason = self._finish_reason(request, token, count)
             if reason is not None:
                 self._finish(request, reason, stop_reason)
                 text += self._flush(request)
@@ -57,18 +72,19 @@ class OutputProcessor:
             num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=request.num_cached_tokens,
         )
 
-    def _finish_reason(self, request: Request, token: int) -> tuple[Optional[str], object]:
+    def _finish_reason(self, request: Request, token: int, count: int) -> tuple[Optional[str], object]:
+        """Why the request ends with its count-th output token `token` (None: it goes on)."""
         params = request.params
-        enough = len(request.output_token_ids) >= params.min_tokens
+        enough = count >= params.min_tokens
         if enough and not params.ignore_eos and token in self.eos_token_ids:
             return "stop", None
         if enough and token in params.stop_token_ids:
             return "stop", token
         if request.grammar is not None and request.grammar.is_terminated():
             return "stop", None
-        if params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens:
+        if params.max_tokens is not None and count >= params.max_tokens:
             return "length", None
-        if request.num_tokens >= self.max_model_len:
+        if len(request.prompt_token_ids) + count >= self.max_model_len:
             return "length", None
         return None, None
 

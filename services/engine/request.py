@@ -16,6 +16,10 @@ import torch
 from services.engine.sampling_params import SamplingParams
 
 
+PENDING_TOKEN = -1
+"""Placeholder in `output_token_ids` for a token sampled on the GPU whose value the host has not read yet."""
+
+
 class RequestStatus(enum.Enum):
     """Where a request is in its life."""
 
@@ -50,6 +54,11 @@ class Request:
     stop_reason: Any = None
     num_preemptions: int = 0
     first_admission: bool = True
+    sync_only: bool = False
+    """Never in an overlapped step (host state: grammar, penalties, logprobs, a held prefill lease)."""
+    pending_row: int = -1
+    """Row of this request in the last overlapped step's sampled tokens (still on the GPU): its last
+    output token is the placeholder PENDING_TOKEN until the engine reads that step's tokens back."""
 
     @property
     def all_token_ids(self) -> list[int]:

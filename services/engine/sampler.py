@@ -14,6 +14,10 @@ loops over the vocabulary, same code on CPU and CUDA):
 Randomness: each non-greedy row consumes exactly one uniform number per step, drawn from the
 row's own `torch.Generator` when it has one (so a seeded request samples the same tokens
 whatever else shares the batch), else from torch's default CPU generator.
+
+`sample` returns host-side tokens (it waits for the device); `sample_device` returns the token
+ids as a device tensor without any host synchronization (small host-built tensors go up
+through pinned memory), for overlap scheduling; it takes no penalties, masks or logprobs.
 """
 from __future__ import annotations
 
@@ -58,6 +62,14 @@ def make_generator(params: SamplingParams) -> Optional[torch.Generator]:
     generator = torch.Generator(device="cpu")
     generator.manual_seed(params.seed)
     return generator
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list (or CPU tensor) on `device`; to CUDA through pinned memory, never blocking the host."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.to(dtype).pin_memory().to(device, non_blocking=True)
+    return tensor.to(device=device, dtype=dtype)
 
 
 def _token_counts(id_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -178,11 +190,7 @@ class Sampler:
         processed = raw if plain else process_logits(raw, rows)  # plain: read only, no copy
         if mask_fn is not None:
             mask_fn(processed)
-        tokens = processed.argmax(dim=-1)
-        sampled_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
-        if sampled_rows:
-            index = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
-            tokens[index] = self._sample_rows(processed[index], [rows[i] for i in sampled_rows])
+        tokens = self._choose(processed, rows)
         token_list = tokens.tolist()
         if not plain:  # only bans and masks can leave a row without a token
             for i, ok in enumerate((processed.amax(dim=-1) > float("-inf")).tolist()):
@@ -194,11 +202,39 @@ class Sampler:
             for token, lp in zip(token_list, logprobs)
         ]
 
+    def sample_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """[B] int64 token ids on logits' device, the same as `sample` would choose, without waiting
+        for the device. Rows may carry bans (`banned_token_ids`) but no penalties or logprobs."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits must be [len(rows), V]; got {tuple(logits.shape)} for {len(rows)} rows")
+        raw = logits.to(torch.float32)
+        vocab_size = raw.shape[-1]
+        ban_rows, ban_ids = [], []
+        for i, row in enumerate(rows):
+            for t in row.banned_token_ids:
+                if 0 <= t < vocab_size:
+                    ban_rows.append(i)
+                    ban_ids.append(t)
+        if ban_rows:
+            index = to_device(ban_rows + ban_ids, torch.long, raw.device)
+            n = len(ban_rows)
+            raw = raw.index_put((index[:n], index[n:]), raw.new_full((n,), float("-inf")))
+        return self._choose(raw, rows)
+
+    def _choose(self, processed: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Greedy rows: argmax; the others: `_sample_rows`. [B] int64 on the logits' device."""
+        tokens = processed.argmax(dim=-1)
+        sampled_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if sampled_rows:
+            index = to_device(sampled_rows, torch.long, processed.device)
+            tokens[index] = self._sample_rows(processed[index], [rows[i] for i in sampled_rows])
+        return tokens
+
     def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature, top-k / top-p / min-p and a random draw for the non-greedy rows."""
         device = logits.device
         vocab_size = logits.shape[-1]
-        temperature = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32, device=device)
+        temperature = to_device([r.params.temperature for r in rows], torch.float32, device)
         logits = logits / temperature.unsqueeze(1)
         top_k = [r.params.top_k if 0 < r.params.top_k < vocab_size else vocab_size for r in rows]
         top_p = [r.params.top_p for r in rows]
@@ -206,11 +242,11 @@ class Sampler:
         if any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p) or any(p > 0.0 for p in min_p):
             logits = filter_logits(
                 logits,
-                torch.tensor(top_k, dtype=torch.long, device=device),
-                torch.tensor(top_p, dtype=torch.float32, device=device),
-                torch.tensor(min_p, dtype=torch.float32, device=device),
+                to_device(top_k, torch.long, device),
+                to_device(top_p, torch.float32, device),
+                to_device(min_p, torch.float32, device),
             )
-        return sample_from_probs(logits.softmax(dim=-1), self._uniforms(rows))
+        return sample_from_probs(logits.softmax(dim=-1), to_device(self._uniforms(rows), torch.float64, device))
 
     @staticmethod
     def _uniforms(rows: list[SamplingRow]) -> torch.Tensor:

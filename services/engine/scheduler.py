@@ -200,7 +200,10 @@ class Scheduler:
         request.num_computed_tokens = 0
 
     def finish(self, request: Request) -> None:
-        """Retire a finished request from the running batch."""
+        """Retire a finished request from the running batch (or from the queue: with overlap
+        scheduling a request can be preempted in the step after the one that finished it)."""
         if request in self.running:
             self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
         self.release(request, cache_tokens=True)
