@@ -108,8 +108,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             transfer.forget(rid)
             if state.name != "SUCCESS":
                 raise BatonError(ErrorCode.TRANSFER_FAILED, f"KV for {rid} did not arrive (state {state.name})")
-        except BaseException:
+        except asyncio.CancelledError:  # the client went away: release without waiting
             thread.submit(lambda e: e.cancel_reservation(rid))
+            raise
+        except BaseException:
+            # released before the error reaches the caller, so a retry finds the memory free
+            await thread.call(lambda e: e.cancel_reservation(rid))
             runtime.metrics.transfer_failures.labels(role="decode", backend=runtime.config.transfer).inc()
             runtime.transfer_failures += 1
             raise
