@@ -21,7 +21,6 @@ import copy
 import datetime
 import gc
 import os
-import platform
 import random
 import shlex
 import sys
@@ -33,6 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from bench.machine import describe_machine  # noqa: E402
 
 NUM_CHECKED = 4
 """Prompts whose Baton tokens are compared with unpadded HF greedy tokens."""
@@ -134,17 +135,8 @@ def side(seconds: float, input_tokens: int, output_tokens: int) -> dict[str, flo
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     import transformers
-    return f"{cpu}, {cores} cores, torch {torch.__version__}, transformers {transformers.__version__}"
+    return describe_machine(f"transformers {transformers.__version__}")
 
 
 def table(result: dict[str, Any]) -> str:

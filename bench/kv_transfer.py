@@ -41,6 +41,8 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")  # before anything imports nixl (
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.machine import describe_machine  # noqa: E402
+
 from services.engine.kv_cache import KVCache, KVLayout  # noqa: E402
 
 TOKEN_BYTES = 2 * 8 * 128 * 2  # K+V bytes of one token of the 1-layer layout (8 heads x 128 x float16)
@@ -244,12 +246,6 @@ def summary(rows: list[dict[str, Any]], args) -> str:
             f"receiver noticing the transfer.")
 
 
-def machine() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the benchmark; prints the table, optionally appends to --results; returns the rows."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -262,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     for r in rows:
         r["ratio"] = r["gbps"] / ref[r["block_bytes"]]
     exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
-    result = {"command": f"{exe} -m bench.kv_transfer {shlex.join(argv)}".strip(), "machine": machine(),
+    result = {"command": f"{exe} -m bench.kv_transfer {shlex.join(argv)}".strip(), "machine": describe_machine(),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rows": rows}
     print(table(rows), summary(rows, args), sep="\n\n")
     if any(not r["verified"] or r["expected_bytes"] != r["bytes"] or r["expected_bytes"] != r["bytes_received"]

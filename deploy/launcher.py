@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Callable, Optional
 
 from services.common.server import free_port, wait_for_health
 from services.engine.config import EngineConfig
@@ -117,16 +117,7 @@ class Cluster:
         asyncio.run(wait_for_health(address, max(1.0, deadline - time.monotonic())))
 
     def _wait_http(self, url: str, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            self._check_alive()
-            try:
-                with urllib.request.urlopen(url, timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{url} did not answer 200 within the start-up timeout")
+        wait_http_ok(url, deadline, self._check_alive)
 
     def _check_alive(self) -> None:
         for name, proc in self.procs:
@@ -158,6 +149,22 @@ class Cluster:
                         return "the router exited"
             time.sleep(0.2)
         return None
+
+
+def wait_http_ok(url: str, deadline: float, check_alive: Callable[[], None] = lambda: None,
+                 interval_s: float = 0.2) -> None:
+    """Poll `url` until it answers 200 or the monotonic `deadline` passes (TimeoutError);
+    `check_alive` runs before every try and raises when the process behind it died."""
+    while time.monotonic() < deadline:
+        check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(interval_s)
+    raise TimeoutError(f"{url} did not answer 200 in time")
 
 
 def run_up(up: UpConfig, engine: EngineConfig) -> int:

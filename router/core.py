@@ -83,8 +83,12 @@ class RouterCore:
         await self.registry.stop()
 
     async def refresh_worker_loads(self) -> None:
-        """Ask every worker for a fresh load report now (before a metrics scrape)."""
+        """Before a metrics scrape: fresh load reports from every worker, and the health and
+        breaker gauges set from them."""
         await self.registry.check_all()
+        for entry in self.registry.workers.values():
+            self.metrics.worker_healthy.labels(worker=entry.address, role=entry.role.value).set(int(entry.healthy))
+            self.metrics.breaker_open.labels(worker=entry.address).set(int(entry.breaker.state != "closed"))
 
     def is_serving(self) -> bool:
         """True when at least one decode worker is healthy."""
@@ -100,8 +104,6 @@ class RouterCore:
                          "load": {"running_requests": load.running_requests, "queued_requests": load.queued_requests,
                                   "running_tokens": load.running_tokens, "queued_tokens": load.queued_tokens,
                                   "kv_usage": round(load.kv_usage, 4), "prefix_hit_rate": round(load.prefix_hit_rate, 4)}})
-            self.metrics.worker_healthy.labels(worker=entry.address, role=entry.role.value).set(int(entry.healthy))
-            self.metrics.breaker_open.labels(worker=entry.address).set(int(entry.breaker.state != "closed"))
         return rows
 
     async def abort(self, request_id: str) -> None:

@@ -70,8 +70,9 @@ class RadixCache:
         """Tokens matched / tokens looked up since start (0 when nothing was looked up)."""
         return self.tokens_matched / self.tokens_looked_up if self.tokens_looked_up else 0.0
 
-    def match_prefix(self, tokens: Sequence[int]) -> PrefixMatch:
-        """Longest cached whole-page prefix of `tokens`; splits a node so the match ends on one."""
+    def match_prefix(self, tokens: Sequence[int], count: bool = True) -> PrefixMatch:
+        """Longest cached whole-page prefix of `tokens`; splits a node so the match ends on one.
+        `count=False` leaves the hit statistics alone (a look-ahead, not a use)."""
         page = self.page_size
         usable = len(tokens) - len(tokens) % page
         node, blocks, pos = self.root, [], 0
@@ -87,8 +88,9 @@ class RadixCache:
             blocks.extend(child.blocks)
             pos += len(child.key)
             node = child
-        self.tokens_looked_up += len(tokens)
-        self.tokens_matched += pos
+        if count:
+            self.tokens_looked_up += len(tokens)
+            self.tokens_matched += pos
         return PrefixMatch(blocks=blocks, node=node)
 
     # --- updates -------------------------------------------------------------------

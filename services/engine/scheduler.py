@@ -118,11 +118,7 @@ class Scheduler:
         return queue
 
     def _peek_prefix_len(self, request: Request) -> int:
-        tokens = request.all_token_ids[:-1]
-        saved = (self.cache.tokens_looked_up, self.cache.tokens_matched)
-        length = self.cache.match_prefix(tokens).num_blocks * self.page_size
-        self.cache.tokens_looked_up, self.cache.tokens_matched = saved
-        return length
+        return self.cache.match_prefix(request.all_token_ids[:-1], count=False).num_blocks * self.page_size
 
     # --- blocks --------------------------------------------------------------------
     def _blocks_needed(self, request: Request, n: int) -> int:

@@ -52,14 +52,19 @@ class WorkerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         """Signal the worker and wait for it; returns its exit code (killed if it hangs)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
+
+
+def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> int:
+    """Signal a process and wait for it (SIGKILL if it outlives `timeout`); its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
 
 
 def start_worker(role: str, model: Path | str, tmp: Path, transfer: str = "tcp", port: int = 0,
@@ -108,14 +113,7 @@ class RouterProcess:
         return self.log_path.read_text()
 
     def stop(self, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_process(self.proc, signal.SIGTERM, timeout)
 
 
 def start_router(model: Path | str, tmp: Path, prefill: list[str], decode: list[str],
@@ -138,15 +136,13 @@ def start_router(model: Path | str, tmp: Path, prefill: list[str], decode: list[
 def wait_http_ok(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90) -> None:
     """Poll an HTTP URL until it answers 200 (fails with the process log otherwise)."""
     import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    from deploy.launcher import wait_http_ok as poll
+
+    def alive() -> None:
         if proc.poll() is not None:
             raise AssertionError(f"process exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} not healthy:\n{log_path.read_text()[-3000:]}")
+    try:
+        poll(url, time.monotonic() + timeout, alive, interval_s=0.1)
+    except TimeoutError:
+        raise AssertionError(f"{url} not healthy:\n{log_path.read_text()[-3000:]}") from None
