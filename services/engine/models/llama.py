@@ -10,6 +10,8 @@ separate ones (`hf_tensors` maps Hugging Face's names onto their row slices, so 
 safetensors load) and runs each layer through the Triton kernels of `triton_ops`: RMSNorm
 fused with the residual add, RoPE fused with the KV-cache store, SiLU fused with the
 multiply; the attention backend then reads every key from the cache (`backend.attend`).
+At one token a step the projections (and the LM head) run as Triton GEMVs
+(`models.gemv`), the down projection computing SiLU * up itself.
 """
 from __future__ import annotations
 
@@ -71,9 +73,10 @@ class Attention(nn.Module):
 
     def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
+        from services.engine.models.gemv import linear
         from services.engine.models.triton_ops import rope_and_store
         tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = linear(x, self.qkv_proj)
         if self.qk_norm:
             q = self.q_norm(qkv[:, :self.q_width].view(tokens, self.num_heads, self.head_dim))
             k = self.k_norm(qkv[:, self.q_width:self.q_width + self.kv_width].view(tokens, self.num_kv_heads,
@@ -83,7 +86,7 @@ class Attention(nn.Module):
         cache = backend.kv_cache
         q = rope_and_store(qkv, cos, sin, meta.slot_mapping, cache.keys[self.layer], cache.values[self.layer],
                            self.num_heads, self.num_kv_heads, self.head_dim)
-        return self.o_proj(backend.attend(self.layer, q, meta))
+        return linear(backend.attend(self.layer, q, meta), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -102,8 +105,12 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        from services.engine.models.gemv import PRO_SILU_MUL, gemv, linear, use_gemv
         from services.engine.models.triton_ops import silu_and_mul
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = linear(x, self.gate_up_proj)
+        if use_gemv(x, self.down_proj.weight):  # a few tokens: SiLU * up inside the down GEMV
+            return gemv(gate_up, self.down_proj.weight, PRO_SILU_MUL)
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -173,6 +180,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] for the selected hidden states."""
+        if self.fused:
+            from services.engine.models.gemv import linear
+            return linear(hidden, self.lm_head)
         return self.lm_head(hidden)
 
     def hf_tensors(self) -> dict[str, torch.Tensor]:
