@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
     llm = LLM(model=args.model, **options)
     res["engine" + args.tag] = {"load_s": time.time() - t, "options": options,
                      "kv_tokens": llm.engine.pool.num_blocks * llm.engine.config.page_size,
-                     "graph_bs": llm.engine.runner.graph_bs}
+                     "graph_bs": llm.engine.runner.graph_bs,
+                     "gemv_choices": getattr(llm.engine.runner.model, "gemv_choices", None)}
     print("engine", json.dumps(res["engine" + args.tag]), flush=True)
     save()
     table = {"a": section_a, "d": section_d, "c": section_c, "b": section_b}

@@ -119,6 +119,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     dtype = resolve_dtype(config, device, model_config.torch_dtype)
     tokenizer = load_tokenizer(path)
     model = load_model(path, model_config, dtype, device)
+    if device.type == "cuda" and model.fused and dtype in (torch.bfloat16, torch.float16):
+        from services.engine.models.gemv_tuning import tune_model
+        model.gemv_choices = tune_model(model)  # cuBLAS or Triton per projection, measured on this GPU
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the KV pool is sized from free memory: return loader leftovers
     max_model_len = min(config.max_model_len or model_config.max_position_embeddings,

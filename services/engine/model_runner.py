@@ -286,17 +286,17 @@ class ModelRunner:
         self._static.copy_(self._host)
 
     def _graph_forward(self, bs: int, plan) -> None:
-        from services.engine.models.gemv import gemv, use_gemv
+        from services.engine.models.gemv import gemv, layer_config, wants_gemv
         meta = AttentionMetadata(seqs=[], slot_mapping=self._s_slots[:bs], sliding_window=self.sliding_window,
                                  plan=plan, page_size=self.page_size)
         gidx = self._s_gidx[:bs]  # rows whose token is the previous step's, still on the GPU
         ids = torch.where(gidx >= 0, self.prev_tokens.index_select(0, gidx.clamp(min=0)), self._s_ids[:bs])
         hidden = self.model(ids, self._s_pos[:bs], self.backend, meta)
-        head = self.model.lm_head.weight
-        if use_gemv(hidden, head):
-            gemv(hidden, head, out=self._s_logits[:bs])
+        head = self.model.lm_head
+        if wants_gemv(hidden, head):
+            gemv(hidden, head.weight, config=layer_config(head), out=self._s_logits[:bs])
         else:
-            torch.mm(hidden, head.t(), out=self._s_logits[:bs])
+            torch.mm(hidden, head.weight.t(), out=self._s_logits[:bs])
 
     def _execute_graph(self, items: list[ScheduledItem]) -> torch.Tensor:
         n = len(items)

@@ -110,3 +110,25 @@ def test_bf16_decode_steps_through_gemv_close_to_transformers(family: str, graph
             err_cublas = float((got[row] - cublas[row]).norm() / cublas[row].norm())
             print(f"{family} batch {len(batch)} row {row}: vs transformers {err:.2e}, vs cuBLAS {err_cublas:.2e}")
             assert err < 3e-2 and err_cublas < 3e-2
+
+
+def test_startup_tuning_marks_every_projection(tmp_path) -> None:
+    """A bf16 engine on CUDA measured each projection kind at start: every projection carries
+    the choice (a candidate Triton config or None for cuBLAS), the same within a kind, and
+    greedy decoding through those choices still runs and stays in the vocabulary."""
+    from services.engine import LLM, SamplingParams
+    from services.engine.models.gemv_tuning import CANDIDATES
+    from tests.helpers.tiny_models import VOCAB, make_tiny_model
+
+    folder = make_tiny_model("llama", tmp_path / "llama")
+    llm = LLM(model=str(folder), device="cuda", dtype="bfloat16", kv_cache_tokens=4096, cuda_graph_max_bs=4)
+    model = llm.engine.runner.model
+    assert set(model.gemv_choices) == {"qkv", "o", "gate_up", "down", "lm_head"}
+    for choice in model.gemv_choices.values():
+        assert choice is None or (choice[0], choice[2], choice[3]) in {(c[0], c[2], c[3]) for c in CANDIDATES}
+    for layer in model.model.layers:
+        assert layer.self_attn.qkv_proj.gemv_config == model.gemv_choices["qkv"]
+        assert layer.mlp.down_proj.gemv_config == model.gemv_choices["down"]
+    assert model.lm_head.gemv_config == model.gemv_choices["lm_head"]
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 8 and all(0 <= t < VOCAB for t in out[0].outputs[0].token_ids)

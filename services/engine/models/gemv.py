@@ -116,8 +116,19 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and 1 <= x.shape[0] <= AUTO_GEMV_ROWS and weight.stride(1) == 1 and x.stride(1) == 1)
 
 
+def wants_gemv(x: torch.Tensor, layer: torch.nn.Module) -> bool:
+    """`use_gemv`, unless start-up tuning (`gemv_tuning`) found cuBLAS faster for this layer
+    (its `gemv_config` is None; an untuned layer has none and uses the default config)."""
+    return getattr(layer, "gemv_config", ()) is not None and use_gemv(x, layer.weight)
+
+
+def layer_config(layer: torch.nn.Module) -> tuple[int, int, int, int] | None:
+    """The tuned Triton config of a layer, or None for `gemv_config`'s default."""
+    return getattr(layer, "gemv_config", ()) or None
+
+
 def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """layer(x), through `gemv` when it pays (`use_gemv`), else through cuBLAS."""
-    if use_gemv(x, layer.weight):
-        return gemv(x, layer.weight, bias=layer.bias)
+    """layer(x), through `gemv` when it pays (`wants_gemv`), else through cuBLAS."""
+    if wants_gemv(x, layer):
+        return gemv(x, layer.weight, bias=layer.bias, config=layer_config(layer))
     return layer(x)

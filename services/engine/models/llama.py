@@ -11,7 +11,8 @@ safetensors load) and runs each layer through the Triton kernels of `triton_ops`
 fused with the residual add, RoPE fused with the KV-cache store, SiLU fused with the
 multiply; the attention backend then reads every key from the cache (`backend.attend`).
 At one token a step the projections (and the LM head) run as Triton GEMVs
-(`models.gemv`), the down projection computing SiLU * up itself.
+(`models.gemv`), the down projection computing SiLU * up itself, wherever start-up tuning
+(`models.gemv_tuning`) found them faster than cuBLAS on this GPU.
 """
 from __future__ import annotations
 
@@ -105,11 +106,11 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        from services.engine.models.gemv import PRO_SILU_MUL, gemv, linear, use_gemv
+        from services.engine.models.gemv import PRO_SILU_MUL, gemv, layer_config, linear, wants_gemv
         from services.engine.models.triton_ops import silu_and_mul
         gate_up = linear(x, self.gate_up_proj)
-        if use_gemv(x, self.down_proj.weight):  # a few tokens: SiLU * up inside the down GEMV
-            return gemv(gate_up, self.down_proj.weight, PRO_SILU_MUL)
+        if wants_gemv(x, self.down_proj):  # one token: SiLU * up inside the down GEMV
+            return gemv(gate_up, self.down_proj.weight, PRO_SILU_MUL, config=layer_config(self.down_proj))
         return self.down_proj(silu_and_mul(gate_up))
 
 
