@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from bench.gpu_engine import ceilings, greedy, median_ms
+from bench.gpu_engine import ceilings, greedy
+from services.engine.models.gemv_tuning import graph_ms
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
@@ -36,16 +37,6 @@ CONFIGS = [(bn, bk, w, s) for bn in (1, 2, 4, 8, 16) for bk in (256, 512, 1024) 
 
 def _rotating(n: int, k: int, copies: int) -> list[torch.Tensor]:
     return [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
-
-
-def graph_ms(fn) -> float:
-    """Median GPU time of one replay of `fn` captured in a CUDA graph (no launch gaps from the host)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return median_ms(graph.replay, warmup=3, reps=10)
 
 
 def gemv_sweep(copy_bw: float) -> dict[str, Any]:
@@ -59,11 +50,11 @@ def gemv_sweep(copy_bw: float) -> dict[str, Any]:
         x = torch.randn(1, 2 * k if pro else k, dtype=torch.bfloat16, device="cuda")
         xin = x[:, :k].contiguous()
         nbytes = n * k * 2 * copies
-        row = {"cublas_tb_s": nbytes / graph_ms(lambda: [torch.mm(xin, w.t()) for w in weights]) / 1e9}
+        row = {"cublas_tb_s": nbytes / graph_ms(lambda: [torch.mm(xin, w.t()) for w in weights], replays=10) / 1e9}
         rates = {}
         for cfg in CONFIGS:
             try:
-                ms = graph_ms(lambda: [gemv(x, w, pro, config=cfg) for w in weights])
+                ms = graph_ms(lambda: [gemv(x, w, pro, config=cfg) for w in weights], replays=10)
             except Exception as error:  # noqa: BLE001 - a config the compiler refuses is skipped
                 row.setdefault("errors", []).append(f"{cfg}: {type(error).__name__}")
                 continue
@@ -113,7 +104,7 @@ def layer_chain(copy_bw: float, rows: int = 1, layers: int = 32) -> dict[str, An
 
     out: dict[str, Any] = {"rows": rows, "bytes": nbytes, "limit_ms": nbytes / copy_bw * 1e3}
     for label, fn in (("cublas", cublas), ("triton", triton_chain)):
-        ms = graph_ms(fn)
+        ms = graph_ms(fn, replays=10)
         out[label] = {"ms": ms, "of_limit": out["limit_ms"] / ms}
     print("chain", json.dumps(out), flush=True)
     del weights

@@ -21,7 +21,8 @@ CANDIDATES = ((2, 1024, 4, 1), (4, 1024, 4, 1), (8, 512, 4, 3), (8, 1024, 4, 1))
 """Triton tile configs tried against cuBLAS: the best ones of the H100 and H200 sweeps."""
 
 
-def _graph_ms(fn: Callable[[], None], replays: int = 5) -> float:
+def graph_ms(fn: Callable[[], None], replays: int = 5) -> float:
+    """Median GPU time of one replay of `fn` captured in a CUDA graph (no host launch gaps)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -65,12 +66,12 @@ def choose(layers: Sequence[nn.Linear], prologue: int = PRO_NONE) -> Optional[tu
             inp = silu_and_mul(x) if prologue == PRO_SILU_MUL else x
             torch.nn.functional.linear(inp, layer.weight, layer.bias)
 
-    best_ms, best = _graph_ms(cublas), None
+    best_ms, best = graph_ms(cublas), None
     for cfg in _configs(k):
         def triton(cfg=cfg) -> None:
             for layer in layers:
                 gemv(x, layer.weight, prologue, bias=layer.bias, config=cfg)
-        ms = _graph_ms(triton)
+        ms = graph_ms(triton)
         if ms < best_ms:
             best_ms, best = ms, cfg
     return best

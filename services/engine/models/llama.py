@@ -109,7 +109,7 @@ class MLP(nn.Module):
         from services.engine.models.gemv import PRO_SILU_MUL, gemv, layer_config, linear, wants_gemv
         from services.engine.models.triton_ops import silu_and_mul
         gate_up = linear(x, self.gate_up_proj)
-        if wants_gemv(x, self.down_proj):  # one token: SiLU * up inside the down GEMV
+        if wants_gemv(gate_up, self.down_proj):  # one token: SiLU * up inside the down GEMV
             return gemv(gate_up, self.down_proj.weight, PRO_SILU_MUL, config=layer_config(self.down_proj))
         return self.down_proj(silu_and_mul(gate_up))
 
