@@ -1,6 +1,6 @@
 """Paged-attention kernel timings on CUDA: the Triton decode / extend kernels against torch.
 
-    python -m bench.attention_kernels [--quick]
+    python -m baton.bench.attention_kernels [--quick]
 
 References, measured in the same run on the same GPU:
 - torch-paged: what the engine's torch backend does (gather K/V from the paged cache by
@@ -32,7 +32,7 @@ def paged_setup(batch: int, ctx: int, heads: int, kv_heads: int, dim: int, page:
 def bench_decode(batch: int, ctx: int, heads: int, kv_heads: int, dim: int, page: int, dtype: torch.dtype):
     from triton.testing import do_bench
 
-    from services.engine.attention.triton_kernels import decode_attention, num_decode_splits
+    from baton.services.engine.attention.triton_kernels import decode_attention, num_decode_splits
     k, v, table, lens = paged_setup(batch, ctx, heads, kv_heads, dim, page, dtype)
     q = torch.randn(batch, heads, dim, device="cuda", dtype=dtype)
     scale = dim ** -0.5
@@ -82,7 +82,7 @@ def bench_extend(q_len: int, prefix: int, heads: int, kv_heads: int, dim: int, p
                  configs: list | None = None):
     from triton.testing import do_bench
 
-    from services.engine.attention.triton_kernels import extend_attention, extend_config, extend_tiles
+    from baton.services.engine.attention.triton_kernels import extend_attention, extend_config, extend_tiles
     ctx = prefix + q_len
     k, v, table, _ = paged_setup(1, ctx, heads, kv_heads, dim, page, dtype)
     q = torch.randn(q_len, heads, dim, device="cuda", dtype=dtype)

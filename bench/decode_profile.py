@@ -13,7 +13,7 @@ $OUT/decode_profile.json:
 - `profile` (`--model`): batch-1 greedy decode of the engine under torch.profiler, the GPU
   time per step by kernel and the gaps between kernels.
 
-    python3 -m bench.decode_profile --parts sweep,chain,profile --model /tmp/m8b
+    python3 -m baton.bench.decode_profile --parts sweep,chain,profile --model /tmp/m8b
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from bench.gpu_engine import ceilings, greedy
-from services.engine.models.gemv_tuning import graph_ms
+from baton.bench.gpu_engine import ceilings, greedy
+from baton.services.engine.models.gemv_tuning import graph_ms
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
@@ -41,7 +41,7 @@ def _rotating(n: int, k: int, copies: int) -> list[torch.Tensor]:
 
 def gemv_sweep(copy_bw: float) -> dict[str, Any]:
     """Per shape: 16 GEMVs over 16 weight copies in one CUDA graph, cuBLAS vs every Triton config."""
-    from services.engine.models.gemv import PRO_SILU_MUL, gemv
+    from baton.services.engine.models.gemv import PRO_SILU_MUL, gemv
     out: dict[str, Any] = {}
     for name, (n, k) in SHAPES.items():
         copies = 1 if name == "lm_head" else 16
@@ -73,15 +73,15 @@ def gemv_sweep(copy_bw: float) -> dict[str, Any]:
 
 
 def _silu(x: torch.Tensor, k: int) -> torch.Tensor:
-    from services.engine.models.triton_ops import silu_and_mul
+    from baton.services.engine.models.triton_ops import silu_and_mul
     return silu_and_mul(x)
 
 
 def layer_chain(copy_bw: float, rows: int = 1, layers: int = 32) -> dict[str, Any]:
     """32 layers of qkv, o, gate_up, (silu,) down for `rows` tokens in one CUDA graph: cuBLAS
     (+ silu_and_mul) against the Triton GEMV with its default configs and fused SiLU."""
-    from services.engine.models.gemv import PRO_SILU_MUL, gemv
-    from services.engine.models.triton_ops import silu_and_mul
+    from baton.services.engine.models.gemv import PRO_SILU_MUL, gemv
+    from baton.services.engine.models.triton_ops import silu_and_mul
     names = ("qkv", "o", "gate_up", "down")
     weights = [{nm: torch.randn(*SHAPES[nm], dtype=torch.bfloat16, device="cuda") * 0.02 for nm in names}
                for _ in range(layers)]
@@ -115,7 +115,7 @@ def layer_chain(copy_bw: float, rows: int = 1, layers: int = 32) -> dict[str, An
 def profile_decode(model: str, steps: int = 24, engine_options: str = "") -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
-    from services.engine import LLM
+    from baton.services.engine import LLM
     options = dict(device="cuda", skip_tokenizer_init=True)
     options.update(json.loads(engine_options or "{}"))
     llm = LLM(model=model, **options)
@@ -153,7 +153,7 @@ def profile_decode(model: str, steps: int = 24, engine_options: str = "") -> dic
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.decode_profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m baton.bench.decode_profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="sweep,chain,profile")
     p.add_argument("--model", default="/tmp/m8b")
     p.add_argument("--engine", default="", help="extra EngineConfig options as JSON (profile part)")

@@ -10,9 +10,9 @@ num_prompts * output_len tokens. Reports per side total seconds, output tokens/s
 correctness check, Baton's tokens for the first 4 prompts are compared with HF's greedy
 tokens for the same prompts run unpadded one by one.
 
-    .venv/bin/python -m bench.engine                     # SmolLM2-135M, 32 prompts, 64 tokens
-    .venv/bin/python -m bench.engine --quick             # smoke test: 8 prompts, 16 tokens
-    .venv/bin/python -m bench.engine --results bench/RESULTS.md
+    .venv/bin/python -m baton.bench.engine                     # SmolLM2-135M, 32 prompts, 64 tokens
+    .venv/bin/python -m baton.bench.engine --quick             # smoke test: 8 prompts, 16 tokens
+    .venv/bin/python -m baton.bench.engine --results bench/RESULTS.md
 """
 from __future__ import annotations
 
@@ -33,14 +33,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.machine import describe_machine  # noqa: E402
+from baton.bench.machine import describe_machine  # noqa: E402
 
 NUM_CHECKED = 4
 """Prompts whose Baton tokens are compared with unpadded HF greedy tokens."""
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m baton.bench.engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="", help="HF model folder; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--min-input", type=int, default=16, help="shortest prompt, in tokens")
@@ -71,7 +71,7 @@ def make_prompts(num: int, min_len: int, max_len: int, vocab_size: int, seed: in
 def run_baton(model: str, prompts: list[list[int]], warmup: list[int], output_len: int,
               threads: int) -> tuple[float, list[list[int]]]:
     """Seconds of one `LLM.generate` over all prompts (after a warm-up) and the generated tokens."""
-    from services.engine import LLM, SamplingParams
+    from baton.services.engine import LLM, SamplingParams
     llm = LLM(model=model, num_threads=threads)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([warmup], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
@@ -177,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
     model = args.model
     if not model:
-        from services.engine.default_model import ensure_default_model
+        from baton.services.engine.default_model import ensure_default_model
         model = str(ensure_default_model())
     vocab = AutoConfig.from_pretrained(model).vocab_size
     prompts = make_prompts(args.num_prompts, args.min_input, args.max_input, vocab, args.seed)

@@ -26,9 +26,9 @@ and prints the two side by side; `--rounds 2` runs everything twice and keeps th
 
 Every section writes into $OUT/gpu_engine.json (or --json); the last invocation prints the table.
 
-    python3 -m bench.gpu_engine --make-model /tmp/m8b
-    python3 -m bench.gpu_engine --model /tmp/m8b --sections ceil,a,d,c,b
-    python3 -m bench.gpu_engine --model /tmp/m8b --hf
+    python3 -m baton.bench.gpu_engine --make-model /tmp/m8b
+    python3 -m baton.bench.gpu_engine --model /tmp/m8b --sections ceil,a,d,c,b
+    python3 -m baton.bench.gpu_engine --model /tmp/m8b --hf
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.gpu_report import overlap_table, report, vllm_reference  # noqa: E402
+from baton.bench.gpu_report import overlap_table, report, vllm_reference  # noqa: E402
 
 
 def make_model(out: str) -> dict[str, Any]:
@@ -126,7 +126,7 @@ def workloads() -> tuple[tuple[list[list[int]], list[int]], tuple[list[list[int]
 
 
 def greedy(max_tokens: int):
-    from services.engine import SamplingParams
+    from baton.services.engine import SamplingParams
     return SamplingParams(temperature=0.0, max_tokens=int(max_tokens), ignore_eos=True)
 
 
@@ -214,8 +214,8 @@ def section_d(llm, res: dict, batch: int = 256, steps: int = 40) -> dict:
 
 
 def section_c(llm, res: dict, prompts: int = 8, length: int = 4096) -> dict:
-    from services.engine.request import Request
-    from services.engine.scheduler import ScheduledItem
+    from baton.services.engine.request import Request
+    from baton.services.engine.scheduler import ScheduledItem
     engine = llm.engine
     cfg = engine.model_config
     rng = random.Random(4)
@@ -271,7 +271,7 @@ HF_SCRIPT = r'''
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 sys.path.insert(0, sys.argv[2])
-from bench.gpu_engine import workloads
+from baton.bench.gpu_engine import workloads
 w1, w2 = workloads()
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, device_map="cuda",
                                          attn_implementation="paged|sdpa").eval()
@@ -295,7 +295,7 @@ def section_hf(model: str, timeout: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_engine", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m baton.bench.gpu_engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="/tmp/m8b")
     p.add_argument("--make-model", default="", help="build the random 8B model into this folder (if missing) and exit")
     p.add_argument("--sections", default="ceil,a,d,c,b")
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["ceil"] = ceilings()
         print("ceil", json.dumps(res["ceil"]), flush=True)
         save()
-    from services.engine import LLM
+    from baton.services.engine import LLM
     options = dict(device="cuda", skip_tokenizer_init=True)
     options.update(json.loads(args.engine or "{}"))
     t = time.time()

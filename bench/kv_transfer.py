@@ -18,9 +18,9 @@ compares with the sender's clock.
   reused: no page faults) buffer plus index_copy_ into the destination, measured alike.
 Every destination is checked to hold the source blocks' pattern afterwards.
 
-    .venv/bin/python -m bench.kv_transfer                  # tcp and nixl, 16 KiB .. 4 MiB
-    .venv/bin/python -m bench.kv_transfer --quick          # smoke run: 2 sizes, small totals
-    .venv/bin/python -m bench.kv_transfer --results bench/RESULTS.md
+    .venv/bin/python -m baton.bench.kv_transfer                  # tcp and nixl, 16 KiB .. 4 MiB
+    .venv/bin/python -m baton.bench.kv_transfer --quick          # smoke run: 2 sizes, small totals
+    .venv/bin/python -m baton.bench.kv_transfer --results bench/RESULTS.md
 """
 from __future__ import annotations
 
@@ -41,15 +41,15 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")  # before anything imports nixl (
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.machine import describe_machine  # noqa: E402
+from baton.bench.machine import describe_machine  # noqa: E402
 
-from services.engine.kv_cache import KVCache, KVLayout  # noqa: E402
+from baton.services.engine.kv_cache import KVCache, KVLayout  # noqa: E402
 
 TOKEN_BYTES = 2 * 8 * 128 * 2  # K+V bytes of one token of the 1-layer layout (8 heads x 128 x float16)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.kv_transfer", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m baton.bench.kv_transfer", description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="tcp,nixl", help="comma-separated transfer backends")
     p.add_argument("--sizes", default="16K,64K,256K,1M,4M", help="block sizes (K+V of one page, one layer)")
     p.add_argument("--blocks", type=int, default=16, help="blocks per write (one request)")
@@ -138,7 +138,7 @@ def memcpy_row(size: int, args) -> dict[str, Any]:
 def _receiver(backend: str, args, peer) -> None:
     """One engine per size; waits for each phase's transfers announced by the sender, reports times."""
     torch.set_num_threads(args.threads)
-    from services.transfer import TransferState, create_transfer_engine
+    from baton.services.transfer import TransferState, create_transfer_engine
     for size in args.size_list:
         engine = create_transfer_engine(backend, "bench-decode", KVCache(layout_for(size, args.blocks), "cpu"))
         peer.send(engine.descriptor().to_bytes())
@@ -161,7 +161,7 @@ def _sender(backend: str, args, peer, out) -> None:
     """Per size: connect, warm up, time the bandwidth batch and single hand-offs; rows go to `out`."""
     try:
         torch.set_num_threads(args.threads)
-        from services.transfer import PeerDescriptor, create_transfer_engine
+        from baton.services.transfer import PeerDescriptor, create_transfer_engine
         pairs = pairs_for(args.blocks)
         for size in args.size_list:
             engine = create_transfer_engine(backend, "bench-prefill", pattern_cache(layout_for(size, args.blocks)))

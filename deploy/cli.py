@@ -20,8 +20,8 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-from services.common.dataclass_flags import add_flags, from_args
-from services.engine.config import EngineConfig
+from baton.services.common.dataclass_flags import add_flags, from_args
+from baton.services.engine.config import EngineConfig
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from services.engine import LLM, SamplingParams, StructuredOutputParams
+    from baton.services.engine import LLM, SamplingParams, StructuredOutputParams
     structured = None
     if args.json_schema or args.regex:
         structured = StructuredOutputParams(json=args.json_schema, regex=args.regex)
@@ -71,8 +71,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    from services.common.server import ServerConfig
-    from services.common.worker_config import WorkerConfig
+    from baton.services.common.server import ServerConfig
+    from baton.services.common.worker_config import WorkerConfig
     p = sub.add_parser("serve", help="run one worker service (prefill or decode)")
     p.add_argument("role", choices=["prefill", "decode"], help="which service to run")
     add_flags(p, EngineConfig)
@@ -82,23 +82,23 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from services.common.server import ServerConfig
-    from services.common.worker_config import WorkerConfig
-    from services.common.worker_main import run_worker
+    from baton.services.common.server import ServerConfig
+    from baton.services.common.worker_config import WorkerConfig
+    from baton.services.common.worker_main import run_worker
     return run_worker(args.role, from_args(EngineConfig, args), from_args(ServerConfig, args),
                       from_args(WorkerConfig, args))
 
 
 def _router_parser(sub: argparse._SubParsersAction) -> None:
-    from router.config import RouterConfig
+    from baton.router.config import RouterConfig
     p = sub.add_parser("router", help="run the router: gRPC API + OpenAI-compatible HTTP gateway")
     add_flags(p, RouterConfig)
-    p.set_defaults(func=lambda args: __import__("router.main", fromlist=["run_router"]).run_router(
+    p.set_defaults(func=lambda args: __import__("baton.router.main", fromlist=["run_router"]).run_router(
         from_args(RouterConfig, args)))
 
 
 def _up_parser(sub: argparse._SubParsersAction) -> None:
-    from deploy.launcher import UpConfig
+    from baton.deploy.launcher import UpConfig
     p = sub.add_parser("up", help="start router + prefill + decode workers on this machine")
     add_flags(p, UpConfig)
     add_flags(p, EngineConfig)
@@ -106,12 +106,12 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from deploy.launcher import UpConfig, run_up
+    from baton.deploy.launcher import UpConfig, run_up
     return run_up(from_args(UpConfig, args), from_args(EngineConfig, args))
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    from bench.serving.config import BenchConfig
+    from baton.bench.serving.config import BenchConfig
     p = sub.add_parser("bench", help="measure a running server: TTFT, ITL, TPOT, E2E, throughput, goodput",
                        description="Online serving benchmark through the OpenAI streaming API (see bench/serving).")
     add_flags(p, BenchConfig)
@@ -119,8 +119,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from bench.serving.config import BenchConfig
-    from bench.serving.runner import main as bench_main
+    from baton.bench.serving.config import BenchConfig
+    from baton.bench.serving.runner import main as bench_main
     return bench_main(from_args(BenchConfig, args), command="baton " + shlex.join(args.cli_argv))
 
 

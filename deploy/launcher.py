@@ -18,9 +18,9 @@ import urllib.request
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
-from services.common.server import free_port, wait_for_health
-from services.engine.config import EngineConfig
-from services.engine.engine_setup import resolve_model_path
+from baton.services.common.server import free_port, wait_for_health
+from baton.services.engine.config import EngineConfig
+from baton.services.engine.engine_setup import resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Cluster:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         env = dict(os.environ, UCX_NET_DEVICES=os.environ.get("UCX_NET_DEVICES", "lo"))
-        proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "baton.deploy.cli", *args], env=env)
         self.procs.append((name, proc))
         return proc
 

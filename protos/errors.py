@@ -14,7 +14,7 @@ from typing import NoReturn, Optional
 
 import grpc
 
-from protos.baton.v1 import common_pb2
+from baton.protos.baton.v1 import common_pb2
 
 ErrorCode = common_pb2.ErrorCode
 """The protobuf enum of typed error codes (`ErrorCode.OVERLOADED`, `ErrorCode.Name(code)`, ...)."""

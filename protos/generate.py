@@ -1,14 +1,17 @@
 """Regenerates (or checks) the committed Python code of the wire contracts.
 
-Owns the one protoc invocation for `protos/baton/v1/*.proto`; it is exactly
+Owns the one protoc invocation for `protos/baton/v1/*.proto`. Installed, the folder
+`protos/` is the package `baton.protos`, so protoc runs on an include root where the
+repository's `protos/` appears as `baton/protos/` (a symbolic link in a temporary folder):
 
-    python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
-        protos/baton/v1/*.proto
+    python -m grpc_tools.protoc -I STAGE --python_out=OUT --pyi_out=OUT --grpc_python_out=OUT \
+        STAGE/baton/protos/baton/v1/*.proto
 
-run from the repository root (in a child process, see `generate`).
+(in a child process, see `generate`). The .proto files import each other by those paths, and
+the generated code imports `baton.protos.baton.v1.*`; the protobuf package stays `baton.v1`.
 
-    python -m protos.generate          # rewrite the generated files in place
-    python -m protos.generate --check  # exit 1 listing stale files; writes nothing
+    python -m baton.protos.generate          # rewrite the generated files in place
+    python -m baton.protos.generate --check  # exit 1 listing stale files; writes nothing
 
 `stale_files()` is what `--check` and `tests/unit/protos/test_protos_fresh.py` use.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 """The directory holding `protos/` (the protoc include root)."""
 PROTO_DIR = Path("protos/baton/v1")
 """Where the .proto files and their generated code live, relative to the repository root."""
+INSTALLED_PREFIX = Path("baton")
+"""What the repository's `protos/` is under in the installed namespace (`baton/protos`)."""
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 """The files protoc writes for each `name.proto`: name_pb2.py, name_pb2.pyi, name_pb2_grpc.py."""
 
@@ -47,17 +53,31 @@ def generate(out_dir: Path, root: Path = REPO_ROOT) -> list[Path]:
     if not protos:
         raise FileNotFoundError(f"no .proto files under {root / PROTO_DIR}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="baton-protoc-") as tmp:
+        stage, staged_out = Path(tmp) / "include", Path(tmp) / "out"
+        (stage / INSTALLED_PREFIX).mkdir(parents=True)
+        (stage / INSTALLED_PREFIX / "protos").symlink_to((root / "protos").resolve(), target_is_directory=True)
+        staged_out.mkdir()
+        _run_protoc(stage, staged_out, [INSTALLED_PREFIX / p for p in protos])
+        written = [out for p in protos for out in expected_outputs(p)]
+        for rel in written:
+            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(staged_out / INSTALLED_PREFIX / rel, out_dir / rel)
+    return written
+
+
+def _run_protoc(include: Path, out: Path, protos: list[Path]) -> None:
+    """protoc over `protos` (relative to `include`), Python + .pyi + gRPC output into `out`."""
     # protoc runs in a child process: grpc_tools' bundled C++ libraries, once loaded, crash a
     # later `import nixl` in the same process (clashing allocators: "munmap_chunk(): invalid pointer").
     script = ("import sys; from importlib import resources; from grpc_tools import protoc; "
               "sys.exit(protoc.main(sys.argv[1:] + ['-I' + str(resources.files('grpc_tools') / '_proto')]))")
-    argv = [sys.executable, "-c", script, "grpc_tools.protoc", f"-I{root}",
-            f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}",
-            *[str(root / p) for p in protos]]
+    argv = [sys.executable, "-c", script, "grpc_tools.protoc", f"-I{include}",
+            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}",
+            *[str(include / p) for p in protos]]
     rc = subprocess.run(argv, check=False).returncode
     if rc != 0:
         raise RuntimeError(f"protoc failed with exit status {rc} (its errors are on stderr)")
-    return [out for p in protos for out in expected_outputs(p)]
 
 
 def stale_files(root: Path = REPO_ROOT) -> list[str]:
@@ -83,7 +103,7 @@ def stale_files(root: Path = REPO_ROOT) -> list[str]:
 
 def main(argv: list[str] | None = None, root: Path = REPO_ROOT) -> int:
     """CLI entry point; returns the exit status (`root`: the repository to work on)."""
-    parser = argparse.ArgumentParser(prog="python -m protos.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m baton.protos.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
                         help="regenerate into a temporary folder and exit 1 listing stale files")
     args = parser.parse_args(argv)
@@ -92,7 +112,7 @@ def main(argv: list[str] | None = None, root: Path = REPO_ROOT) -> int:
         for line in problems:
             print(line)
         if problems:
-            print("regenerate with: python -m protos.generate", file=sys.stderr)
+            print("regenerate with: python -m baton.protos.generate", file=sys.stderr)
             return 1
         print(f"{len(proto_files(root))} proto files: generated code is fresh")
         return 0

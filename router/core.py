@@ -22,14 +22,14 @@ from typing import AsyncIterator, Optional
 
 import grpc
 
-from protos.baton.v1 import common_pb2, worker_pb2
-from protos.errors import BatonError, ErrorCode, error_from_rpc
-from router.config import RouterConfig
-from router.decider import DisaggDecider
-from router.metrics import RouterMetrics, WorkerCountersCollector
-from router.policies.base import make_policy
-from router.registry import WorkerEntry, WorkerRegistry
-from router.types import Chunk, Role, RouterError, RouterRequest
+from baton.protos.baton.v1 import common_pb2, worker_pb2
+from baton.protos.errors import BatonError, ErrorCode, error_from_rpc
+from baton.router.config import RouterConfig
+from baton.router.decider import DisaggDecider
+from baton.router.metrics import RouterMetrics, WorkerCountersCollector
+from baton.router.policies.base import make_policy
+from baton.router.registry import WorkerEntry, WorkerRegistry
+from baton.router.types import Chunk, Role, RouterError, RouterRequest
 
 RETRYABLE = {ErrorCode.OVERLOADED, ErrorCode.NOT_READY, ErrorCode.DRAINING, ErrorCode.PREFILL_FAILED,
              ErrorCode.TRANSFER_FAILED, ErrorCode.LAYOUT_MISMATCH, ErrorCode.INTERNAL, ErrorCode.NO_WORKER}

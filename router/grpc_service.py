@@ -7,10 +7,10 @@ import uuid
 
 import grpc
 
-from protos.baton.v1 import router_pb2, router_pb2_grpc, worker_pb2
-from protos.errors import BatonError, ErrorCode, abort_with
-from router.core import RouterCore
-from router.types import Role, RouterError, RouterRequest
+from baton.protos.baton.v1 import router_pb2, router_pb2_grpc, worker_pb2
+from baton.protos.errors import BatonError, ErrorCode, abort_with
+from baton.router.core import RouterCore
+from baton.router.types import Role, RouterError, RouterRequest
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):

@@ -12,10 +12,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.baton.v1 import router_pb2, router_pb2_grpc
-from router.config import RouterConfig
-from router.core import RouterCore
-from router.grpc_service import RouterServicer
+from baton.protos.baton.v1 import router_pb2, router_pb2_grpc
+from baton.router.config import RouterConfig
+from baton.router.core import RouterCore
+from baton.router.grpc_service import RouterServicer
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ async def start_grpc(core: RouterCore, host: str, port: int) -> tuple[grpc.aio.S
 
 async def serve_router(config: RouterConfig) -> int:
     """Run the router until a signal; returns the exit code."""
-    from router.gateway.server import serve_gateway
+    from baton.router.gateway.server import serve_gateway
     tokenizer, context = await asyncio.to_thread(load_tokenizer_and_context, config.model)
     core = RouterCore(config, tokenizer)
     core.max_model_len = context

@@ -17,10 +17,10 @@ from typing import Optional
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.baton.v1 import worker_pb2, worker_pb2_grpc
-from router.breaker import CircuitBreaker
-from router.config import RouterConfig
-from router.types import Role, WorkerView
+from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
+from baton.router.breaker import CircuitBreaker
+from baton.router.config import RouterConfig
+from baton.router.types import Role, WorkerView
 
 log = logging.getLogger(__name__)
 

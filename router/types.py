@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
-from protos.baton.v1 import common_pb2
+from baton.protos.baton.v1 import common_pb2
 
 
 class Role(enum.Enum):

@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from services.engine.default_model import ensure_default_model  # noqa: E402
+from baton.services.engine.default_model import ensure_default_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

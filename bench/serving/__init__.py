@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.serving.config import BenchConfig
+from baton.bench.serving.config import BenchConfig
 
 RESULT_SCHEMA_PATH = Path(__file__).with_name("result_schema.json")
 
@@ -24,7 +24,7 @@ RESULT_SCHEMA_PATH = Path(__file__).with_name("result_schema.json")
 def run(config: BenchConfig) -> dict:
     """Run a benchmark from Python and return its result document (nothing is written or plotted)."""
     import asyncio
-    from bench.serving.runner import run_benchmark
+    from baton.bench.serving.runner import run_benchmark
     return asyncio.run(run_benchmark(config))
 
 

@@ -1,7 +1,7 @@
-"""`python -m bench.serving ...` is `baton bench ...`."""
+"""`python -m baton.bench.serving ...` is `baton bench ...`."""
 import sys
 
-from deploy.cli import main
+from baton.deploy.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

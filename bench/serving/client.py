@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import openai
 
-from bench.serving.datasets import messages_to_text
-from bench.serving.metrics import RequestRecord
+from baton.bench.serving.datasets import messages_to_text
+from baton.bench.serving.metrics import RequestRecord
 
 
 def _http_module() -> Any:

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from bench.serving.config import BenchConfig
+from baton.bench.serving.config import BenchConfig
 
 WORDS = tuple("""
 the of and to in is that for it as was with be by on not he this are or his from at which but have an they

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.serving.metrics import cdf  # noqa: E402
+from baton.bench.serving.metrics import cdf  # noqa: E402
 
 
 def _label(run: dict) -> str:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-from bench.serving.metrics import RequestRecord
+from baton.bench.serving.metrics import RequestRecord
 
 WIDTH = 62
 

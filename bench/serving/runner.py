@@ -22,12 +22,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from bench.serving.client import BenchClient
-from bench.serving.config import BenchConfig, json_number
-from bench.serving.datasets import Session, build_dataset, describe, turn_messages, warmup_sessions
-from bench.serving.metrics import RequestRecord, summarize, throughput_over_time
-from bench.serving.report import Progress, format_summary, format_sweep, record_json, write_json
-from bench.serving.server_metrics import baton_report, parse
+from baton.bench.serving.client import BenchClient
+from baton.bench.serving.config import BenchConfig, json_number
+from baton.bench.serving.datasets import Session, build_dataset, describe, turn_messages, warmup_sessions
+from baton.bench.serving.metrics import RequestRecord, summarize, throughput_over_time
+from baton.bench.serving.report import Progress, format_summary, format_sweep, record_json, write_json
+from baton.bench.serving.server_metrics import baton_report, parse
 
 SCHEMA_VERSION = 1
 
@@ -167,7 +167,7 @@ def main(config: BenchConfig, command: str = "") -> int:
         print(format_sweep(doc["sweep"]), flush=True)
     doc["plots"] = []
     if config.plot:
-        from bench.serving.plots import write_plots
+        from baton.bench.serving.plots import write_plots
         doc["plots"] = write_plots(doc, config.plot)
         print(f"plots: {', '.join(doc['plots'])}", flush=True)
     if config.output:

@@ -6,7 +6,7 @@
   disconnect and abort; `app`: `create_app(core)`; `server`: `serve_gateway(core, host, port)`;
   `dashboard`: the live HTML page.
 """
-from router.gateway.app import create_app
-from router.gateway.server import GatewayServer, serve_gateway
+from baton.router.gateway.app import create_app
+from baton.router.gateway.server import GatewayServer, serve_gateway
 
 __all__ = ["create_app", "serve_gateway", "GatewayServer"]

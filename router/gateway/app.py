@@ -28,14 +28,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from router.gateway.convert import PreparedRequest, check_model, prepare_chat, prepare_completion
-from router.gateway.dashboard import dashboard_html
-from router.gateway.errors import ApiError, install_error_handlers
-from router.gateway.logprobs import TokenStrings
-from router.gateway.protocol import ChatCompletionRequest, CompletionRequest
-from router.gateway.relay import ClientDisconnected, Relay, sse_body
-from router.gateway.responses import ChatStream, Collector, CompletionStream, ResponseContext
-from router.types import RouterRequest
+from baton.router.gateway.convert import PreparedRequest, check_model, prepare_chat, prepare_completion
+from baton.router.gateway.dashboard import dashboard_html
+from baton.router.gateway.errors import ApiError, install_error_handlers
+from baton.router.gateway.logprobs import TokenStrings
+from baton.router.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from baton.router.gateway.relay import ClientDisconnected, Relay, sse_body
+from baton.router.gateway.responses import ChatStream, Collector, CompletionStream, ResponseContext
+from baton.router.types import RouterRequest
 
 CLIENT_CLOSED = 499
 """Status recorded (metrics, access log) for a request whose client went away."""

@@ -19,9 +19,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from protos.baton.v1 import common_pb2
-from router.gateway.errors import ApiError, invalid_request
-from router.gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingBody
+from baton.protos.baton.v1 import common_pb2
+from baton.router.gateway.errors import ApiError, invalid_request
+from baton.router.gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingBody
 
 _UINT64_MASK = 2**64 - 1
 

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from protos.baton.v1 import common_pb2
-from router.types import RouterError
+from baton.protos.baton.v1 import common_pb2
+from baton.router.types import RouterError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import math
 import re
 from typing import Any, Iterable
 
-from protos.baton.v1 import common_pb2
+from baton.protos.baton.v1 import common_pb2
 
 MIN_LOGPROB = -9999.0
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")

@@ -19,10 +19,10 @@ import json
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
-from protos.baton.v1 import common_pb2
-from router.gateway.errors import as_api_error
-from router.gateway.responses import ChatStream, CompletionStream
-from router.types import Chunk, RouterError, RouterRequest
+from baton.protos.baton.v1 import common_pb2
+from baton.router.gateway.errors import as_api_error
+from baton.router.gateway.responses import ChatStream, CompletionStream
+from baton.router.types import Chunk, RouterError, RouterRequest
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from protos.baton.v1 import common_pb2
-from router.gateway.logprobs import CompletionLogprobs, TokenStrings, chat_logprobs
-from router.types import Chunk
+from baton.protos.baton.v1 import common_pb2
+from baton.router.gateway.logprobs import CompletionLogprobs, TokenStrings, chat_logprobs
+from baton.router.types import Chunk
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Generator, Optional
 
 import uvicorn
 
-from router.gateway.app import create_app
+from baton.router.gateway.app import create_app
 
 
 class GatewayServer(uvicorn.Server):

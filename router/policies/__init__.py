@@ -9,11 +9,11 @@ package registers all of them:
 - ``power_of_two``: lower load of two random workers (seeded).
 - ``cache_aware``: longest cached prefix, with a load-balance guard (the prefill default).
 """
-from router.policies.base import POLICIES, Policy, make_policy, register_policy
-from router.policies.cache_aware import CacheAwarePolicy
-from router.policies.min_load import MinLoadPolicy
-from router.policies.power_of_two import PowerOfTwoPolicy
-from router.policies.round_robin import RoundRobinPolicy
+from baton.router.policies.base import POLICIES, Policy, make_policy, register_policy
+from baton.router.policies.cache_aware import CacheAwarePolicy
+from baton.router.policies.min_load import MinLoadPolicy
+from baton.router.policies.power_of_two import PowerOfTwoPolicy
+from baton.router.policies.round_robin import RoundRobinPolicy
 
 DEFAULT_PREFILL_POLICY = CacheAwarePolicy.name
 DEFAULT_DECODE_POLICY = MinLoadPolicy.name

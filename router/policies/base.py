@@ -28,7 +28,7 @@ import inspect
 from abc import ABC, abstractmethod
 from typing import Sequence, TypeVar
 
-from router.types import WorkerView
+from baton.router.types import WorkerView
 
 POLICIES: dict[str, type["Policy"]] = {}
 """Policy name -> class, filled by ``@register_policy``."""

@@ -44,9 +44,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from router.policies.base import Policy, least_loaded, register_policy, require_workers
-from router.policies.prefix_tree import PrefixTree
-from router.types import WorkerView
+from baton.router.policies.base import Policy, least_loaded, register_policy, require_workers
+from baton.router.policies.prefix_tree import PrefixTree
+from baton.router.types import WorkerView
 
 
 @register_policy

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from router.policies.base import Policy, least_loaded, register_policy
-from router.types import WorkerView
+from baton.router.policies.base import Policy, least_loaded, register_policy
+from baton.router.types import WorkerView
 
 
 @register_policy

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from router.policies.base import Policy, register_policy, require_workers
-from router.types import WorkerView
+from baton.router.policies.base import Policy, register_policy, require_workers
+from baton.router.types import WorkerView
 
 
 @register_policy

@@ -13,7 +13,7 @@ import queue
 import threading
 from typing import Any, Callable, Optional
 
-from services.engine.request import RequestDelta
+from baton.services.engine.request import RequestDelta
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import struct
 from typing import Optional
 
-from protos.baton.v1 import common_pb2
-from protos.errors import BatonError, ErrorCode
-from services.engine.sampling_params import SamplingParams, StructuredOutputParams
+from baton.protos.baton.v1 import common_pb2
+from baton.protos.errors import BatonError, ErrorCode
+from baton.services.engine.sampling_params import SamplingParams, StructuredOutputParams
 
 
 def _from_f32(value: float) -> float:

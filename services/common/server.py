@@ -35,7 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from protos.errors import BatonError, ErrorCode
+from baton.protos.errors import BatonError, ErrorCode
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from protos.baton.v1 import common_pb2, worker_pb2
-from services.engine.request import RequestDelta
+from baton.protos.baton.v1 import common_pb2, worker_pb2
+from baton.services.engine.request import RequestDelta
 
 
 def logprob_to_proto(entry: dict[str, Any]) -> common_pb2.TokenLogprob:

@@ -11,11 +11,11 @@ import asyncio
 import logging
 import sys
 
-from protos.baton.v1 import worker_pb2, worker_pb2_grpc
-from services.common.server import ServerConfig, ServiceServer
-from services.common.worker_config import WorkerConfig
-from services.common.worker_runtime import WorkerRuntime
-from services.engine.config import EngineConfig
+from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
+from baton.services.common.server import ServerConfig, ServiceServer
+from baton.services.common.worker_config import WorkerConfig
+from baton.services.common.worker_runtime import WorkerRuntime
+from baton.services.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 def build_servicer(role: str, runtime: WorkerRuntime):
     """The servicer object and its generated `add_*_to_server` function for a role."""
     if role == "prefill":
-        from services.prefill.servicer import PrefillServicer
+        from baton.services.prefill.servicer import PrefillServicer
         return PrefillServicer(runtime), worker_pb2_grpc.add_PrefillServicer_to_server
-    from services.decode.servicer import DecodeServicer
+    from baton.services.decode.servicer import DecodeServicer
     return DecodeServicer(runtime), worker_pb2_grpc.add_DecodeServicer_to_server
 
 

@@ -15,12 +15,12 @@ from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from protos.baton.v1 import worker_pb2
-from services.common.engine_thread import EngineThread
-from protos.errors import BatonError, ErrorCode
-from services.common.wire import worker_load
-from services.common.worker_config import WorkerConfig
-from services.engine.config import EngineConfig
+from baton.protos.baton.v1 import worker_pb2
+from baton.services.common.engine_thread import EngineThread
+from baton.protos.errors import BatonError, ErrorCode
+from baton.services.common.wire import worker_load
+from baton.services.common.worker_config import WorkerConfig
+from baton.services.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class WorkerRuntime:
     # --- start-up ------------------------------------------------------------------
     async def load(self, worker_id: str) -> None:
         """Load the model and start the engine thread and the transfer engine."""
-        from services.engine.disagg import DisaggEngine
-        from services.transfer.base import create_transfer_engine
+        from baton.services.engine.disagg import DisaggEngine
+        from baton.services.transfer.base import create_transfer_engine
         self.worker_id = self.config.worker_id or worker_id
         engine = await asyncio.to_thread(DisaggEngine, self.engine_config)
         self.transfer = await asyncio.to_thread(create_transfer_engine, self.config.transfer, self.worker_id,

@@ -25,13 +25,13 @@ from typing import AsyncIterator, Optional
 
 import grpc
 
-from protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
-from protos.errors import BatonError, ErrorCode, abort_with, error_from_rpc
-from services.common.params_codec import sampling_params_from_proto
-from services.common.wire import delta_to_proto, logprob_from_proto
-from services.common.worker_runtime import WorkerRuntime
-from services.engine.request import RequestDelta
-from services.engine.sampling_params import SamplingParams
+from baton.protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
+from baton.protos.errors import BatonError, ErrorCode, abort_with, error_from_rpc
+from baton.services.common.params_codec import sampling_params_from_proto
+from baton.services.common.wire import delta_to_proto, logprob_from_proto
+from baton.services.common.worker_runtime import WorkerRuntime
+from baton.services.engine.request import RequestDelta
+from baton.services.engine.sampling_params import SamplingParams
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeServicer):

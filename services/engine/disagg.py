@@ -17,10 +17,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from services.engine.engine import Engine
-from services.engine.request import Request, RequestDelta, RequestStatus
-from services.engine.sampler import SampledToken
-from services.engine.sampling_params import SamplingParams
+from baton.services.engine.engine import Engine
+from baton.services.engine.request import Request, RequestDelta, RequestStatus
+from baton.services.engine.sampler import SampledToken
+from baton.services.engine.sampling_params import SamplingParams
 
 
 @dataclass

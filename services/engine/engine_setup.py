@@ -12,16 +12,16 @@ from typing import Any, Optional
 
 import torch
 
-from services.engine.attention.base import AttentionBackend
-from services.engine.attention.torch_cpu import TorchAttentionBackend
-from services.engine.block_pool import BlockPool
-from services.engine.config import EngineConfig
-from services.engine.kv_cache import KVCache, KVLayout
-from services.engine.model_runner import ModelRunner
-from services.engine.models.loader import load_model
-from services.engine.models.model_config import ModelConfig
-from services.engine.radix_cache import RadixCache
-from services.engine.scheduler import Scheduler
+from baton.services.engine.attention.base import AttentionBackend
+from baton.services.engine.attention.torch_cpu import TorchAttentionBackend
+from baton.services.engine.block_pool import BlockPool
+from baton.services.engine.config import EngineConfig
+from baton.services.engine.kv_cache import KVCache, KVLayout
+from baton.services.engine.model_runner import ModelRunner
+from baton.services.engine.models.loader import load_model
+from baton.services.engine.models.model_config import ModelConfig
+from baton.services.engine.radix_cache import RadixCache
+from baton.services.engine.scheduler import Scheduler
 
 CPU_DEFAULT_KV_TOKENS = 16384
 
@@ -72,7 +72,7 @@ def resolve_model_path(config: EngineConfig) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"--model {config.model}: no such folder")
         return path
-    from services.engine.default_model import ensure_default_model
+    from baton.services.engine.default_model import ensure_default_model
     return ensure_default_model()
 
 
@@ -100,7 +100,7 @@ def make_attention_backend(kv_cache: KVCache, num_heads: int, head_dim: int,
     """Triton kernels on CUDA when Triton imports; the torch reference backend otherwise."""
     if device.type == "cuda":
         try:
-            from services.engine.attention.triton_backend import TritonAttentionBackend
+            from baton.services.engine.attention.triton_backend import TritonAttentionBackend
         except ImportError:
             pass
         else:
@@ -120,7 +120,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     tokenizer = load_tokenizer(path)
     model = load_model(path, model_config, dtype, device)
     if device.type == "cuda" and model.fused and dtype in (torch.bfloat16, torch.float16):
-        from services.engine.models.gemv_tuning import tune_model
+        from baton.services.engine.models.gemv_tuning import tune_model
         model.gemv_choices = tune_model(model)  # cuBLAS or Triton per projection, measured on this GPU
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the KV pool is sized from free memory: return loader leftovers

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from services.engine.config import EngineConfig
-from services.engine.engine import Engine
-from services.engine.request import CompletionOutput, RequestDelta, RequestOutput
-from services.engine.sampling_params import SamplingParams
+from baton.services.engine.config import EngineConfig
+from baton.services.engine.engine import Engine
+from baton.services.engine.request import CompletionOutput, RequestDelta, RequestOutput
+from baton.services.engine.sampling_params import SamplingParams
 
 Prompt = Union[str, Sequence[int]]
 

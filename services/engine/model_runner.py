@@ -30,10 +30,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
-from services.engine.models.llama import LlamaForCausalLM
-from services.engine.request import PENDING_TOKEN, Request
-from services.engine.scheduler import ScheduledItem
+from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
+from baton.services.engine.models.llama import LlamaForCausalLM
+from baton.services.engine.request import PENDING_TOKEN, Request
+from baton.services.engine.scheduler import ScheduledItem
 
 
 @dataclass
@@ -232,7 +232,7 @@ class ModelRunner:
 
     def static_decode_plans(self, sizes: list[int]) -> list[tuple[int, object]]:
         """Allocate the static input buffers for batches up to max(sizes); (size, plan) per size."""
-        from services.engine.attention.triton_kernels import num_decode_splits
+        from baton.services.engine.attention.triton_kernels import num_decode_splits
         backend = self.backend
         most = sizes[-1]
         width = -(-self.max_model_len // self.page_size)
@@ -286,7 +286,7 @@ class ModelRunner:
         self._static.copy_(self._host)
 
     def _graph_forward(self, bs: int, plan) -> None:
-        from services.engine.models.gemv import gemv, layer_config, wants_gemv
+        from baton.services.engine.models.gemv import gemv, layer_config, wants_gemv
         meta = AttentionMetadata(seqs=[], slot_mapping=self._s_slots[:bs], sliding_window=self.sliding_window,
                                  plan=plan, page_size=self.page_size)
         gidx = self._s_gidx[:bs]  # rows whose token is the previous step's, still on the GPU

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from services.engine.request import Request, RequestDelta
-from services.engine.sampler import SampledToken
+from baton.services.engine.request import Request, RequestDelta
+from baton.services.engine.sampler import SampledToken
 
 
 class OutputProcessor:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from services.engine.sampling_params import SamplingParams
+from baton.services.engine.sampling_params import SamplingParams
 
 
 PENDING_TOKEN = -1

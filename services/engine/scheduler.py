@@ -20,10 +20,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
-from services.engine.block_pool import BlockPool
-from services.engine.config import EngineConfig
-from services.engine.radix_cache import RadixCache
-from services.engine.request import Request, RequestStatus
+from baton.services.engine.block_pool import BlockPool
+from baton.services.engine.config import EngineConfig
+from baton.services.engine.radix_cache import RadixCache
+from baton.services.engine.request import Request, RequestStatus
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import xgrammar as xgr
 
-from services.engine.sampling_params import StructuredOutputParams
+from baton.services.engine.sampling_params import StructuredOutputParams
 
 _KIND_NAMES = {"json": "JSON schema", "json_object": "JSON object", "regex": "regex", "grammar": "EBNF grammar"}
 _LOG_PREFIX = re.compile(r"^\s*\[[0-9:]+\]\s+\S+:\d+:\s*")

@@ -21,11 +21,11 @@ import time
 
 import grpc
 
-from protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
-from protos.errors import BatonError, ErrorCode, abort_with
-from services.common.params_codec import sampling_params_from_proto
-from services.common.wire import logprob_to_proto
-from services.common.worker_runtime import WorkerRuntime
+from baton.protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
+from baton.protos.errors import BatonError, ErrorCode, abort_with
+from baton.services.common.params_codec import sampling_params_from_proto
+from baton.services.common.wire import logprob_to_proto
+from baton.services.common.worker_runtime import WorkerRuntime
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServicer):
@@ -47,7 +47,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             await abort_with(context, error)
 
     async def _prefill(self, request: worker_pb2.PrefillRequest) -> worker_pb2.PrefillResponse:
-        from services.transfer.base import LayoutMismatch, PeerDescriptor, TransferError
+        from baton.services.transfer.base import LayoutMismatch, PeerDescriptor, TransferError
         runtime, thread, transfer = self.runtime, self.runtime.thread, self.runtime.transfer
         rid = request.request_id
         params = sampling_params_from_proto(request.params)

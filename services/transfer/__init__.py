@@ -3,7 +3,7 @@
 Backends: `tcp` (pyzmq, host memory; tcp.py) and `nixl` (NIXL over UCX; nixl.py, imported
 only when asked for). Build one with `create_transfer_engine(backend, worker_id, kv_cache)`.
 """
-from services.transfer.base import (
+from baton.services.transfer.base import (
     LayoutMismatch,
     PeerDescriptor,
     TransferEngine,

@@ -26,8 +26,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
 
-from services.engine.kv_cache import KVCache, KVLayout
-from services.transfer.descriptor import (  # noqa: F401  (re-exported: the public names live here too)
+from baton.services.engine.kv_cache import KVCache, KVLayout
+from baton.services.transfer.descriptor import (  # noqa: F401  (re-exported: the public names live here too)
     BACKENDS,
     LayoutMismatch,
     PeerDescriptor,
@@ -255,9 +255,9 @@ class TransferEngine(ABC):
 def create_transfer_engine(backend: str, worker_id: str, kv_cache: KVCache, **options) -> TransferEngine:
     """Build the engine for `backend` ("tcp" or "nixl"); `options` go to its constructor."""
     if backend == "tcp":
-        from services.transfer.tcp import TcpTransferEngine
+        from baton.services.transfer.tcp import TcpTransferEngine
         return TcpTransferEngine(worker_id, kv_cache, **options)
     if backend == "nixl":
-        from services.transfer.nixl import NixlTransferEngine
+        from baton.services.transfer.nixl import NixlTransferEngine
         return NixlTransferEngine(worker_id, kv_cache, **options)
     raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")

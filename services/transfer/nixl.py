@@ -29,9 +29,9 @@ from typing import Optional
 
 import numpy as np
 
-from services.engine.kv_cache import KVCache
-from services.transfer.base import TransferEngine
-from services.transfer.descriptor import PeerDescriptor, TransferError
+from baton.services.engine.kv_cache import KVCache
+from baton.services.transfer.base import TransferEngine
+from baton.services.transfer.descriptor import PeerDescriptor, TransferError
 
 _MAGIC = b"BXNX"
 _VERSION = 1

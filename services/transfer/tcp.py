@@ -30,9 +30,9 @@ from typing import Optional
 import torch
 import zmq
 
-from services.engine.kv_cache import KVCache
-from services.transfer.base import TransferEngine
-from services.transfer.descriptor import LayoutMismatch, PeerDescriptor, TransferError, layout_mismatches
+from baton.services.engine.kv_cache import KVCache
+from baton.services.transfer.base import TransferEngine
+from baton.services.transfer.descriptor import LayoutMismatch, PeerDescriptor, TransferError, layout_mismatches
 
 
 class _Link:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from services.common.server import free_port
+from baton.services.common.server import free_port
 from tests.helpers.workers import REPO
 
 
@@ -19,7 +19,7 @@ def baton_up(default_model_path, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("up") / "up.log"
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "baton.deploy.cli", "up", "--port", str(port),
                              "--decode-only-threshold", "16", "--kv-cache-tokens", "16384"],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
     deadline = time.monotonic() + 240

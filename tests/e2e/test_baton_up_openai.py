@@ -46,7 +46,7 @@ def test_chat_streaming_equals_non_streaming(client, model_name):
 
 
 def test_greedy_through_the_gateway_equals_the_offline_engine(client, model_name, default_model_path):
-    from services.engine import LLM, SamplingParams
+    from baton.services.engine import LLM, SamplingParams
     prompt = "Once upon a time, in a small village,"
     reply = client.completions.create(model=model_name, prompt=prompt, max_tokens=20, temperature=0)
     llm = LLM(model=str(default_model_path), num_threads=1, kv_cache_tokens=2048)

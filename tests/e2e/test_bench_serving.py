@@ -9,8 +9,8 @@ import json
 import jsonschema
 import pytest
 
-from bench.serving import result_schema
-from deploy.cli import main as cli_main
+from baton.bench.serving import result_schema
+from baton.deploy.cli import main as cli_main
 
 STATS = ("mean", "median", "p90", "p99", "min", "max")
 

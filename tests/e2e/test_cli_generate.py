@@ -7,7 +7,7 @@ from tests.helpers.tiny_models import make_tiny_model
 
 
 def baton(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "baton.deploy.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from services.engine.attention.triton_kernels import (  # noqa: E402
+from baton.services.engine.attention.triton_kernels import (  # noqa: E402
     decode_attention, extend_attention, extend_blocks, extend_tiles, num_decode_splits)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,10 +217,10 @@ def test_extend_matches_float64_reference(case):
 @pytest.mark.parametrize("window", [None, 24])
 def test_backend_matches_torch_backend(dtype, window):
     """TritonAttentionBackend and the CPU reference backend agree on a mixed step (via metadata)."""
-    from services.engine.attention.base import AttentionMetadata, SequenceSlice
-    from services.engine.attention.torch_cpu import TorchAttentionBackend
-    from services.engine.attention.triton_backend import TritonAttentionBackend
-    from services.engine.kv_cache import KVCache, KVLayout
+    from baton.services.engine.attention.base import AttentionMetadata, SequenceSlice
+    from baton.services.engine.attention.torch_cpu import TorchAttentionBackend
+    from baton.services.engine.attention.triton_backend import TritonAttentionBackend
+    from baton.services.engine.kv_cache import KVCache, KVLayout
 
     page, kv_heads, heads, head_dim = 4, 2, 8, 64
     layout = KVLayout(1, 64, page, kv_heads, head_dim, dtype)

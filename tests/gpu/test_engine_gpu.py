@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from services.engine import LLM, SamplingParams  # noqa: E402
+from baton.services.engine import LLM, SamplingParams  # noqa: E402
 from tests.helpers.tiny_models import VOCAB, hf_greedy, make_tiny_model  # noqa: E402
 
 MAX_NEW = 24
@@ -109,8 +109,8 @@ def test_bfloat16_first_step_logits_close_to_transformers(family, tiny_folder):
     rng = random.Random(7)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (5, 37, 100)]
     engine = llm.engine
-    from services.engine.scheduler import ScheduledItem
-    from services.engine.request import Request
+    from baton.services.engine.scheduler import ScheduledItem
+    from baton.services.engine.request import Request
     blocks_needed = [(len(p) + 15) // 16 for p in prompts]
     free = iter(range(engine.pool.num_blocks))
     items = []

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from services.engine.models.gemv import AUTO_GEMV_ROWS, PRO_SILU_MUL, gemv, use_gemv  # noqa: E402
+from baton.services.engine.models.gemv import AUTO_GEMV_ROWS, PRO_SILU_MUL, gemv, use_gemv  # noqa: E402
 
 CASES = [(m, n, k) for m in (1, 2, 3, 4) for n, k in ((64, 512), (100, 384), (4096, 4096), (6144, 4096),
                                                       (33, 1000))]
@@ -70,11 +70,11 @@ def test_bf16_decode_steps_through_gemv_close_to_transformers(family: str, graph
 
     import transformers
 
-    from services.engine import LLM
-    from services.engine.models import gemv as gemv_module
-    from services.engine.request import Request
-    from services.engine.sampling_params import SamplingParams
-    from services.engine.scheduler import ScheduledItem
+    from baton.services.engine import LLM
+    from baton.services.engine.models import gemv as gemv_module
+    from baton.services.engine.request import Request
+    from baton.services.engine.sampling_params import SamplingParams
+    from baton.services.engine.scheduler import ScheduledItem
     from tests.helpers.tiny_models import VOCAB, make_tiny_model
 
     folder = make_tiny_model(family, tmp_path / family)
@@ -116,8 +116,8 @@ def test_startup_tuning_marks_every_projection(tmp_path) -> None:
     """A bf16 engine on CUDA measured each projection kind at start: every projection carries
     the choice (a candidate Triton config or None for cuBLAS), the same within a kind, and
     greedy decoding through those choices still runs and stays in the vocabulary."""
-    from services.engine import LLM, SamplingParams
-    from services.engine.models.gemv_tuning import CANDIDATES
+    from baton.services.engine import LLM, SamplingParams
+    from baton.services.engine.models.gemv_tuning import CANDIDATES
     from tests.helpers.tiny_models import VOCAB, make_tiny_model
 
     folder = make_tiny_model("llama", tmp_path / "llama")

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from services.engine import LLM  # noqa: E402
+from baton.services.engine import LLM  # noqa: E402
 from tests.helpers.tiny_models import make_tiny_model  # noqa: E402
 from tests.unit.engine.test_overlap import workload  # noqa: E402
 

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("xgrammar")
 
-from services.engine import LLM, SamplingParams, StructuredOutputParams  # noqa: E402
+from baton.services.engine import LLM, SamplingParams, StructuredOutputParams  # noqa: E402
 from tests.helpers.tiny_models import make_tiny_model  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},

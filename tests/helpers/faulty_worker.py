@@ -12,7 +12,7 @@ import time
 
 
 def _slow_transfer() -> None:
-    from services.transfer import base
+    from baton.services.transfer import base
 
     original = base.TransferEngine.write
 
@@ -23,7 +23,7 @@ def _slow_transfer() -> None:
 
 
 def _slow_start() -> None:
-    from services.common import worker_runtime
+    from baton.services.common import worker_runtime
 
     original = worker_runtime.WorkerRuntime.load
 
@@ -38,5 +38,5 @@ FAULTS = {"slow_transfer": _slow_transfer, "slow_start": _slow_start}
 
 if __name__ == "__main__":
     FAULTS[sys.argv[1]]()
-    from deploy.cli import main
+    from baton.deploy.cli import main
     sys.exit(main(sys.argv[2:]))

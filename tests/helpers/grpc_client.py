@@ -6,9 +6,9 @@ from typing import Optional
 
 import grpc
 
-from protos.baton.v1 import worker_pb2, worker_pb2_grpc
-from services.common.params_codec import sampling_params_to_proto
-from services.engine.sampling_params import SamplingParams
+from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
+from baton.services.common.params_codec import sampling_params_to_proto
+from baton.services.engine.sampling_params import SamplingParams
 
 
 @dataclass

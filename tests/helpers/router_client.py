@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import grpc
 
-from protos.baton.v1 import common_pb2, router_pb2, router_pb2_grpc
+from baton.protos.baton.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 
 async def router_generate(address: str, prompt: list[int], max_tokens: int, timeout: float = 60.0,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from services.common.server import free_port, wait_for_health
+from baton.services.common.server import free_port, wait_for_health
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def start_worker(role: str, model: Path | str, tmp: Path, transfer: str = "tcp",
             "--num-threads", "1", "--drain-timeout-s", "10"]
     for key, value in {"page_size": 4, "kv_cache_tokens": 4096, **flags}.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    module = ["tests.helpers.faulty_worker", fault] if fault else ["deploy.cli"]
+    module = ["tests.helpers.faulty_worker", fault] if fault else ["baton.deploy.cli"]
     env = dict(os.environ, UCX_NET_DEVICES="lo", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     log_path = tmp / f"{role}-{port}-{len(list(tmp.glob('*.log')))}.log"
     log = open(log_path, "w")
@@ -126,7 +126,7 @@ def start_router(model: Path | str, tmp: Path, prefill: list[str], decode: list[
         args += [f"--{key.replace('_', '-')}", str(value)]
     log_path = tmp / f"router-{http_port}.log"
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], stdout=open(log_path, "w"),
+    proc = subprocess.Popen([sys.executable, "-m", "baton.deploy.cli", *args], stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT, env=env, cwd=REPO)
     router = RouterProcess(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log_path)
     wait_http_ok(router.http_url + "/health", proc, log_path)
@@ -137,7 +137,7 @@ def wait_http_ok(url: str, proc: subprocess.Popen, log_path: Path, timeout: floa
     """Poll an HTTP URL until it answers 200 (fails with the process log otherwise)."""
     import time
 
-    from deploy.launcher import wait_http_ok as poll
+    from baton.deploy.launcher import wait_http_ok as poll
 
     def alive() -> None:
         if proc.poll() is not None:

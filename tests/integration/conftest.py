@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from services.engine import LLM
+from baton.services.engine import LLM
 from tests.helpers.tiny_models import load_hf, make_tiny_model
 
 

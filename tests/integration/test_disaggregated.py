@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from services.engine import LLM, SamplingParams
+from baton.services.engine import LLM, SamplingParams
 from tests.helpers.grpc_client import decode_generate, worker_info
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
 from tests.helpers.workers import start_worker

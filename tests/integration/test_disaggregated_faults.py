@@ -10,8 +10,8 @@ import time
 import grpc
 import pytest
 
-from protos.errors import ErrorCode, error_from_rpc
-from services.engine import LLM, SamplingParams
+from baton.protos.errors import ErrorCode, error_from_rpc
+from baton.services.engine import LLM, SamplingParams
 from tests.helpers.grpc_client import decode_generate, worker_info
 from tests.helpers.tiny_models import make_tiny_model
 from tests.helpers.workers import start_worker, wait_serving

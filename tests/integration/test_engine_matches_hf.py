@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from services.engine import SamplingParams
+from baton.services.engine import SamplingParams
 from tests.helpers.tiny_models import VOCAB, hf_greedy
 
 FAMILIES = ["llama", "llama3_rope", "qwen2", "qwen3", "mistral"]

@@ -10,8 +10,8 @@ import time
 import grpc
 import pytest
 
-from protos.errors import error_from_rpc
-from services.engine import LLM, SamplingParams
+from baton.protos.errors import error_from_rpc
+from baton.services.engine import LLM, SamplingParams
 from tests.helpers.router_client import router_generate
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
 from tests.helpers.workers import start_router, start_worker
@@ -73,7 +73,7 @@ async def stream_all(router, prompts, on_progress=None, **kwargs):
 
 
 async def _chunks(address, prompt, max_tokens=MAX_NEW, timeout=120.0):
-    from protos.baton.v1 import common_pb2, router_pb2, router_pb2_grpc
+    from baton.protos.baton.v1 import common_pb2, router_pb2, router_pb2_grpc
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -174,7 +174,7 @@ def test_over_admission_is_refused_and_api_keys_enforced(cluster, prompts):
 
 
 def test_dynamic_register_and_deregister(cluster, model, tmp_path, prompts):
-    from protos.baton.v1 import router_pb2, router_pb2_grpc, worker_pb2
+    from baton.protos.baton.v1 import router_pb2, router_pb2_grpc, worker_pb2
     router, _ = cluster(prefills=0, decodes=1)
     extra = start_worker("decode", model, tmp_path)
     try:

@@ -7,7 +7,7 @@ import re
 import jsonschema
 import pytest
 
-from services.engine import LLM, SamplingParams, StructuredOutputParams
+from baton.services.engine import LLM, SamplingParams, StructuredOutputParams
 from tests.helpers.tiny_models import hf_greedy, load_hf
 
 CHATS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea.",

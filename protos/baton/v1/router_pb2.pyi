@@ -1,5 +1,5 @@
-from protos.baton.v1 import common_pb2 as _common_pb2
-from protos.baton.v1 import worker_pb2 as _worker_pb2
+from baton.protos.baton.v1 import common_pb2 as _common_pb2
+from baton.protos.baton.v1 import worker_pb2 as _worker_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

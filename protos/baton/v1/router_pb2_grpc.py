@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from protos.baton.v1 import router_pb2 as protos_dot_baton_dot_v1_dot_router__pb2
-from protos.baton.v1 import worker_pb2 as protos_dot_baton_dot_v1_dot_worker__pb2
+from baton.protos.baton.v1 import router_pb2 as baton_dot_protos_dot_baton_dot_v1_dot_router__pb2
+from baton.protos.baton.v1 import worker_pb2 as baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/baton/v1/router_pb2_grpc.py depends on'
+        + ' but the generated code in baton/protos/baton/v1/router_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,33 +37,33 @@ class RouterStub:
         """
         self.Generate = channel.unary_stream(
                 '/baton.v1.Router/Generate',
-                request_serializer=protos_dot_baton_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_router__pb2.GenerateResponse.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.v1.Router/Abort',
-                request_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/baton.v1.Router/ListWorkers',
-                request_serializer=protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/baton.v1.Router/Health',
-                request_serializer=protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthResponse.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthResponse.FromString,
                 _registered_method=True)
         self.RegisterWorker = channel.unary_unary(
                 '/baton.v1.Router/RegisterWorker',
-                request_serializer=protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerResponse.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerResponse.FromString,
                 _registered_method=True)
         self.DeregisterWorker = channel.unary_unary(
                 '/baton.v1.Router/DeregisterWorker',
-                request_serializer=protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerResponse.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerResponse.FromString,
                 _registered_method=True)
 
 
@@ -111,33 +111,33 @@ def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_router__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_router__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.GenerateRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersResponse.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthResponse.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthResponse.SerializeToString,
             ),
             'RegisterWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterWorker,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerResponse.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerResponse.SerializeToString,
             ),
             'DeregisterWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.DeregisterWorker,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerResponse.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -165,8 +165,8 @@ class Router:
             request,
             target,
             '/baton.v1.Router/Generate',
-            protos_dot_baton_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_router__pb2.GenerateResponse.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -192,8 +192,8 @@ class Router:
             request,
             target,
             '/baton.v1.Router/Abort',
-            protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -219,8 +219,8 @@ class Router:
             request,
             target,
             '/baton.v1.Router/ListWorkers',
-            protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -246,8 +246,8 @@ class Router:
             request,
             target,
             '/baton.v1.Router/Health',
-            protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthResponse.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RouterHealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -273,8 +273,8 @@ class Router:
             request,
             target,
             '/baton.v1.Router/RegisterWorker',
-            protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerResponse.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.RegisterWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -300,8 +300,8 @@ class Router:
             request,
             target,
             '/baton.v1.Router/DeregisterWorker',
-            protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerResponse.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_router__pb2.DeregisterWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.baton.v1 import worker_pb2 as protos_dot_baton_dot_v1_dot_worker__pb2
+from baton.protos.baton.v1 import worker_pb2 as baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/baton/v1/worker_pb2_grpc.py depends on'
+        + ' but the generated code in baton/protos/baton/v1/worker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class PrefillStub:
         """
         self.Prefill = channel.unary_unary(
                 '/baton.v1.Prefill/Prefill',
-                request_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.v1.Prefill/Abort',
-                request_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/baton.v1.Prefill/Info',
-                request_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
 
 
@@ -77,18 +77,18 @@ def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,8 +116,8 @@ class Prefill:
             request,
             target,
             '/baton.v1.Prefill/Prefill',
-            protos_dot_baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -143,8 +143,8 @@ class Prefill:
             request,
             target,
             '/baton.v1.Prefill/Abort',
-            protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,8 +170,8 @@ class Prefill:
             request,
             target,
             '/baton.v1.Prefill/Info',
-            protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -194,18 +194,18 @@ class DecodeStub:
         """
         self.Generate = channel.unary_stream(
                 '/baton.v1.Decode/Generate',
-                request_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.v1.Decode/Abort',
-                request_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/baton.v1.Decode/Info',
-                request_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
 
 
@@ -235,18 +235,18 @@ def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,8 +274,8 @@ class Decode:
             request,
             target,
             '/baton.v1.Decode/Generate',
-            protos_dot_baton_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -301,8 +301,8 @@ class Decode:
             request,
             target,
             '/baton.v1.Decode/Abort',
-            protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -328,8 +328,8 @@ class Decode:
             request,
             target,
             '/baton.v1.Decode/Info',
-            protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -352,13 +352,13 @@ class EncoderStub:
         """
         self.Encode = channel.unary_unary(
                 '/baton.v1.Encoder/Encode',
-                request_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.EncodeRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.EncodeResponse.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EncodeResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/baton.v1.Encoder/Info',
-                request_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
 
 
@@ -382,13 +382,13 @@ def add_EncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Encode': grpc.unary_unary_rpc_method_handler(
                     servicer.Encode,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.EncodeRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.EncodeResponse.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EncodeRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EncodeResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
-                    response_serializer=protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -416,8 +416,8 @@ class Encoder:
             request,
             target,
             '/baton.v1.Encoder/Encode',
-            protos_dot_baton_dot_v1_dot_worker__pb2.EncodeRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_worker__pb2.EncodeResponse.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EncodeRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -443,8 +443,8 @@ class Encoder:
             request,
             target,
             '/baton.v1.Encoder/Info',
-            protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
-            protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
-from services.engine.kv_cache import KVCache
+from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
+from baton.services.engine.kv_cache import KVCache
 
 
 class TorchAttentionBackend(AttentionBackend):

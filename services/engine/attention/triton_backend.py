@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
-from services.engine.attention.triton_kernels import (decode_attention, extend_attention, extend_blocks,
+from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
+from baton.services.engine.attention.triton_kernels import (decode_attention, extend_attention, extend_blocks,
                                                       extend_tiles, num_decode_splits)
-from services.engine.kv_cache import KVCache
+from baton.services.engine.kv_cache import KVCache
 
 
 @dataclass

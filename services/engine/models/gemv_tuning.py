@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from services.engine.models.gemv import PRO_NONE, PRO_SILU_MUL, gemv
+from baton.services.engine.models.gemv import PRO_NONE, PRO_SILU_MUL, gemv
 
 CANDIDATES = ((2, 1024, 4, 1), (4, 1024, 4, 1), (8, 512, 4, 3), (8, 1024, 4, 1))
 """Triton tile configs tried against cuBLAS: the best ones of the H100 and H200 sweeps."""
@@ -61,7 +61,7 @@ def choose(layers: Sequence[nn.Linear], prologue: int = PRO_NONE) -> Optional[tu
     x = torch.randn(1, width, dtype=weight.dtype, device=weight.device) * 0.1
 
     def cublas() -> None:  # as the model runs it: the down projection's SiLU is a launch of its own
-        from services.engine.models.triton_ops import silu_and_mul
+        from baton.services.engine.models.triton_ops import silu_and_mul
         for layer in layers:
             inp = silu_and_mul(x) if prologue == PRO_SILU_MUL else x
             torch.nn.functional.linear(inp, layer.weight, layer.bias)

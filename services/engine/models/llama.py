@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.engine.attention.base import AttentionBackend, AttentionMetadata
-from services.engine.models.model_config import ModelConfig
-from services.engine.models.rotary import RotaryEmbedding, apply_rotary
+from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata
+from baton.services.engine.models.model_config import ModelConfig
+from baton.services.engine.models.rotary import RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -74,8 +74,8 @@ class Attention(nn.Module):
 
     def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
-        from services.engine.models.gemv import linear
-        from services.engine.models.triton_ops import rope_and_store
+        from baton.services.engine.models.gemv import linear
+        from baton.services.engine.models.triton_ops import rope_and_store
         tokens = x.shape[0]
         qkv = linear(x, self.qkv_proj)
         if self.qk_norm:
@@ -106,8 +106,8 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        from services.engine.models.gemv import PRO_SILU_MUL, gemv, layer_config, linear, wants_gemv
-        from services.engine.models.triton_ops import silu_and_mul
+        from baton.services.engine.models.gemv import PRO_SILU_MUL, gemv, layer_config, linear, wants_gemv
+        from baton.services.engine.models.triton_ops import silu_and_mul
         gate_up = linear(x, self.gate_up_proj)
         if wants_gemv(gate_up, self.down_proj):  # one token: SiLU * up inside the down GEMV
             return gemv(gate_up, self.down_proj.weight, PRO_SILU_MUL, config=layer_config(self.down_proj))
@@ -132,7 +132,7 @@ class DecoderLayer(nn.Module):
     def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                       backend: AttentionBackend, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it); the caller adds them."""
-        from services.engine.models.triton_ops import rms_norm
+        from baton.services.engine.models.triton_ops import rms_norm
         norm = self.input_layernorm
         h, residual = rms_norm(x, norm.weight, norm.eps, residual)
         h = self.self_attn.forward_fused(h, cos, sin, backend, meta)
@@ -170,7 +170,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         if self.fused:
-            from services.engine.models.triton_ops import rms_norm
+            from baton.services.engine.models.triton_ops import rms_norm
             residual = None
             for layer in self.model.layers:
                 x, residual = layer.forward_fused(x, residual, cos, sin, backend, meta)
@@ -182,7 +182,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] for the selected hidden states."""
         if self.fused:
-            from services.engine.models.gemv import linear
+            from baton.services.engine.models.gemv import linear
             return linear(hidden, self.lm_head)
         return self.lm_head(hidden)
 

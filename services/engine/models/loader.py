@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from services.engine.models.llama import LlamaForCausalLM
-from services.engine.models.model_config import ModelConfig
-from services.engine.models.rotary import inverse_frequencies
+from baton.services.engine.models.llama import LlamaForCausalLM
+from baton.services.engine.models.model_config import ModelConfig
+from baton.services.engine.models.rotary import inverse_frequencies
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from services.engine.models.model_config import RopeConfig
+from baton.services.engine.models.model_config import RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.engine import main
+from baton.bench.engine import main
 from tests.helpers.tiny_models import make_tiny_model
 
 

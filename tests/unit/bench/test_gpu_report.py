@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.gpu_report import report, vllm_reference
+from baton.bench.gpu_report import report, vllm_reference
 
 RESULTS = Path(__file__).resolve().parents[3] / "bench" / "results" / "gpu_same_run_h100"
 

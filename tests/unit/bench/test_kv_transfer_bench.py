@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.kv_transfer import main
+from baton.bench.kv_transfer import main
 
 
 def test_kv_transfer_bench_quick(tmp_path, capsys):

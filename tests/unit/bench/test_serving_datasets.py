@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from bench.serving.config import BenchConfig
-from bench.serving.datasets import (SHAREGPT_INPUT_LOGNORMAL, SHAREGPT_OUTPUT_LOGNORMAL, WORDS, build_dataset,
+from baton.bench.serving.config import BenchConfig
+from baton.bench.serving.datasets import (SHAREGPT_INPUT_LOGNORMAL, SHAREGPT_OUTPUT_LOGNORMAL, WORDS, build_dataset,
                                     describe, messages_to_text, turn_messages, warmup_sessions)
-from deploy.cli import build_parser
-from services.common.dataclass_flags import from_args
+from baton.deploy.cli import build_parser
+from baton.services.common.dataclass_flags import from_args
 
 
 def test_random_lengths_and_reproducibility():

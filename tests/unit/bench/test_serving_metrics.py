@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.serving.metrics import RequestRecord, cdf, meets_slos, stats_ms, summarize, throughput_over_time
+from baton.bench.serving.metrics import RequestRecord, cdf, meets_slos, stats_ms, summarize, throughput_over_time
 
 
 def rec(start, chunks, end, out, prompt=10, cached=None, **kw):

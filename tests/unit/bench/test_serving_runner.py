@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from bench.serving import result_schema, runner
-from bench.serving.config import BenchConfig
-from bench.serving.datasets import build_dataset
-from bench.serving.metrics import RequestRecord
-from bench.serving.report import Progress
-from bench.serving.server_metrics import baton_report, parse
-from deploy.cli import main as cli_main
-from router.metrics import RouterMetrics
-from services.common.server import free_port
+from baton.bench.serving import result_schema, runner
+from baton.bench.serving.config import BenchConfig
+from baton.bench.serving.datasets import build_dataset
+from baton.bench.serving.metrics import RequestRecord
+from baton.bench.serving.report import Progress
+from baton.bench.serving.server_metrics import baton_report, parse
+from baton.deploy.cli import main as cli_main
+from baton.router.metrics import RouterMetrics
+from baton.services.common.server import free_port
 
 
 class FakeClient:
@@ -192,9 +192,9 @@ def test_unreachable_server_gives_an_error_summary(tmp_path, capsys):
 
 
 def test_worker_counters_reexported_by_the_router_give_run_figures():
-    from protos.baton.v1 import worker_pb2
-    from router.metrics import RouterMetrics, WorkerCountersCollector
-    from router.types import Role
+    from baton.protos.baton.v1 import worker_pb2
+    from baton.router.metrics import RouterMetrics, WorkerCountersCollector
+    from baton.router.types import Role
 
     class Entry:  # what the registry holds: an address, a role and the latest load report
         def __init__(self, address, role, **load):

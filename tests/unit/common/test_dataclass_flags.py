@@ -3,8 +3,8 @@ import argparse
 
 import pytest
 
-from services.common.dataclass_flags import add_flags, field_docs, from_args
-from services.engine.config import EngineConfig
+from baton.services.common.dataclass_flags import add_flags, field_docs, from_args
+from baton.services.engine.config import EngineConfig
 
 
 def parse(argv):

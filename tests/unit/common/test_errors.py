@@ -4,8 +4,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from protos.baton.v1 import common_pb2
-from protos.errors import (CODE_BY_STATUS, STATUS_BY_CODE, BatonError, ErrorCode, error_from_rpc)
+from baton.protos.baton.v1 import common_pb2
+from baton.protos.errors import (CODE_BY_STATUS, STATUS_BY_CODE, BatonError, ErrorCode, error_from_rpc)
 
 
 class FakeRpcError(grpc.RpcError):

@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
-from protos.baton.v1 import common_pb2
-from protos.errors import BatonError, ErrorCode
-from services.common.params_codec import sampling_params_from_proto, sampling_params_to_proto
-from services.engine import SamplingParams, StructuredOutputParams
+from baton.protos.baton.v1 import common_pb2
+from baton.protos.errors import BatonError, ErrorCode
+from baton.services.common.params_codec import sampling_params_from_proto, sampling_params_to_proto
+from baton.services.engine import SamplingParams, StructuredOutputParams
 
 STRUCTURED = [None, StructuredOutputParams(json='{"type": "object"}'), StructuredOutputParams(json_object=True),
               StructuredOutputParams(regex=r"\d+"), StructuredOutputParams(grammar='root ::= "a"')]

@@ -17,9 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 
-from protos.baton.v1 import worker_pb2, worker_pb2_grpc
-from protos.errors import BatonError, ErrorCode, abort_with, error_from_rpc
-from services.common.server import ServerConfig, ServiceServer, free_port, wait_for_health
+from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
+from baton.protos.errors import BatonError, ErrorCode, abort_with, error_from_rpc
+from baton.services.common.server import ServerConfig, ServiceServer, free_port, wait_for_health
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DECODE = "baton.v1.Decode"
@@ -171,9 +171,9 @@ def test_drain_is_bounded_and_a_second_signal_stops_at_once() -> None:
 DRAIN_SERVER = textwrap.dedent("""
     import asyncio, sys
     from prometheus_client import CollectorRegistry
-    from protos.baton.v1 import worker_pb2, worker_pb2_grpc
-    from protos.errors import BatonError, abort_with
-    from services.common.server import ServerConfig, ServiceServer
+    from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
+    from baton.protos.errors import BatonError, abort_with
+    from baton.services.common.server import ServerConfig, ServiceServer
 
     class SlowDecode(worker_pb2_grpc.DecodeServicer):
         def __init__(self):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.engine import default_model
-from services.engine.default_model import (
+from baton.services.engine import default_model
+from baton.services.engine.default_model import (
     CONVERTED_MARKER,
     DEFAULT_MODEL_NAME,
     DefaultModelUnavailableError,

@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from services.engine.config import EngineConfig
-from services.engine.disagg import DisaggEngine
-from services.engine.engine import Engine
-from services.engine.sampling_params import SamplingParams
+from baton.services.engine.config import EngineConfig
+from baton.services.engine.disagg import DisaggEngine
+from baton.services.engine.engine import Engine
+from baton.services.engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
 
 

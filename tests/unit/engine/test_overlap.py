@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from services.engine import LLM, SamplingParams
+from baton.services.engine import LLM, SamplingParams
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
 
 

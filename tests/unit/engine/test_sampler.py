@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-from services.engine.sampler import (
+from baton.services.engine.sampler import (
     SamplingRow,
     Sampler,
     filter_logits,
@@ -15,7 +15,7 @@ from services.engine.sampler import (
     process_logits,
     sample_from_probs,
 )
-from services.engine.sampling_params import SamplingParams
+from baton.services.engine.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
 

@@ -2,9 +2,9 @@
 with decode, admission order per policy, max running requests, preemption and abort."""
 import pytest
 
-from services.engine.config import EngineConfig
-from services.engine.engine import Engine
-from services.engine.sampling_params import SamplingParams
+from baton.services.engine.config import EngineConfig
+from baton.services.engine.engine import Engine
+from baton.services.engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)

@@ -11,8 +11,8 @@ import jsonschema
 import pytest
 import torch
 
-from services.engine.sampling_params import StructuredOutputParams
-from services.engine.structured_output import (
+from baton.services.engine.sampling_params import StructuredOutputParams
+from baton.services.engine.structured_output import (
     GrammarCompilerCache,
     GrammarState,
     StructuredOutputError,

@@ -1,18 +1,18 @@
 """The committed generated code matches the .proto files, and the generated modules work.
 
-When this fails, run `python -m protos.generate` from the repository root and commit the result.
+When this fails, run `python -m baton.protos.generate` from the repository root and commit the result.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from protos import generate
+from baton.protos import generate
 
 
 def test_committed_generated_code_is_fresh() -> None:
     problems = generate.stale_files()
-    assert not problems, "stale generated protobuf code (run `python -m protos.generate`):\n" + "\n".join(problems)
+    assert not problems, "stale generated protobuf code (run `python -m baton.protos.generate`):\n" + "\n".join(problems)
 
 
 def test_every_proto_has_generated_files() -> None:
@@ -55,7 +55,7 @@ def test_check_cli_exit_status(tmp_path: Path, capsys) -> None:
 
 
 def test_services_import_and_messages_round_trip() -> None:
-    from protos.baton.v1 import common_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+    from baton.protos.baton.v1 import common_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
     for name in ("PrefillStub", "DecodeStub", "EncoderStub", "add_DecodeServicer_to_server"):
         assert hasattr(worker_pb2_grpc, name)

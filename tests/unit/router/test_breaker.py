@@ -1,6 +1,6 @@
 """CircuitBreaker: opens after consecutive failures, lets one trial through after the
 cooldown, closes on success and reopens on a failed trial."""
-from router.breaker import CircuitBreaker
+from baton.router.breaker import CircuitBreaker
 
 
 class Clock:

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from router.policies.cache_aware import CacheAwarePolicy
-from router.policies.prefix_tree import PrefixTree
-from router.types import Role, WorkerView
+from baton.router.policies.cache_aware import CacheAwarePolicy
+from baton.router.policies.prefix_tree import PrefixTree
+from baton.router.types import Role, WorkerView
 
 
 def workers(count: int = 4) -> list[WorkerView]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from router.decider import DisaggDecider
+from baton.router.decider import DisaggDecider
 
 ROUTER_DIR = Path(__file__).resolve().parents[3] / "router"
 

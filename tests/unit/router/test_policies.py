@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
-from router.policies import (POLICIES, CacheAwarePolicy, MinLoadPolicy, PowerOfTwoPolicy,
+from baton.router.policies import (POLICIES, CacheAwarePolicy, MinLoadPolicy, PowerOfTwoPolicy,
                              RoundRobinPolicy, make_policy)
-from router.types import Role, WorkerView
+from baton.router.types import Role, WorkerView
 
 PROMPT = list(range(32))
 

@@ -14,7 +14,7 @@ def _engine(backend: str, worker_id: str, seed: int):
     import torch
 
     torch.set_num_threads(1)
-    from services.transfer import create_transfer_engine
+    from baton.services.transfer import create_transfer_engine
     from tests.unit.transfer.helpers import filled_cache, small_layout
 
     return create_transfer_engine(backend, worker_id, filled_cache(small_layout(), seed))
@@ -44,7 +44,7 @@ def receiver_main(backend: str, conn, sender_seed: int, transfer_id: str, pairs)
 
 def sender_main(backend: str, conn, seed: int) -> None:
     """Connect to the descriptor the parent sends, then write on request."""
-    from services.transfer import PeerDescriptor
+    from baton.services.transfer import PeerDescriptor
 
     engine = _engine(backend, "prefill-mp", seed=seed)
     peer = PeerDescriptor.from_bytes(conn.recv())

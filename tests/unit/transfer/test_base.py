@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protos.baton.v1 import kv_pb2
-from services.transfer import LayoutMismatch, PeerDescriptor, create_transfer_engine
-from services.transfer.descriptor import check_layout
-from services.transfer.nixl import NixlPeerInfo, coalesce, pack_metadata, unpack_metadata
+from baton.protos.baton.v1 import kv_pb2
+from baton.services.transfer import LayoutMismatch, PeerDescriptor, create_transfer_engine
+from baton.services.transfer.descriptor import check_layout
+from baton.services.transfer.nixl import NixlPeerInfo, coalesce, pack_metadata, unpack_metadata
 from tests.unit.transfer.helpers import filled_cache, small_layout
 
 

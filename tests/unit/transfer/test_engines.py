@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from services.transfer import LayoutMismatch, TransferError, TransferState
-from services.transfer.base import block_bytes
+from baton.services.transfer import LayoutMismatch, TransferError, TransferState
+from baton.services.transfer.base import block_bytes
 from tests.unit.transfer.helpers import BACKENDS, small_layout
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)

@@ -5,7 +5,7 @@ import multiprocessing as mp
 
 import pytest
 
-from services.transfer.base import block_bytes
+from baton.services.transfer.base import block_bytes
 from tests.unit.transfer import peer_process
 from tests.unit.transfer.helpers import BACKENDS, small_layout
 

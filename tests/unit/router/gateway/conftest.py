@@ -8,8 +8,8 @@ from typing import Optional
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from protos.baton.v1 import common_pb2
-from router.types import Chunk, RouterError, RouterRequest
+from baton.protos.baton.v1 import common_pb2
+from baton.router.types import Chunk, RouterError, RouterRequest
 
 
 @pytest.fixture(scope="session")

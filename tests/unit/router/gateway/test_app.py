@@ -7,8 +7,8 @@ import json
 
 import httpx
 
-from protos.baton.v1 import common_pb2
-from router.gateway.app import create_app
+from baton.protos.baton.v1 import common_pb2
+from baton.router.gateway.app import create_app
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
 

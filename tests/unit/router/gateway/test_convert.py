@@ -6,10 +6,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from router.gateway.convert import (_as_id_list, chat_messages, check_model, prepare_chat,
+from baton.router.gateway.convert import (_as_id_list, chat_messages, check_model, prepare_chat,
                                     prepare_completion, resolve_max_tokens, sampling_params)
-from router.gateway.errors import ApiError, as_api_error
-from router.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from baton.router.gateway.errors import ApiError, as_api_error
+from baton.router.gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 MAX_LEN = 2048
 HI = [{"role": "user", "content": "Hi there"}]

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from protos.baton.v1 import common_pb2
-from router.gateway.errors import (ApiError, as_api_error, error_body, status_for_code,
+from baton.protos.baton.v1 import common_pb2
+from baton.router.gateway.errors import (ApiError, as_api_error, error_body, status_for_code,
                                    validation_error_to_api)
-from router.gateway.protocol import ChatCompletionRequest
-from router.types import RouterError
+from baton.router.gateway.protocol import ChatCompletionRequest
+from baton.router.types import RouterError
 
 EC = common_pb2.ErrorCode
 

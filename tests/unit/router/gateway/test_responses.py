@@ -5,10 +5,10 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from protos.baton.v1 import common_pb2
-from router.gateway.logprobs import MIN_LOGPROB, CompletionLogprobs, TokenStrings, chat_logprobs
-from router.gateway.responses import ChatStream, Collector, CompletionStream, ResponseContext
-from router.types import Chunk
+from baton.protos.baton.v1 import common_pb2
+from baton.router.gateway.logprobs import MIN_LOGPROB, CompletionLogprobs, TokenStrings, chat_logprobs
+from baton.router.gateway.responses import ChatStream, Collector, CompletionStream, ResponseContext
+from baton.router.types import Chunk
 
 
 @pytest.fixture(scope="module")

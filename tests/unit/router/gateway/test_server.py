@@ -6,7 +6,7 @@ import asyncio
 import httpx
 import openai
 
-from router.gateway.server import serve_gateway
+from baton.router.gateway.server import serve_gateway
 
 
 async def _until(predicate, timeout_s: float = 3.0) -> bool:
