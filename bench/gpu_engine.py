@@ -215,7 +215,7 @@ def section_d(llm, res: dict, batch: int = 256, steps: int = 40) -> dict:
 
 def section_c(llm, res: dict, prompts: int = 8, length: int = 4096) -> dict:
     from baton.services.engine.request import Request
-    from baton.services.engine.scheduler import ScheduledItem
+    from baton.services.engine.scheduling.scheduler import ScheduledItem
     engine = llm.engine
     cfg = engine.model_config
     rng = random.Random(4)

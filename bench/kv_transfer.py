@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from baton.bench.machine import describe_machine  # noqa: E402
 
-from baton.services.engine.kv_cache import KVCache, KVLayout  # noqa: E402
+from baton.services.engine.kv.kv_cache import KVCache, KVLayout  # noqa: E402
 
 TOKEN_BYTES = 2 * 8 * 128 * 2  # K+V bytes of one token of the 1-layer layout (8 heads x 128 x float16)
 

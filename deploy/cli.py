@@ -72,7 +72,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     from baton.services.common.server import ServerConfig
-    from baton.services.common.worker_config import WorkerConfig
+    from baton.services.worker.worker_config import WorkerConfig
     p = sub.add_parser("serve", help="run one worker service (prefill or decode)")
     p.add_argument("role", choices=["prefill", "decode"], help="which service to run")
     add_flags(p, EngineConfig)
@@ -83,8 +83,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from baton.services.common.server import ServerConfig
-    from baton.services.common.worker_config import WorkerConfig
-    from baton.services.common.worker_main import run_worker
+    from baton.services.worker.worker_config import WorkerConfig
+    from baton.services.worker.worker_main import run_worker
     return run_worker(args.role, from_args(EngineConfig, args), from_args(ServerConfig, args),
                       from_args(WorkerConfig, args))
 

@@ -27,9 +27,9 @@ import grpc
 
 from baton.protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 from baton.protos.errors import BatonError, ErrorCode, abort_with, error_from_rpc
-from baton.services.common.params_codec import sampling_params_from_proto
-from baton.services.common.wire import delta_to_proto, logprob_from_proto
-from baton.services.common.worker_runtime import WorkerRuntime
+from baton.services.worker.params_codec import sampling_params_from_proto
+from baton.services.worker.wire import delta_to_proto, logprob_from_proto
+from baton.services.worker.worker_runtime import WorkerRuntime
 from baton.services.engine.request import RequestDelta
 from baton.services.engine.sampling_params import SamplingParams
 

@@ -19,7 +19,7 @@ import torch
 
 from baton.services.engine.engine import Engine
 from baton.services.engine.request import Request, RequestDelta, RequestStatus
-from baton.services.engine.sampler import SampledToken
+from baton.services.engine.sampling.sampler import SampledToken
 from baton.services.engine.sampling_params import SamplingParams
 
 

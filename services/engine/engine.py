@@ -26,14 +26,14 @@ from typing import Optional, Sequence
 import torch
 
 from baton.services.engine.config import EngineConfig
-from baton.services.engine.detokenizer import IncrementalDetokenizer
+from baton.services.engine.output.detokenizer import IncrementalDetokenizer
 from baton.services.engine.engine_setup import EngineParts, build_engine_parts
-from baton.services.engine.output_processor import OutputProcessor
+from baton.services.engine.output.output_processor import OutputProcessor
 from baton.services.engine.request import PENDING_TOKEN, Request, RequestDelta, RequestStatus
-from baton.services.engine.sampler import Sampler, SamplingRow, make_generator
+from baton.services.engine.sampling.sampler import Sampler, SamplingRow, make_generator
 from baton.services.engine.sampling_params import SamplingParams
-from baton.services.engine.stop_checker import StopStringChecker
-from baton.services.engine.scheduler import ScheduledItem
+from baton.services.engine.output.stop_checker import StopStringChecker
+from baton.services.engine.scheduling.scheduler import ScheduledItem
 
 
 @dataclass
@@ -127,7 +127,7 @@ class Engine:
         if params.structured_output is None:
             return None
         if self._grammars is None:
-            from baton.services.engine.structured_output import GrammarCompilerCache
+            from baton.services.engine.sampling.structured_output import GrammarCompilerCache
             self._grammars = GrammarCompilerCache(self.tokenizer, self.model_config.vocab_size,
                                                   stop_token_ids=self.parts.eos_token_ids, max_threads=2)
         return self._grammars.new_state(params.structured_output)
@@ -250,7 +250,7 @@ class Engine:
         constrained = [(i, r.grammar) for i, r in enumerate(requests) if r.grammar is not None]
         if not constrained:
             return None
-        from baton.services.engine.structured_output import allocate_bitmask, apply_bitmask
+        from baton.services.engine.sampling.structured_output import allocate_bitmask, apply_bitmask
         bitmask = allocate_bitmask(len(requests), self.model_config.vocab_size)
         for row, grammar in constrained:
             grammar.fill_bitmask(bitmask, row)

@@ -14,14 +14,14 @@ import torch
 
 from baton.services.engine.attention.base import AttentionBackend
 from baton.services.engine.attention.torch_cpu import TorchAttentionBackend
-from baton.services.engine.block_pool import BlockPool
+from baton.services.engine.kv.block_pool import BlockPool
 from baton.services.engine.config import EngineConfig
-from baton.services.engine.kv_cache import KVCache, KVLayout
-from baton.services.engine.model_runner import ModelRunner
+from baton.services.engine.kv.kv_cache import KVCache, KVLayout
+from baton.services.engine.runner.model_runner import ModelRunner
 from baton.services.engine.models.loader import load_model
 from baton.services.engine.models.model_config import ModelConfig
-from baton.services.engine.radix_cache import RadixCache
-from baton.services.engine.scheduler import Scheduler
+from baton.services.engine.kv.radix_cache import RadixCache
+from baton.services.engine.scheduling.scheduler import Scheduler
 
 CPU_DEFAULT_KV_TOKENS = 16384
 

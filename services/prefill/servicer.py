@@ -23,9 +23,9 @@ import grpc
 
 from baton.protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 from baton.protos.errors import BatonError, ErrorCode, abort_with
-from baton.services.common.params_codec import sampling_params_from_proto
-from baton.services.common.wire import logprob_to_proto
-from baton.services.common.worker_runtime import WorkerRuntime
+from baton.services.worker.params_codec import sampling_params_from_proto
+from baton.services.worker.wire import logprob_to_proto
+from baton.services.worker.worker_runtime import WorkerRuntime
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServicer):

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
 
-from baton.services.engine.kv_cache import KVCache, KVLayout
+from baton.services.engine.kv.kv_cache import KVCache, KVLayout
 from baton.services.transfer.descriptor import (  # noqa: F401  (re-exported: the public names live here too)
     BACKENDS,
     LayoutMismatch,

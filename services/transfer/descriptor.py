@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from baton.protos.baton.v1 import kv_pb2
-from baton.services.engine.kv_cache import KVLayout
+from baton.services.engine.kv.kv_cache import KVLayout
 
 BACKENDS = ("tcp", "nixl")
 _BACKEND_TO_PROTO = {"tcp": kv_pb2.TCP, "nixl": kv_pb2.NIXL}

@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from baton.services.engine.kv_cache import KVCache
+from baton.services.engine.kv.kv_cache import KVCache
 from baton.services.transfer.base import TransferEngine
 from baton.services.transfer.descriptor import PeerDescriptor, TransferError
 

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import zmq
 
-from baton.services.engine.kv_cache import KVCache
+from baton.services.engine.kv.kv_cache import KVCache
 from baton.services.transfer.base import TransferEngine
 from baton.services.transfer.descriptor import LayoutMismatch, PeerDescriptor, TransferError, layout_mismatches
 

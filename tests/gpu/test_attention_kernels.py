@@ -220,7 +220,7 @@ def test_backend_matches_torch_backend(dtype, window):
     from baton.services.engine.attention.base import AttentionMetadata, SequenceSlice
     from baton.services.engine.attention.torch_cpu import TorchAttentionBackend
     from baton.services.engine.attention.triton_backend import TritonAttentionBackend
-    from baton.services.engine.kv_cache import KVCache, KVLayout
+    from baton.services.engine.kv.kv_cache import KVCache, KVLayout
 
     page, kv_heads, heads, head_dim = 4, 2, 8, 64
     layout = KVLayout(1, 64, page, kv_heads, head_dim, dtype)

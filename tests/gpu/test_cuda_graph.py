@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from baton.services.engine import LLM, SamplingParams  # noqa: E402
 from baton.services.engine.request import Request  # noqa: E402
-from baton.services.engine.scheduler import ScheduledItem  # noqa: E402
+from baton.services.engine.scheduling.scheduler import ScheduledItem  # noqa: E402
 from tests.helpers.tiny_models import VOCAB, make_tiny_model  # noqa: E402
 
 MAX_BS = 16

@@ -109,7 +109,7 @@ def test_bfloat16_first_step_logits_close_to_transformers(family, tiny_folder):
     rng = random.Random(7)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (5, 37, 100)]
     engine = llm.engine
-    from baton.services.engine.scheduler import ScheduledItem
+    from baton.services.engine.scheduling.scheduler import ScheduledItem
     from baton.services.engine.request import Request
     blocks_needed = [(len(p) + 15) // 16 for p in prompts]
     free = iter(range(engine.pool.num_blocks))

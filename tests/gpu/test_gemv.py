@@ -74,7 +74,7 @@ def test_bf16_decode_steps_through_gemv_close_to_transformers(family: str, graph
     from baton.services.engine.models import gemv as gemv_module
     from baton.services.engine.request import Request
     from baton.services.engine.sampling_params import SamplingParams
-    from baton.services.engine.scheduler import ScheduledItem
+    from baton.services.engine.scheduling.scheduler import ScheduledItem
     from tests.helpers.tiny_models import VOCAB, make_tiny_model
 
     folder = make_tiny_model(family, tmp_path / family)

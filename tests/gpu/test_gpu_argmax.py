@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from baton.services.engine.gpu_argmax import CHUNK, argmax_rows  # noqa: E402
+from baton.services.engine.sampling.gpu_argmax import CHUNK, argmax_rows  # noqa: E402
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 151936), (64, 32000), (5, 100), (2, CHUNK),

@@ -7,7 +7,7 @@ from typing import Optional
 import grpc
 
 from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
-from baton.services.common.params_codec import sampling_params_to_proto
+from baton.services.worker.params_codec import sampling_params_to_proto
 from baton.services.engine.sampling_params import SamplingParams
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -79,8 +80,15 @@ def test_every_package_folder_is_listed() -> None:
 
 @pytest.mark.slow
 def test_wheel_installs_one_baton_namespace(tmp_path: Path) -> None:
+    # Build from a copy of the tracked tree: setuptools never cleans build/, so a wheel built
+    # in the checkout could carry modules that were moved away.
+    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, check=True, capture_output=True).stdout
+    for rel in filter(None, tracked.decode().split("\0")):
+        if (REPO / rel).is_file():
+            (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, tmp_path / "src" / rel)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), str(REPO)], check=True, cwd=tmp_path)
+                    "-w", str(tmp_path / "dist"), str(tmp_path / "src")], check=True, cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("baton-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
-from baton.services.engine.kv_cache import KVCache
+from baton.services.engine.kv.kv_cache import KVCache
 
 
 class TorchAttentionBackend(AttentionBackend):

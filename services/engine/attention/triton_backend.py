@@ -18,7 +18,7 @@ import torch
 from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
 from baton.services.engine.attention.triton_kernels import (decode_attention, extend_attention, extend_blocks,
                                                       extend_tiles, num_decode_splits)
-from baton.services.engine.kv_cache import KVCache
+from baton.services.engine.kv.kv_cache import KVCache
 
 
 @dataclass

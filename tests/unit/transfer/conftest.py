@@ -11,7 +11,7 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 import pytest  # noqa: E402
 
-from baton.services.engine.kv_cache import KVLayout  # noqa: E402
+from baton.services.engine.kv.kv_cache import KVLayout  # noqa: E402
 from baton.services.transfer import TransferEngine, create_transfer_engine  # noqa: E402
 from tests.unit.transfer.helpers import filled_cache, small_layout  # noqa: E402
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from baton.services.engine.kv_cache import KVCache, KVLayout
+from baton.services.engine.kv.kv_cache import KVCache, KVLayout
 
 BACKENDS = ["tcp", "nixl"]
 

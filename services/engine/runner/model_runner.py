@@ -33,7 +33,7 @@ import torch
 from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
 from baton.services.engine.models.llama import LlamaForCausalLM
 from baton.services.engine.request import PENDING_TOKEN, Request
-from baton.services.engine.scheduler import ScheduledItem
+from baton.services.engine.scheduling.scheduler import ScheduledItem
 
 
 @dataclass

@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from baton.services.engine.detokenizer import IncrementalDetokenizer
+from baton.services.engine.output.detokenizer import IncrementalDetokenizer
 
 EOS = "<|endoftext|>"
 CORPUS = [

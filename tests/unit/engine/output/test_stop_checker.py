@@ -5,7 +5,7 @@ from typing import Sequence
 
 import pytest
 
-from baton.services.engine.stop_checker import StopStringChecker
+from baton.services.engine.output.stop_checker import StopStringChecker
 
 
 def run(checker: StopStringChecker, deltas: Sequence[str]) -> tuple[list[str], bool]:

@@ -1,7 +1,7 @@
 """BlockPool: exact block ids, reference counting, and integrity."""
 import pytest
 
-from baton.services.engine.block_pool import BlockPool, OutOfBlocks
+from baton.services.engine.kv.block_pool import BlockPool, OutOfBlocks
 
 
 def test_allocates_in_fifo_order_and_reuses_freed_blocks_last():

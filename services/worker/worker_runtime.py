@@ -16,10 +16,10 @@ from typing import Any, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from baton.protos.baton.v1 import worker_pb2
-from baton.services.common.engine_thread import EngineThread
+from baton.services.worker.engine_thread import EngineThread
 from baton.protos.errors import BatonError, ErrorCode
-from baton.services.common.wire import worker_load
-from baton.services.common.worker_config import WorkerConfig
+from baton.services.worker.wire import worker_load
+from baton.services.worker.worker_config import WorkerConfig
 from baton.services.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)

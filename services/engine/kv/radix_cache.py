@@ -16,7 +16,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from baton.services.engine.block_pool import BlockPool
+from baton.services.engine.kv.block_pool import BlockPool
 
 
 @dataclass(eq=False)

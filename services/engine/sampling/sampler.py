@@ -224,7 +224,7 @@ class Sampler:
     def _choose(self, processed: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Greedy rows: argmax; the others: `_sample_rows`. [B] int64 on the logits' device."""
         if processed.is_cuda:  # two short Triton launches instead of one long torch reduction
-            from baton.services.engine.gpu_argmax import argmax_rows
+            from baton.services.engine.sampling.gpu_argmax import argmax_rows
             tokens = argmax_rows(processed)
         else:
             tokens = processed.argmax(dim=-1)

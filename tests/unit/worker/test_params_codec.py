@@ -8,7 +8,7 @@ import pytest
 
 from baton.protos.baton.v1 import common_pb2
 from baton.protos.errors import BatonError, ErrorCode
-from baton.services.common.params_codec import sampling_params_from_proto, sampling_params_to_proto
+from baton.services.worker.params_codec import sampling_params_from_proto, sampling_params_to_proto
 from baton.services.engine import SamplingParams, StructuredOutputParams
 
 STRUCTURED = [None, StructuredOutputParams(json='{"type": "object"}'), StructuredOutputParams(json_object=True),

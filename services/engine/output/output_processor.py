@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 from baton.services.engine.request import Request, RequestDelta
-from baton.services.engine.sampler import SampledToken
+from baton.services.engine.sampling.sampler import SampledToken
 
 
 class OutputProcessor:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from baton.services.engine.sampling_params import StructuredOutputParams
-from baton.services.engine.structured_output import (
+from baton.services.engine.sampling.structured_output import (
     GrammarCompilerCache,
     GrammarState,
     StructuredOutputError,

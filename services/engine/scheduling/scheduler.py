@@ -20,9 +20,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
-from baton.services.engine.block_pool import BlockPool
+from baton.services.engine.kv.block_pool import BlockPool
 from baton.services.engine.config import EngineConfig
-from baton.services.engine.radix_cache import RadixCache
+from baton.services.engine.kv.radix_cache import RadixCache
 from baton.services.engine.request import Request, RequestStatus
 
 

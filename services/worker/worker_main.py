@@ -13,8 +13,8 @@ import sys
 
 from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
 from baton.services.common.server import ServerConfig, ServiceServer
-from baton.services.common.worker_config import WorkerConfig
-from baton.services.common.worker_runtime import WorkerRuntime
+from baton.services.worker.worker_config import WorkerConfig
+from baton.services.worker.worker_runtime import WorkerRuntime
 from baton.services.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)

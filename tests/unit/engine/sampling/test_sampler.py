@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-from baton.services.engine.sampler import (
+from baton.services.engine.sampling.sampler import (
     SamplingRow,
     Sampler,
     filter_logits,

@@ -1,8 +1,8 @@
 """RadixCache: page-aligned matching, exact blocks, splitting, locking, LRU eviction, integrity."""
 import pytest
 
-from baton.services.engine.block_pool import BlockPool
-from baton.services.engine.radix_cache import RadixCache
+from baton.services.engine.kv.block_pool import BlockPool
+from baton.services.engine.kv.radix_cache import RadixCache
 
 PAGE = 4
 

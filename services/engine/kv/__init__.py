@@ -1,0 +1,1 @@
+"""KV memory: the refcounted block pool, the paged KV tensors, the radix prefix cache."""

@@ -1,0 +1,1 @@
+"""Output: incremental detokenization, stop strings and token ids, finish reasons."""

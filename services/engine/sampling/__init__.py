@@ -1,0 +1,1 @@
+"""Sampling: logits to token ids (penalties, top-k/p, min-p, seeds, xgrammar bitmasks)."""

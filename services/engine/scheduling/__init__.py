@@ -1,0 +1,1 @@
+"""Scheduling: which requests run in a step, chunked prefill, preemption, reservations."""
