@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from baton.bench.machine import describe_machine  # noqa: E402
 
 from baton.services.engine.kv.kv_cache import KVCache, KVLayout  # noqa: E402
+from baton.services.worker.kv_memory import register_kv_cache  # noqa: E402
 
 TOKEN_BYTES = 2 * 8 * 128 * 2  # K+V bytes of one token of the 1-layer layout (8 heads x 128 x float16)
 
@@ -140,7 +141,8 @@ def _receiver(backend: str, args, peer) -> None:
     torch.set_num_threads(args.threads)
     from baton.services.transfer import TransferState, create_transfer_engine
     for size in args.size_list:
-        engine = create_transfer_engine(backend, "bench-decode", KVCache(layout_for(size, args.blocks), "cpu"))
+        cache = KVCache(layout_for(size, args.blocks), "cpu")
+        engine = create_transfer_engine(backend, "bench-decode", register_kv_cache(cache))
         peer.send(engine.descriptor().to_bytes())
         while (msg := peer.recv())[0] != "verify":
             (name, count), before = msg, engine.bytes_received
@@ -153,7 +155,7 @@ def _receiver(backend: str, args, peer) -> None:
                     peer.send(seen)
             if name == "bw":
                 peer.send((seen, engine.bytes_received - before))
-        peer.send(verify(engine.kv_cache, pairs_for(args.blocks)))
+        peer.send(verify(cache, pairs_for(args.blocks)))
         engine.close()
 
 
@@ -164,7 +166,8 @@ def _sender(backend: str, args, peer, out) -> None:
         from baton.services.transfer import PeerDescriptor, create_transfer_engine
         pairs = pairs_for(args.blocks)
         for size in args.size_list:
-            engine = create_transfer_engine(backend, "bench-prefill", pattern_cache(layout_for(size, args.blocks)))
+            engine = create_transfer_engine(backend, "bench-prefill",
+                                            register_kv_cache(pattern_cache(layout_for(size, args.blocks))))
             desc = PeerDescriptor.from_bytes(peer.recv())
             engine.connect(desc, timeout=30.0)
 

@@ -81,11 +81,20 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_serve)
 
 
+def _worker_service(role: str):
+    """The role package's service that `baton serve ROLE` runs (the worker shell imports none)."""
+    if role == "prefill":
+        from baton.services.prefill.servicer import SERVICE
+    else:
+        from baton.services.decode.servicer import SERVICE
+    return SERVICE
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from baton.services.common.server import ServerConfig
     from baton.services.worker.worker_config import WorkerConfig
     from baton.services.worker.worker_main import run_worker
-    return run_worker(args.role, from_args(EngineConfig, args), from_args(ServerConfig, args),
+    return run_worker(_worker_service(args.role), from_args(EngineConfig, args), from_args(ServerConfig, args),
                       from_args(WorkerConfig, args))
 
 

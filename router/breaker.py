@@ -2,8 +2,20 @@
 after a cooldown (one trial request) -> closed on success, open again on failure."""
 from __future__ import annotations
 
+import enum
 import time
 from typing import Callable
+
+
+class BreakerState(enum.Enum):
+    """Where a breaker is; the value is what metrics and /workers show."""
+
+    CLOSED = "closed"
+    """Work flows."""
+    OPEN = "open"
+    """Too many consecutive failures: no work until the cooldown ends."""
+    HALF_OPEN = "half_open"
+    """Cooldown over: one trial request may go through."""
 
 
 class CircuitBreaker:
@@ -18,20 +30,20 @@ class CircuitBreaker:
         self.trial_in_flight = False
 
     @property
-    def state(self) -> str:
-        """closed, open or half_open."""
+    def state(self) -> BreakerState:
+        """Closed, open, or half-open once the cooldown has passed."""
         if self.opened_at is None:
-            return "closed"
+            return BreakerState.CLOSED
         if self.clock() - self.opened_at >= self.cooldown_s:
-            return "half_open"
-        return "open"
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
 
     def allow(self) -> bool:
         """True when a request may go to the worker now (claims the trial when half-open)."""
         state = self.state
-        if state == "closed":
+        if state is BreakerState.CLOSED:
             return True
-        if state == "half_open" and not self.trial_in_flight:
+        if state is BreakerState.HALF_OPEN and not self.trial_in_flight:
             self.trial_in_flight = True
             return True
         return False
@@ -39,7 +51,7 @@ class CircuitBreaker:
     def available(self) -> bool:
         """Like allow() but without claiming the half-open trial (for listing candidates)."""
         state = self.state
-        return state == "closed" or (state == "half_open" and not self.trial_in_flight)
+        return state is BreakerState.CLOSED or (state is BreakerState.HALF_OPEN and not self.trial_in_flight)
 
     def record_success(self) -> None:
         """The worker served a request: close the breaker."""

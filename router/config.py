@@ -32,6 +32,8 @@ class RouterConfig:
     """Seconds between health checks and load reports of each worker."""
     health_timeout_s: float = 2.0
     """Deadline of one health check."""
+    unhealthy_after_failures: int = 3
+    """Health checks in a row that time out before a reachable (busy) worker counts as unhealthy."""
     request_timeout_s: float = 600.0
     """Deadline of a whole request, first byte to last."""
     max_attempts: int = 3
@@ -44,8 +46,12 @@ class RouterConfig:
     """Consecutive failures that open a worker's circuit breaker."""
     breaker_cooldown_s: float = 5.0
     """Seconds an open breaker waits before letting one trial request through."""
-    max_queued_requests: int = 256
-    """Requests in flight beyond this are refused with 429 (admission control)."""
+    max_queued_requests: int = 1024
+    """Requests the router holds while no worker has room; one more is refused with 429."""
+    saturated_s: float = 0.5
+    """How long a worker that answered OVERLOADED gets no new work (unless one of its requests ends)."""
+    retry_after_s: float = 1.0
+    """Retry-After (seconds) sent with a 429 when the router's own queue is full."""
     api_keys: str = ""
     """Comma-separated API keys; when set, every /v1 request and gRPC call needs one."""
 
@@ -58,6 +64,8 @@ class RouterConfig:
             (self.max_migrations >= 0, "max_migrations must be non-negative"),
             (self.breaker_failures >= 1, "breaker_failures must be at least 1"),
             (self.max_queued_requests >= 1, "max_queued_requests must be at least 1"),
+            (self.unhealthy_after_failures >= 1, "unhealthy_after_failures must be at least 1"),
+            (self.saturated_s > 0 and self.retry_after_s > 0, "saturated_s and retry_after_s must be positive"),
         ]
         for ok, message in checks:
             if not ok:

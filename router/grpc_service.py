@@ -10,7 +10,7 @@ import grpc
 from baton.protos.baton.v1 import router_pb2, router_pb2_grpc, worker_pb2
 from baton.protos.errors import BatonError, ErrorCode, abort_with
 from baton.router.core import RouterCore
-from baton.router.types import Role, RouterError, RouterRequest
+from baton.router.types import Role, RouterRequest
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -49,17 +49,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     request_id=routed.request_id, index=chunk.index, token_ids=chunk.token_ids, text=chunk.text,
                     logprobs=chunk.logprobs, finish_reason=chunk.finish_reason or "", stop_reason=chunk.stop_reason,
                     usage=chunk.usage)
-        except RouterError as error:
+        except BatonError as error:
             status = error.code_name.lower()
-            await abort_with(context, BatonError(error.code, error.message))
+            await abort_with(context, error)
         finally:
             core.metrics.requests.labels(api="grpc", status=status).inc()
 
     async def Abort(self, request, context) -> worker_pb2.AbortResponse:
         await self._authorize(context)
-        found = request.request_id in self.core._active
-        await self.core.abort(request.request_id)
-        return worker_pb2.AbortResponse(found=found)
+        return worker_pb2.AbortResponse(found=await self.core.abort(request.request_id))
 
     async def ListWorkers(self, request, context) -> router_pb2.ListWorkersResponse:
         await self._authorize(context)
@@ -67,7 +65,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         for entry in self.core.registry.workers.values():
             workers.append(router_pb2.WorkerStatus(
                 address=entry.address, role=worker_pb2.DECODE if entry.role is Role.DECODE else worker_pb2.PREFILL,
-                healthy=entry.healthy, load=entry.load, breaker_state=entry.breaker.state))
+                healthy=entry.healthy, load=entry.load, breaker_state=entry.breaker.state.value))
         return router_pb2.ListWorkersResponse(workers=workers)
 
     async def Health(self, request, context) -> router_pb2.RouterHealthResponse:

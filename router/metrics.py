@@ -24,6 +24,7 @@ class RouterMetrics:
                              buckets=LATENCY_BUCKETS)
         self.retries = Counter("baton_router_retries", "Attempts retried on another worker before the first token",
                                ["reason"], registry=r)
+        """Reasons are error codes in lower case (prefill_failed, internal, ...)."""
         self.migrations = Counter("baton_router_migrations", "Streams moved to another decode worker mid-way",
                                   registry=r)
         self.breaker_open = Gauge("baton_router_breaker_open", "1 when the worker's circuit breaker is not closed",
@@ -35,6 +36,12 @@ class RouterMetrics:
         self.paths = Counter("baton_router_paths", "Requests by path (disaggregated or decode_only)", ["path"],
                              registry=r)
         self.in_flight = Gauge("baton_router_in_flight_requests", "Requests being served", registry=r)
+        self.queued = Gauge("baton_router_queued_requests", "Requests waiting in the router for a worker with room",
+                            registry=r)
+        self.backpressure = Counter("baton_router_backpressure", "Times a request waited because workers were full",
+                                    ["role", "reason"], registry=r)
+        self.failures = Counter("baton_router_failures", "Requests that ended with an error, by error code",
+                                ["reason"], registry=r)
 
 
 class WorkerCountersCollector:

@@ -4,15 +4,23 @@ how loaded it is, and its circuit breaker.
 Workers come from flags (static) or `RegisterWorker` / `DeregisterWorker` (dynamic). A
 background loop checks every worker each `health_interval_s`: the standard
 `grpc.health.v1` Check says whether it serves, and the worker's `Info` brings its load
-report (running / queued tokens, KV usage). A worker that fails either is unhealthy until
-a later check passes.
+report (running / queued tokens, KV usage, capacity). A busy worker is not a dead one:
+a worker is unhealthy at once when it says NOT_SERVING or draining, or when it cannot be
+reached (connection refused); a check that only timed out (a saturated worker answering
+late) makes it unhealthy after `unhealthy_after_failures` such checks in a row. A later
+passing check makes it healthy again.
+
+Room: `WorkerEntry.has_room()` says whether the router may send the worker one more
+request: its in-flight count (what the router sent and has not seen end) is below the
+capacity the worker reports, and it has not refused with OVERLOADED in the last
+`saturated_s` (cleared early when one of its requests ends).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,6 +46,21 @@ class WorkerEntry:
     in_flight: int = 0
     epoch: int = 0
     last_error: str = ""
+    failed_checks: int = 0
+    """Health checks in a row that timed out or errored without the worker being unreachable."""
+    saturated_until: float = 0.0
+    """monotonic time until which the worker counts as full (it answered OVERLOADED)."""
+
+    def has_room(self, now: float) -> bool:
+        """True when one more request may be sent now (see the module doc)."""
+        if now < self.saturated_until:
+            return False
+        capacity = self.load.max_requests
+        return capacity == 0 or self.in_flight < capacity
+
+    def mark_saturated(self, now: float, seconds: float) -> None:
+        """The worker refused with OVERLOADED: no more work for `seconds` (or until a request ends)."""
+        self.saturated_until = max(self.saturated_until, now + seconds)
 
     def view(self) -> WorkerView:
         """The snapshot policies read."""
@@ -59,6 +82,8 @@ class WorkerRegistry:
         self.workers: dict[str, WorkerEntry] = {}
         self._task: Optional[asyncio.Task] = None
         self._checked = asyncio.Event()
+        self.on_report: Optional[Callable[[], None]] = None
+        """Called after each fresh load report (the router wakes requests waiting for room)."""
 
     def add(self, address: str, role: Role) -> bool:
         """Register a worker (no-op when known with the same role); returns True when added."""
@@ -81,6 +106,10 @@ class WorkerRegistry:
         """Healthy workers of a role whose breaker lets work through, minus `exclude`."""
         return [e for e in self.workers.values()
                 if e.role is role and e.healthy and e.address not in exclude and e.breaker.available()]
+
+    def alive(self, role: Role) -> list[WorkerEntry]:
+        """Healthy workers of a role, whatever their breakers say."""
+        return [e for e in self.workers.values() if e.role is role and e.healthy]
 
     def healthy_count(self, role: Role) -> int:
         """Workers of a role that passed their last health check."""
@@ -124,8 +153,16 @@ class WorkerRegistry:
                 stub = (worker_pb2_grpc.DecodeStub if entry.role is Role.DECODE else worker_pb2_grpc.PrefillStub)
                 info = await stub(entry.channel).Info(worker_pb2.WorkerInfoRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as error:
-            self._mark(entry, False, f"{error.code().name}: {error.details()}")
+            why = f"{error.code().name}: {error.details()}"
+            entry.failed_checks += 1
+            unreachable = error.code() == grpc.StatusCode.UNAVAILABLE
+            if unreachable or entry.failed_checks >= self.config.unhealthy_after_failures:
+                self._mark(entry, False, why)
+            else:
+                log.info("worker %s: health check %d failed (%s); still counted healthy", entry.address,
+                         entry.failed_checks, why)
             return
+        entry.failed_checks = 0
         if info is not None:
             entry.load = info.load
             if entry.epoch and info.epoch != entry.epoch:
@@ -133,11 +170,15 @@ class WorkerRegistry:
                 entry.breaker.record_success()
             entry.epoch = info.epoch
         self._mark(entry, serving and info is not None and not info.draining, "" if serving else "not serving")
+        if self.on_report is not None:
+            self.on_report()
 
     @staticmethod
     def _mark(entry: WorkerEntry, healthy: bool, error: str) -> None:
         if entry.healthy and not healthy:
             log.warning("worker %s is unhealthy: %s", entry.address, error)
+        elif healthy and not entry.healthy and entry.last_error:
+            log.info("worker %s is healthy again", entry.address)
         entry.healthy, entry.last_error = healthy, error
 
     def mark_failed(self, address: str, error: str) -> None:

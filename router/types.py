@@ -1,16 +1,22 @@
 """The router's own records: a request as the pipeline carries it, the chunks it streams
-back, worker views the policies read, and the router's typed error.
+back, worker views the policies read, and `RouterCoreAPI`, what the gateway and the gRPC
+service need of a core (the real `RouterCore` and the gateway tests' double both are one).
 
-The router never imports `services`: sampling parameters travel as the wire message
-(`common_pb2.SamplingParams`) and the workers validate them.
+Errors are `baton.protos.errors.BatonError` throughout. The router never imports
+`services`: sampling parameters travel as the wire message (`common_pb2.SamplingParams`)
+and the workers validate them.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from baton.protos.baton.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from baton.router.config import RouterConfig
+    from baton.router.metrics import RouterMetrics
 
 
 class Role(enum.Enum):
@@ -66,14 +72,38 @@ class Chunk:
     usage: Optional[common_pb2.Usage] = None
 
 
-class RouterError(Exception):
-    """A request the router cannot serve; `code` is a `common_pb2.ErrorCode` value."""
+class ChunkStream(Protocol):
+    """One request's chunks as a consumer reads them (see router/stream.py)."""
 
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    request_id: str
 
-    @property
-    def code_name(self) -> str:
-        return common_pb2.ErrorCode.Name(self.code)
+    async def next(self) -> Optional[Chunk]:
+        """The next chunk; None at the end; raises BatonError or StreamClosed."""
+
+    def close(self) -> None:
+        """Stop reading and abort the request unless it ended."""
+
+
+class RouterCoreAPI(Protocol):
+    """What the HTTP gateway and the gRPC service use of a router core."""
+
+    config: "RouterConfig"
+    metrics: "RouterMetrics"
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+
+    def open_stream(self, request: RouterRequest) -> ChunkStream:
+        """Start a request; its chunks come out of the stream."""
+
+    async def abort(self, request_id: str) -> bool:
+        """Cancel a running request; True when it was running."""
+
+    def is_serving(self) -> bool:
+        """True when a decode worker is healthy."""
+
+    def worker_statuses(self) -> list[dict]:
+        """The operators' view of every worker."""
+
+    async def refresh_worker_loads(self) -> None:
+        """Fresh load reports before a metrics scrape."""

@@ -1,11 +1,13 @@
 """`baton bench`: an online serving benchmark for any OpenAI-compatible server.
 
 Streams requests through the official `openai` client and measures on the client side
-TTFT, ITL, TPOT and E2E latency, request / token throughput and goodput under SLOs, with the
-definitions of SGLang's `bench_serving` and vLLM's `bench serve`; against Baton it also
-reports the router's counters from /metrics. Modules: `config` (BenchConfig, the flags),
-`datasets` (offline, seeded workloads), `client` (one AsyncOpenAI client), `metrics` (pure
-figures over request timelines), `runner` (arrivals, concurrency, duration, warm-up, sweep),
+TTFT, ITL (per token), TPOT and E2E latency, request / token throughput, goodput under SLOs
+and how the stream coalesced, with the definitions of SGLang's `bench_serving` and vLLM's
+`bench serve`; against Baton it also reports the router's counters from /metrics. Modules:
+`config` (BenchConfig, the flags), `datasets` (offline, seeded workloads), `tokenizer` (the
+served model's tokenizer: exact-length prompts, per-chunk token counts), `client` (one
+AsyncOpenAI client, network reads observed), `metrics` (pure figures over request
+timelines), `runner` (arrivals, concurrency, duration, warm-up, sweep),
 `server_metrics` (Prometheus scrapes), `report` (terminal, JSON), `plots` (PNG charts);
 `result_schema.json` describes the `--output` file.
 

@@ -38,6 +38,10 @@ class BenchConfig:
     """Output tokens: random's upper end (see range_ratio); shared-prefix, multi-turn; file lines without one."""
     range_ratio: float = 1.0
     """random: lengths drawn uniformly from [len * ratio, len] (1.0: every request has exactly the given lengths)."""
+    input_len_min: Optional[int] = None
+    """random: the lowest prompt length instead of input_len * range_ratio."""
+    output_len_min: Optional[int] = None
+    """random: the lowest output length instead of output_len * range_ratio."""
     sharegpt_output_len: Optional[int] = None
     """sharegpt-like: give every request this output length instead of the drawn one."""
     sharegpt_max_input_len: int = 1024
@@ -64,6 +68,10 @@ class BenchConfig:
     """Requests sent and discarded before the measurement (separate prompts, same shape)."""
     seed: int = 0
     """Seed of the workload and the arrival times (sweep point i uses seed + i)."""
+    tokenizer: str = ""
+    """Tokenizer (HF folder / hub id) for exact prompt lengths and chunk token counts ("": the model's; "none")."""
+    continuous_usage: bool = True
+    """Ask for usage with every chunk (stream_options.continuous_usage_stats, vLLM / SGLang) to count its tokens."""
     ignore_eos: bool = True
     """Ask the server to ignore EOS (extra_body ignore_eos) so every request produces its output length."""
     temperature: float = 0.0
@@ -90,6 +98,10 @@ class BenchConfig:
             raise ValueError("--input-len and --output-len must be >= 1")
         if not 0.0 <= self.range_ratio <= 1.0:
             raise ValueError("--range-ratio must be in [0, 1]")
+        if self.input_len_min is not None and not 1 <= self.input_len_min <= self.input_len:
+            raise ValueError("--input-len-min must be in [1, --input-len]")
+        if self.output_len_min is not None and not 1 <= self.output_len_min <= self.output_len:
+            raise ValueError("--output-len-min must be in [1, --output-len]")
         if self.sharegpt_output_len is not None and self.sharegpt_output_len < 1:
             raise ValueError("--sharegpt-output-len must be >= 1")
         if self.prefix_groups < 1 or self.prefix_len < 0 or self.questions_per_group < 0:

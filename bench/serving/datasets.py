@@ -1,12 +1,16 @@
 """Workloads for `baton bench`, generated offline and reproducible from a seed.
 
 A workload is a list of `Session`s: an optional system prompt and one or more user turns
-sent in order (a later turn resends the history with the server's actual replies). Every
-dataset but `file` builds its text from `WORDS`, common English words that are one token
-each (with their leading space) in GPT-2-style BPE vocabularies such as SmolLM2's and
-Llama 3's, so N words are about N prompt tokens (plus the chat template's own tokens).
+sent in order (a later turn resends the history with the server's actual replies). Text
+comes from a prompt maker: `tokenizer.TokenPrompts` (the served model's tokenizer: every
+text exactly its number of tokens, each starting with its own number so prompts share no
+prefix unless the dataset means them to) or, without a tokenizer, `WordPrompts`: common
+English words that are one token each (with their leading space) in GPT-2-style BPE
+vocabularies such as SmolLM2's and Llama 3's, so N words are about N tokens. Lengths count
+the text only (the chat template adds its own tokens).
 
-- `random`: one turn, input / output lengths uniform in [len * range_ratio, len].
+- `random`: one turn, input / output lengths uniform in [len * range_ratio, len] (or from
+  --input-len-min / --output-len-min).
 - `sharegpt-like`: one turn, lengths from log-normal fits of ShareGPT's length statistics
   (means of about 161 prompt and 338 output tokens, as the vLLM paper reports), filtered as
   vLLM's ShareGPT sampler does (>= 4 tokens each, prompt <= max, prompt + output <= 2048).
@@ -22,7 +26,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -64,7 +68,7 @@ class Session:
     user_turns: tuple[str, ...]
     """The user messages, in order."""
     input_lens: tuple[int, ...]
-    """Estimated tokens each turn adds (the system prompt counts in the first)."""
+    """Tokens each turn adds, exact with a tokenizer (the system prompt counts in the first)."""
     output_lens: tuple[int, ...]
     """max_tokens of each turn."""
     system: str = ""
@@ -83,6 +87,18 @@ class Session:
 def words(rng: np.random.Generator, n: int) -> str:
     """`n` words drawn from WORDS: about `n` tokens."""
     return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=max(0, n)))
+
+
+class WordPrompts:
+    """The prompt maker without a tokenizer: `n` words from WORDS count as `n` tokens."""
+
+    source = "words"
+
+    def bind(self, rng: np.random.Generator) -> Callable[[int], tuple[str, int]]:
+        return lambda n: (words(rng, n), max(0, n))
+
+    def count(self, text: str) -> int:
+        return estimate_tokens(text)
 
 
 def estimate_tokens(text: str) -> int:
@@ -110,19 +126,23 @@ def messages_to_text(messages: list[dict[str, str]]) -> str:
     return "\n\n".join(parts) + "\n\nAssistant:"
 
 
-def _uniform_lens(rng: np.random.Generator, length: int, ratio: float, n: int) -> np.ndarray:
-    return rng.integers(max(1, int(length * ratio)), length + 1, size=n)
+def _uniform_lens(rng: np.random.Generator, length: int, ratio: float, n: int,
+                  low: Optional[int] = None) -> np.ndarray:
+    return rng.integers(low if low is not None else max(1, int(length * ratio)), length + 1, size=n)
 
 
-def random_dataset(config: BenchConfig, rng: np.random.Generator) -> list[Session]:
+def random_dataset(config: BenchConfig, rng: np.random.Generator, prompts: Any) -> list[Session]:
     n = config.num_prompts
-    ins = _uniform_lens(rng, config.input_len, config.range_ratio, n)
-    outs = _uniform_lens(rng, config.output_len, config.range_ratio, n)
-    return [Session(i, (words(rng, int(ins[i])),), (int(ins[i]),), (int(outs[i]),)) for i in range(n)]
+    ins = _uniform_lens(rng, config.input_len, config.range_ratio, n, config.input_len_min)
+    outs = _uniform_lens(rng, config.output_len, config.range_ratio, n, config.output_len_min)
+    make = prompts.bind(rng)
+    texts = [make(int(ins[i])) for i in range(n)]
+    return [Session(i, (texts[i][0],), (texts[i][1],), (int(outs[i]),)) for i in range(n)]
 
 
-def sharegpt_like_dataset(config: BenchConfig, rng: np.random.Generator) -> list[Session]:
+def sharegpt_like_dataset(config: BenchConfig, rng: np.random.Generator, prompts: Any) -> list[Session]:
     sessions = []
+    make = prompts.bind(rng)
     while len(sessions) < config.num_prompts:
         n_in = int(round(rng.lognormal(*SHAREGPT_INPUT_LOGNORMAL)))
         n_out = int(round(rng.lognormal(*SHAREGPT_OUTPUT_LOGNORMAL)))
@@ -131,31 +151,38 @@ def sharegpt_like_dataset(config: BenchConfig, rng: np.random.Generator) -> list
             continue
         if config.sharegpt_output_len is not None:
             n_out = config.sharegpt_output_len
-        sessions.append(Session(len(sessions), (words(rng, n_in),), (n_in,), (n_out,)))
+        text, tokens = make(n_in)
+        sessions.append(Session(len(sessions), (text,), (tokens,), (n_out,)))
     return sessions
 
 
-def shared_prefix_dataset(config: BenchConfig, rng: np.random.Generator) -> list[Session]:
+def shared_prefix_dataset(config: BenchConfig, rng: np.random.Generator, prompts: Any) -> list[Session]:
     groups = config.prefix_groups
     per_group = config.questions_per_group or math.ceil(config.num_prompts / groups)
-    systems = [words(rng, config.prefix_len) for _ in range(groups)]
+    make = prompts.bind(rng)
+    systems = [make(config.prefix_len) for _ in range(groups)]
     sessions = []
     for g in range(groups):
         for _ in range(per_group):
-            sessions.append(Session(0, (words(rng, config.input_len),), (config.prefix_len + config.input_len,),
-                                    (config.output_len,), system=systems[g], group=g))
+            text, tokens = make(config.input_len)
+            sessions.append(Session(0, (text,), (systems[g][1] + tokens,), (config.output_len,),
+                                    system=systems[g][0], group=g))
     order = rng.permutation(len(sessions))
     return [replace(sessions[j], id=i) for i, j in enumerate(order)]
 
 
-def multi_turn_dataset(config: BenchConfig, rng: np.random.Generator) -> list[Session]:
+def multi_turn_dataset(config: BenchConfig, rng: np.random.Generator, prompts: Any) -> list[Session]:
     count = config.sessions or math.ceil(config.num_prompts / config.turns)
-    return [Session(i, tuple(words(rng, config.input_len) for _ in range(config.turns)),
-                    (config.input_len,) * config.turns, (config.output_len,) * config.turns)
-            for i in range(count)]
+    make = prompts.bind(rng)
+    sessions = []
+    for i in range(count):
+        turns = [make(config.input_len) for _ in range(config.turns)]
+        sessions.append(Session(i, tuple(t for t, _ in turns), tuple(n for _, n in turns),
+                                (config.output_len,) * config.turns))
+    return sessions
 
 
-def file_dataset(config: BenchConfig, rng: np.random.Generator) -> list[Session]:
+def file_dataset(config: BenchConfig, rng: np.random.Generator, prompts: Any) -> list[Session]:
     path = Path(config.dataset_path)
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -172,8 +199,8 @@ def file_dataset(config: BenchConfig, rng: np.random.Generator) -> list[Session]
             raise ValueError(f'{path}:{number}: needs "prompt" (a string) or "turns" (a list of strings)')
         system = str(row.get("system") or "")
         out = int(row.get("output_len") or row.get("max_tokens") or config.output_len)
-        lens = [estimate_tokens(t) for t in turns]
-        lens[0] += estimate_tokens(system) if system else 0
+        lens = [prompts.count(t) for t in turns]
+        lens[0] += prompts.count(system) if system else 0
         rows.append((tuple(turns), tuple(lens), (out,) * len(turns), system))
     if not rows:
         raise ValueError(f"{path}: no prompts")
@@ -184,25 +211,26 @@ _BUILDERS = {"random": random_dataset, "sharegpt-like": sharegpt_like_dataset,
              "shared-prefix": shared_prefix_dataset, "multi-turn": multi_turn_dataset, "file": file_dataset}
 
 
-def build_dataset(config: BenchConfig, seed: int, warmup: bool = False) -> list[Session]:
-    """The sessions of `config.dataset` for `seed`; warmup=True draws a separate stream of the same shape."""
+def build_dataset(config: BenchConfig, seed: int, warmup: bool = False, prompts: Any = None) -> list[Session]:
+    """The sessions of `config.dataset` for `seed`; warmup=True draws a separate stream of the same shape.
+    `prompts` makes the text (`tokenizer.TokenPrompts`; default `WordPrompts`)."""
     rng = np.random.default_rng([seed, 1 if warmup else 0])
-    return _BUILDERS[config.dataset](config, rng)
+    return _BUILDERS[config.dataset](config, rng, prompts if prompts is not None else WordPrompts())
 
 
-def warmup_sessions(config: BenchConfig, seed: int) -> list[Session]:
+def warmup_sessions(config: BenchConfig, seed: int, prompts: Any = None) -> list[Session]:
     """`config.warmup` single-turn sessions (separate prompts) to send before measuring."""
     if config.warmup == 0:
         return []
-    pool = build_dataset(config, seed, warmup=True)
+    pool = build_dataset(config, seed, warmup=True, prompts=prompts)
     return [pool[i % len(pool)].first_turn_only() for i in range(config.warmup)]
 
 
-def describe(sessions: list[Session]) -> dict:
-    """Shape of a workload for the report: sessions, requests, estimated lengths."""
+def describe(sessions: list[Session], prompts: str = "words") -> dict:
+    """Shape of a workload for the report: sessions, requests, lengths, how the text was made."""
     ins = [n for s in sessions for n in s.input_lens]
     outs = [n for s in sessions for n in s.output_lens]
     return {"sessions": len(sessions), "requests": len(ins),
             "input_len_mean": float(np.mean(ins)) if ins else 0.0,
             "output_len_mean": float(np.mean(outs)) if outs else 0.0,
-            "groups": len({s.group for s in sessions if s.group is not None})}
+            "groups": len({s.group for s in sessions if s.group is not None}), "prompts": prompts}

@@ -2,12 +2,18 @@
 
 Definitions follow SGLang's `bench_serving` and vLLM's `bench serve`:
 - TTFT: request start to the first chunk with non-empty text.
-- ITL: the gaps between consecutive non-empty chunks (a chunk may carry several tokens).
+- ITL, per token (as SGLang's `bench_serving` does with the server's token counts): the
+  chunks of one network read form one arrival; an arrival carrying k tokens after a gap g
+  gives k gaps of g / k (an arrival of 0 tokens rolls its gap into the next one; the first
+  arrival's extra tokens give none, TTFT covers them). A chunk's tokens come from the
+  server's per-chunk usage (continuous_usage_stats), else the tokenizer, else 1 per chunk.
 - TPOT: (E2E - TTFT) / (output tokens - 1), for requests with more than one output token.
 - E2E: request start to the end of the stream.
 - Throughputs divide the totals of successful requests by the run's duration (first send
   to last completion); goodput counts only the requests that meet every SLO given (with
   no SLO every successful request counts, so goodput equals the request throughput).
+- Coalescing: the fraction of text chunks (SSE events) that carried more than one token,
+  and of network reads that delivered more than one text chunk.
 Times are seconds on the run's clock; reported latencies are milliseconds.
 """
 from __future__ import annotations
@@ -30,7 +36,17 @@ class RequestRecord:
     start: float = 0.0
     """Seconds since the run started when the request was sent."""
     chunk_times: list[float] = field(default_factory=list)
-    """Arrival time of every chunk with non-empty text (same clock as start)."""
+    """Arrival time of every chunk with non-empty text (same clock as start; its network read's time)."""
+    chunk_texts: list[str] = field(default_factory=list)
+    """The text of each of those chunks."""
+    chunk_usage: list[Optional[int]] = field(default_factory=list)
+    """usage.completion_tokens sent with each of those chunks (running total), None where absent."""
+    chunk_reads: list[int] = field(default_factory=list)
+    """The network read each of those chunks came in (empty: reads not observed, one read per chunk)."""
+    chunk_tokens: list[int] = field(default_factory=list)
+    """Tokens each of those chunks carried (empty: 1 each)."""
+    tokens_counted_by: str = "events"
+    """How chunk_tokens were counted: usage, tokenizer or events (1 per chunk)."""
     end: float = 0.0
     """When the stream ended (or the error arrived)."""
     prompt_tokens: int = 0
@@ -55,8 +71,40 @@ class RequestRecord:
         return self.end - self.start
 
     @property
+    def token_counts(self) -> list[int]:
+        """Tokens per chunk: chunk_tokens when counted, else 1 each."""
+        if len(self.chunk_tokens) == len(self.chunk_times):
+            return list(self.chunk_tokens)
+        return [1] * len(self.chunk_times)
+
+    @property
+    def arrivals(self) -> list[tuple[float, int, int]]:
+        """(time, tokens, chunks) of each network read that brought text (a chunk alone when reads are unknown)."""
+        reads = self.chunk_reads if len(self.chunk_reads) == len(self.chunk_times) else range(len(self.chunk_times))
+        out: list[tuple[float, int, int]] = []
+        previous = None
+        for t, k, read in zip(self.chunk_times, self.token_counts, reads):
+            if out and read == previous:
+                out[-1] = (out[-1][0], out[-1][1] + k, out[-1][2] + 1)
+            else:
+                out.append((t, k, 1))
+            previous = read
+        return out
+
+    @property
     def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
+        """Per-token inter-token latencies (see the module doc)."""
+        arrivals = self.arrivals
+        gaps: list[float] = []
+        if not arrivals:
+            return gaps
+        last = arrivals[0][0]
+        for t, k, _ in arrivals[1:]:
+            if k <= 0:
+                continue
+            gaps.extend([(t - last) / k] * k)
+            last = t
+        return gaps
 
     @property
     def tpot(self) -> Optional[float]:
@@ -87,6 +135,42 @@ def meets_slos(record: RequestRecord, slos_ms: dict[str, float]) -> bool:
         if value is None and key == "ttft":
             return False
     return True
+
+
+def usage_chunk_tokens(chunk_usage: Sequence[Optional[int]]) -> Optional[list[int]]:
+    """Tokens per chunk from the running usage totals sent with every chunk; None unless all have one."""
+    if not chunk_usage or any(u is None for u in chunk_usage):
+        return None
+    counts, previous = [], 0
+    for total in chunk_usage:
+        counts.append(max(0, int(total) - previous))  # type: ignore[arg-type]
+        previous = max(previous, int(total))  # type: ignore[arg-type]
+    return counts
+
+
+def coalescing(records: Sequence[RequestRecord]) -> dict:
+    """How often chunks carried several tokens and reads several chunks (successful requests)."""
+    ok = [r for r in records if r.success and r.chunk_times]
+    counted = [r for r in ok if r.tokens_counted_by != "events"]
+    chunks = sum(len(r.chunk_times) for r in counted)
+    multi_token = sum(1 for r in counted for k in r.token_counts if k > 1)
+    observed = [r for r in ok if len(r.chunk_reads) == len(r.chunk_times)]
+    reads = [a for r in observed for a in r.arrivals]
+    multi_chunk = sum(1 for a in reads if a[2] > 1)
+    return {"tokens_counted_by": _counted_by([r.tokens_counted_by for r in ok]),
+            "chunks": sum(len(r.chunk_times) for r in ok),
+            "tokens_per_chunk_mean": (sum(sum(r.token_counts) for r in counted) / chunks) if chunks else None,
+            "multi_token_chunks": multi_token if counted else None,
+            "multi_token_chunk_fraction": (multi_token / chunks) if chunks else None,
+            "reads": len(reads) if observed else None,
+            "multi_chunk_reads": multi_chunk if observed else None,
+            "multi_chunk_read_fraction": (multi_chunk / len(reads)) if reads else None}
+
+
+def _counted_by(kinds: list[str]) -> str:
+    if not kinds:
+        return "none"
+    return kinds[0] if len(set(kinds)) == 1 else "mixed"
 
 
 def run_duration(records: Sequence[RequestRecord]) -> float:
@@ -133,6 +217,7 @@ def summarize(records: Sequence[RequestRecord], slos_ms: Optional[dict[str, floa
         "tpot_ms": stats_ms(r.tpot for r in ok if r.tpot is not None),
         "itl_ms": stats_ms(x for r in ok for x in r.itls),
         "e2e_ms": stats_ms(r.e2e for r in ok),
+        "coalescing": coalescing(records),
         "cached_tokens": cached_tokens if cached else None,
         "prefix_cache_hit_rate": (cached_tokens / cached_prompt_tokens) if cached and cached_prompt_tokens else None,
     }
@@ -145,7 +230,7 @@ def _source(flags: list[bool]) -> str:
 
 
 def throughput_over_time(records: Sequence[RequestRecord], bin_s: float = 1.0) -> dict:
-    """Output tokens/s (spread over each request's chunks) and completions/s, per time bin."""
+    """Output tokens/s (spread over each request's chunks by their tokens) and completions/s, per time bin."""
     if not records:
         return {"bin_s": bin_s, "t": [], "output_tokens_per_s": [], "requests_per_s": [], "in_flight": []}
     t0 = min(r.start for r in records)
@@ -154,9 +239,10 @@ def throughput_over_time(records: Sequence[RequestRecord], bin_s: float = 1.0) -
     index = lambda t: min(bins - 1, max(0, int((t - t0) / bin_s)))  # noqa: E731
     for r in records:
         if r.success and r.chunk_times:
-            share = r.output_tokens / len(r.chunk_times)
-            for t in r.chunk_times:
-                tokens[index(t)] += share
+            counts = r.token_counts if sum(r.token_counts) else [1] * len(r.chunk_times)
+            scale = r.output_tokens / sum(counts) if sum(counts) else 0.0
+            for t, k in zip(r.chunk_times, counts):
+                tokens[index(t)] += k * scale
             done[index(r.end)] += 1
         in_flight[index(r.start):index(r.end) + 1] += 1
     return {"bin_s": bin_s, "t": [round(i * bin_s, 6) for i in range(bins)],

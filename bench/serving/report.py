@@ -106,6 +106,7 @@ def format_summary(run: dict, config: Any, model: str) -> str:
     for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms")):
         s = run[key]
         lines.append(f"{name:<10}" + "".join(f"{_num(s[k]):>12}" for k in ("mean", "median", "p90", "p99")))
+    lines += _coalescing_lines(run["coalescing"])
     if run["errors"]:
         lines.append(_title("Errors"))
         for kind, count in run["errors"].items():
@@ -115,6 +116,18 @@ def format_summary(run: dict, config: Any, model: str) -> str:
     lines += _server_lines(run.get("server_metrics"))
     lines.append("=" * WIDTH)
     return "\n".join(lines)
+
+
+def _pct(fraction: Optional[float]) -> Optional[float]:
+    return None if fraction is None else 100.0 * fraction
+
+
+def _coalescing_lines(c: dict) -> list[str]:
+    return [_title(f"Streaming (ITL per token; tokens counted by {c['tokens_counted_by']})"),
+            _row("Text chunks (SSE events):", c["chunks"]),
+            _row("Tokens per chunk (mean):", c["tokens_per_chunk_mean"]),
+            _row("Chunks carrying > 1 token (%):", _pct(c["multi_token_chunk_fraction"]), 1),
+            _row("Network reads carrying > 1 chunk (%):", _pct(c["multi_chunk_read_fraction"]), 1)]
 
 
 def _server_lines(server: Optional[dict]) -> list[str]:
@@ -158,10 +171,14 @@ def _ms(value: Optional[float]) -> Optional[float]:
 
 
 def record_json(r: RequestRecord) -> dict:
-    """One request's timeline for the JSON file (milliseconds, rounded to the microsecond)."""
+    """One request's timeline for the JSON file (milliseconds, rounded to the microsecond); chunk_reads
+    numbers each chunk's network read from the first chunk's (equal neighbours came in one read)."""
     return {"session": r.session, "turn": r.turn, "start_s": round(r.start, 6), "success": r.success,
             "ttft_ms": _ms(r.ttft), "tpot_ms": _ms(r.tpot), "e2e_ms": _ms(r.e2e),
-            "itl_ms": [_ms(x) for x in r.itls], "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
+            "itl_ms": [_ms(x) for x in r.itls], "chunk_tokens": r.token_counts,
+            "chunk_reads": [x - r.chunk_reads[0] for x in r.chunk_reads] if r.chunk_reads else None,
+            "tokens_counted_by": r.tokens_counted_by, "prompt_tokens": r.prompt_tokens,
+            "output_tokens": r.output_tokens,
             "cached_tokens": r.cached_tokens, "max_tokens": r.max_tokens, "error_kind": r.error_kind or None,
             "error": r.error[:500] or None}
 

@@ -6,8 +6,10 @@ once), each session's turns one after another (a turn resends the history with t
 replies; a failed turn ends its session), at most `max_concurrency` requests in flight
 (later arrivals wait for a slot, as in vLLM). With `duration` the workload is cycled and no
 new request starts after `duration` seconds; what is in flight finishes and counts.
-`run_benchmark` does warm-up, one run per rate (sweep point i uses seed + i, so its prompts
-are new to the server's prefix cache), and scrapes /metrics around each run; `main` prints,
+`run_benchmark` finds the tokenizer (`tokenizer.resolve_tokenizer`: exact-length prompts and,
+after each run, per-chunk token counts where the server sent no per-chunk usage), does
+warm-up, one run per rate (sweep point i uses seed + i, so its prompts are new to the
+server's prefix cache), and scrapes /metrics around each run; `main` prints,
 writes the JSON and the plots and returns the exit code (1 when no request succeeded).
 """
 from __future__ import annotations
@@ -24,10 +26,12 @@ import numpy as np
 
 from baton.bench.serving.client import BenchClient
 from baton.bench.serving.config import BenchConfig, json_number
-from baton.bench.serving.datasets import Session, build_dataset, describe, turn_messages, warmup_sessions
+from baton.bench.serving.datasets import (Session, WordPrompts, build_dataset, describe, turn_messages,
+                                         warmup_sessions)
 from baton.bench.serving.metrics import RequestRecord, summarize, throughput_over_time
 from baton.bench.serving.report import Progress, format_summary, format_sweep, record_json, write_json
 from baton.bench.serving.server_metrics import baton_report, parse
+from baton.bench.serving.tokenizer import TokenPrompts, chunk_token_counts, resolve_tokenizer
 
 SCHEMA_VERSION = 1
 
@@ -100,6 +104,19 @@ async def send_sessions(client: BenchClient, model: str, sessions: Sequence[Sess
     return records
 
 
+def count_chunk_tokens(records: Sequence[RequestRecord], tokenizer: object) -> None:
+    """With a tokenizer: the tokens of each chunk of the requests without per-chunk usage (and their
+    output count where the server sent no usage at all)."""
+    if tokenizer is None:
+        return
+    for r in records:
+        if r.tokens_counted_by == "usage" or not r.chunk_texts:
+            continue
+        r.chunk_tokens, r.tokens_counted_by = chunk_token_counts(tokenizer, r.chunk_texts), "tokenizer"
+        if not r.output_tokens_from_usage:
+            r.output_tokens = sum(r.chunk_tokens)
+
+
 async def _scrape(client: BenchClient, enabled: bool) -> tuple[Optional[dict], Optional[str]]:
     if not enabled:
         return None, None
@@ -115,20 +132,27 @@ async def run_benchmark(config: BenchConfig, command: str = "") -> dict:
                  "config": config.to_json()}
     async with BenchClient(config.base_url, config.api_key, timeout_s=config.request_timeout,
                            max_connections=config.max_concurrency, endpoint=config.endpoint,
-                           ignore_eos=config.ignore_eos, temperature=config.temperature) as client:
+                           ignore_eos=config.ignore_eos, temperature=config.temperature,
+                           continuous_usage=config.continuous_usage) as client:
         model, source = config.model, "flag"
         if not model:
             found = await client.first_model()
             model, source = (found, "/v1/models") if found else ("", "unknown (/v1/models did not answer)")
-        doc["server"] = {"base_url": client.root, "model": model, "model_source": source}
-        warm = warmup_sessions(config, config.seed)
+        root = None
+        if model and not config.tokenizer and hasattr(client, "model_root"):
+            root = await client.model_root(model)
+        choice = resolve_tokenizer(config.tokenizer, model, root)
+        prompts = TokenPrompts(choice.tokenizer) if choice.tokenizer is not None else WordPrompts()
+        doc["server"] = {"base_url": client.root, "model": model, "model_source": source,
+                         "tokenizer": choice.path or None, "tokenizer_source": choice.source}
+        warm = warmup_sessions(config, config.seed, prompts)
         if warm:
             await send_sessions(client, model, warm, rate=math.inf, max_concurrency=config.max_concurrency)
         doc["runs"] = []
         for i, rate in enumerate(rates):
             seed = config.seed + i
-            sessions = build_dataset(config, seed)
-            workload = describe(sessions)
+            sessions = build_dataset(config, seed, prompts=prompts)
+            workload = describe(sessions, prompts.source)
             progress = Progress(total=None if config.duration else workload["requests"], duration=config.duration,
                                 enabled=config.progress, label=f"rate {json_number(rate)}")
             before, _ = await _scrape(client, config.scrape_metrics)
@@ -136,6 +160,7 @@ async def run_benchmark(config: BenchConfig, command: str = "") -> dict:
                                           max_concurrency=config.max_concurrency, duration=config.duration,
                                           progress=progress)
             progress.close()
+            count_chunk_tokens(records, choice.tokenizer)
             after, workers = await _scrape(client, config.scrape_metrics)
             summary = summarize(records, slos)
             bin_s = 1.0 if summary["duration_s"] >= 20 else max(summary["duration_s"] / 20, 0.05)

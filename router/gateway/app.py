@@ -5,7 +5,7 @@ Routes:
   (`data: {json}` events, then `data: [DONE]`). An error before the first chunk is a plain
   HTTP error (400 / 401 / 404 / 429 / 503 / 504 / 500, OpenAI body); an error mid-stream is
   one `data: {"error": ...}` event, then the stream closes. A client that disconnects has its
-  request aborted in the core (`core.abort`); its response is logged as 499.
+  stream closed, which aborts the request; its response is logged as 499.
 - `GET /v1/models`, `GET /v1/models/{model}`: the one served model.
 - `GET /health` (200 / 503 on `core.is_serving()`), `GET /metrics` (Prometheus text of
   `core.metrics.registry`), `GET /workers` (`core.worker_statuses()`), `GET /` (dashboard).
@@ -33,9 +33,10 @@ from baton.router.gateway.dashboard import dashboard_html
 from baton.router.gateway.errors import ApiError, install_error_handlers
 from baton.router.gateway.logprobs import TokenStrings
 from baton.router.gateway.protocol import ChatCompletionRequest, CompletionRequest
-from baton.router.gateway.relay import ClientDisconnected, Relay, sse_body
+from baton.router.gateway.relay import DisconnectWatcher, sse_body
 from baton.router.gateway.responses import ChatStream, Collector, CompletionStream, ResponseContext
-from baton.router.types import RouterRequest
+from baton.router.stream import StreamClosed
+from baton.router.types import ChunkStream, RouterCoreAPI, RouterRequest
 
 CLIENT_CLOSED = 499
 """Status recorded (metrics, access log) for a request whose client went away."""
@@ -46,7 +47,7 @@ _COUNTED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion
 class RequestCounter:
     """ASGI middleware: counts chat / completions responses by API and status sent."""
 
-    def __init__(self, app, core) -> None:
+    def __init__(self, app, core: RouterCoreAPI) -> None:
         self.app = app
         self.core = core
 
@@ -71,20 +72,9 @@ class RequestCounter:
             self.core.metrics.requests.labels(api=api, status=str(status[0] or 500)).inc()
 
 
-def api_keys(config) -> tuple[str, ...]:
-    """The keys the gateway accepts: `config.api_key_list` when the config has it, else
-    `config.api_keys` (a tuple, or a comma-separated string)."""
-    keys = getattr(config, "api_key_list", None)
-    if keys is None:
-        keys = getattr(config, "api_keys", ()) or ()
-    if isinstance(keys, str):
-        keys = keys.split(",")
-    return tuple(k.strip() for k in keys if k and k.strip())
-
-
-def _api_key_dependency(core):
+def _api_key_dependency(core: RouterCoreAPI):
     async def require_api_key(request: Request) -> None:
-        keys = api_keys(core.config)
+        keys = core.config.api_key_list
         if not keys:
             return
         header = request.headers.get("authorization", "")
@@ -99,7 +89,7 @@ def _api_key_dependency(core):
     return require_api_key
 
 
-def create_app(core) -> FastAPI:
+def create_app(core: RouterCoreAPI) -> FastAPI:
     """The gateway app over a `RouterCore` (see router/core.py)."""
     app = FastAPI(title="Baton", summary="OpenAI-compatible gateway of the Baton router",
                   docs_url="/docs", redoc_url=None)
@@ -143,35 +133,38 @@ def create_app(core) -> FastAPI:
         ctx = ResponseContext(
             request_id=request_id, model=core.model_name, prompt_tokens=len(prepared.prompt_token_ids),
             strings=strings, n=n, logprobs=prepared.params.HasField("logprobs"),
-            include_usage=body.include_usage)
-        relay = Relay(core, RouterRequest(
+            include_usage=body.include_usage, continuous_usage=body.continuous_usage)
+        stream = core.open_stream(RouterRequest(
             request_id=request_id, prompt_token_ids=prepared.prompt_token_ids, params=prepared.params,
             timeout_s=core.config.request_timeout_s, n=n))
-        relay.watch_disconnect(request.receive)
+        watcher = DisconnectWatcher(stream, request.receive)
         if body.stream:
-            return await _stream(relay, ChatStream(ctx) if chat else CompletionStream(ctx))
+            return await _stream(stream, watcher, ChatStream(ctx) if chat else CompletionStream(ctx))
         collector = Collector(ctx)
         try:
-            while (chunk := await relay.next()) is not None:
+            while (chunk := await stream.next()) is not None:
                 collector.add(chunk)
-        except ClientDisconnected:
+        except StreamClosed:
             return Response(status_code=CLIENT_CLOSED)
         finally:
-            relay.close()
+            watcher.stop()
+            stream.close()
         return JSONResponse(collector.chat_completion() if chat else collector.text_completion())
 
-    async def _stream(relay: Relay, stream: Union[ChatStream, CompletionStream]) -> Response:
+    async def _stream(stream: ChunkStream, watcher: DisconnectWatcher,
+                      formatter: Union[ChatStream, CompletionStream]) -> Response:
         try:
-            first = await relay.next()  # errors before the first chunk keep their HTTP status
-        except ClientDisconnected:
-            relay.close()
+            first = await stream.next()  # errors before the first chunk keep their HTTP status
+        except StreamClosed:
+            stream.close()
             return Response(status_code=CLIENT_CLOSED)
         except BaseException:
-            relay.close()
+            stream.close()
             raise
-        relay.stop_watching()  # from here Starlette watches the connection
+        finally:
+            watcher.stop()  # from here Starlette watches the connection
         return StreamingResponse(
-            sse_body(relay, first, stream), media_type="text/event-stream",
+            sse_body(stream, first, formatter), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     app.include_router(v1)
@@ -184,9 +177,7 @@ def create_app(core) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        refresh = getattr(core, "refresh_worker_loads", None)
-        if refresh is not None:
-            await refresh()  # the re-exported worker counters are current at scrape time
+        await core.refresh_worker_loads()  # the re-exported worker counters are current at scrape time
         return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/workers")

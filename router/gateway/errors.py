@@ -2,7 +2,8 @@
 
 Every error the gateway returns has the OpenAI body
 `{"error": {"message", "type", "param", "code"}}`, whether it comes from the gateway itself
-(`ApiError`), from the router core (`RouterError`, mapped by `status_for_code`), from request
+(`ApiError`), from the router core (`BatonError`, mapped by `status_for_code`; a 429 carries
+`Retry-After`), from request
 validation (400, never FastAPI's 422) or from Starlette (`HTTPException`: unknown route, wrong
 method). `install_error_handlers(app)` registers the handlers.
 """
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from baton.protos.baton.v1 import common_pb2
-from baton.router.types import RouterError
+from baton.protos.errors import BatonError
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,10 @@ class ApiError(Exception):
     """An error the gateway raises itself, already in HTTP terms."""
 
     def __init__(self, status: int, message: str, *, param: Optional[str] = None,
-                 code: Optional[str] = None, type: Optional[str] = None) -> None:
+                 code: Optional[str] = None, type: Optional[str] = None, retry_after_s: float = 0.0) -> None:
         super().__init__(message)
+        self.retry_after_s = retry_after_s
+        """Seconds for the Retry-After header (429 / 503); 0: none."""
         self.status = status
         self.message = message
         self.param = param
@@ -89,20 +92,23 @@ def invalid_request(message: str, param: Optional[str] = None, code: Optional[st
     return ApiError(400, message, param=param, code=code)
 
 
-def router_error_to_api(error: RouterError) -> ApiError:
-    """The `ApiError` for a core error: status by code, `code` = the lower-case code name."""
+def router_error_to_api(error: BatonError) -> ApiError:
+    """The `ApiError` for a core error: status by code, `code` = the lower-case code name;
+    a refusal for load (429) says when to come back."""
     try:
         name = common_pb2.ErrorCode.Name(error.code).lower()
     except ValueError:
         name = "internal"
-    return ApiError(status_for_code(error.code), error.message or name, code=name)
+    status = status_for_code(error.code)
+    retry_after = max(1.0, error.retry_after_s) if status == 429 else 0.0
+    return ApiError(status, error.message or name, code=name, retry_after_s=retry_after)
 
 
 def as_api_error(exc: BaseException) -> ApiError:
     """Any exception as an `ApiError` (unexpected ones become a 500 without internals)."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, RouterError):
+    if isinstance(exc, BatonError):
         return router_error_to_api(exc)
     if isinstance(exc, (RequestValidationError, ValidationError)):
         return validation_error_to_api(exc.errors())
@@ -131,8 +137,10 @@ def validation_error_to_api(errors: Any) -> ApiError:
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    if error.retry_after_s > 0:
+        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -154,7 +162,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(500, "internal server error", code="internal"))
 
     app.add_exception_handler(ApiError, on_api_error)
-    app.add_exception_handler(RouterError, on_api_error)
+    app.add_exception_handler(BatonError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_api_error)
     app.add_exception_handler(ValidationError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)

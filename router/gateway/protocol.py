@@ -33,6 +33,9 @@ class _Body(BaseModel):
 class StreamOptions(_Body):
     include_usage: Optional[bool] = False
     """Send one more chunk before `[DONE]` with the whole request's usage and no choices."""
+    continuous_usage_stats: Optional[bool] = False
+    """With include_usage: every chunk also carries the usage so far (vLLM's extension), so a
+    client can count the tokens each event carries."""
 
 
 class JsonSchemaFormat(_Body):
@@ -112,6 +115,10 @@ class SamplingBody(_Body):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
 
 class ChatCompletionRequest(SamplingBody):

@@ -35,6 +35,8 @@ class ResponseContext:
     logprobs: bool = False
     """Whether the request asked for logprobs (else `logprobs` is null)."""
     include_usage: bool = False
+    continuous_usage: bool = False
+    """Every streamed chunk carries the usage so far (stream_options.continuous_usage_stats)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -142,12 +144,14 @@ class _Stream:
         obj = {"id": self.ctx.request_id, "object": self.object_name, "created": self.ctx.created,
                "model": self.ctx.model, "choices": choices}
         if self.ctx.include_usage:
-            obj["usage"] = None
+            obj["usage"] = self.usage.as_dict() if self.ctx.continuous_usage and choices else None
         return obj
 
     def _skip(self, chunk: Chunk) -> bool:
-        """Nothing to tell the client: no text, not final, no logprobs to report."""
-        return not chunk.text and chunk.finish_reason is None and not (self.ctx.logprobs and chunk.logprobs)
+        """Nothing to tell the client: no text, not final, no logprobs to report, and no
+        per-chunk usage asked for (with continuous usage every engine step is an event)."""
+        return (not chunk.text and chunk.finish_reason is None and not (self.ctx.logprobs and chunk.logprobs)
+                and not self.ctx.continuous_usage)
 
     def usage_chunk(self) -> Optional[dict[str, Any]]:
         """The extra last chunk (`choices: []`, the usage) when include_usage, else None."""

@@ -26,12 +26,14 @@ from typing import AsyncIterator, Optional
 import grpc
 
 from baton.protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
-from baton.protos.errors import BatonError, ErrorCode, abort_with, error_from_rpc
-from baton.services.worker.params_codec import sampling_params_from_proto
-from baton.services.worker.wire import delta_to_proto, logprob_from_proto
-from baton.services.worker.worker_runtime import WorkerRuntime
+from baton.protos.errors import BatonError, ErrorCode, ErrorOrigin, abort_with, error_from_rpc
 from baton.services.engine.request import RequestDelta
 from baton.services.engine.sampling_params import SamplingParams
+from baton.services.transfer.base import TransferState
+from baton.services.worker.params_codec import sampling_params_from_proto
+from baton.services.worker.wire import delta_to_proto, logprob_from_proto
+from baton.services.worker.worker_main import WorkerService
+from baton.services.worker.worker_runtime import WorkerRuntime
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeServicer):
@@ -106,7 +108,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 timeout_ms=int(timeout * 1000)), timeout)
             state = await asyncio.to_thread(transfer.wait_received, rid, runtime.config.transfer_timeout_s)
             transfer.forget(rid)
-            if state.name != "SUCCESS":
+            if state is not TransferState.SUCCESS:
                 raise BatonError(ErrorCode.TRANSFER_FAILED, f"KV for {rid} did not arrive (state {state.name})")
         except asyncio.CancelledError:  # the client went away: release without waiting
             thread.submit(lambda e: e.cancel_reservation(rid))
@@ -123,7 +125,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                                               direction="in").inc(response.handoff.bytes_transferred)
         logprob, top = (logprob_from_proto(response.first_logprob) if response.HasField("first_logprob")
                         else (None, None))
-        return await _engine_call(thread, lambda e: e.activate(rid, response.first_token_id, logprob, top))
+        return await _engine_call(thread, lambda e: e.activate(rid, response.first_token_id, logprob, top,
+                                                               remote_cached_tokens=response.cached_tokens))
 
     async def _prefill(self, address: str, request: worker_pb2.PrefillRequest,
                        timeout: float) -> worker_pb2.PrefillResponse:
@@ -133,7 +136,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         try:
             return await worker_pb2_grpc.PrefillStub(channel).Prefill(request, timeout=timeout)
         except grpc.RpcError as error:
-            raise error_from_rpc(error, default=ErrorCode.PREFILL_FAILED) from None
+            # the router must blame (or wait for) the prefill worker, not this one
+            raise error_from_rpc(error, default=ErrorCode.PREFILL_FAILED).with_origin(ErrorOrigin.PREFILL) from None
 
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
         return await self.runtime.abort(request.request_id)
@@ -145,6 +149,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         """Close the channels to prefill workers."""
         for channel in self._channels.values():
             await channel.close()
+
+
+SERVICE = WorkerService(worker_pb2.DECODE, DecodeServicer, worker_pb2_grpc.add_DecodeServicer_to_server)
+"""What `baton serve decode` runs."""
 
 
 async def _engine_call(thread, fn):

@@ -1,5 +1,9 @@
 """Engine configuration: one frozen dataclass, a doc line per field, validated on construction.
 
+The batching fields left None mean "by device": `device_defaults.resolve_config` fills them
+once at engine construction (from the device type and GPU memory), and everything in the
+engine reads that resolved config.
+
 The CLI flags of `baton generate` / `baton serve` are generated from these fields
 (`services.common.dataclass_flags`), so the doc line under each field is also its `--help`.
 Names follow SGLang's server arguments where one exists.
@@ -36,13 +40,13 @@ class EngineConfig:
     kv_cache_tokens: Optional[int] = None
     """KV pool size in tokens; default: from --mem-fraction-static on GPU, 16384 on CPU."""
     mem_fraction_static: float = 0.85
-    """Fraction of GPU memory for weights plus KV pool (GPU only)."""
-    max_running_requests: int = 256
-    """Most requests in the running batch at once."""
-    chunked_prefill_size: int = 2048
-    """Most prompt tokens prefilled per request per step; -1 disables chunking."""
-    max_num_batched_tokens: int = 4096
-    """Token budget of one engine step (decode tokens plus prefill chunks)."""
+    """This process's share of the GPU's total memory for weights, KV pool and activations (GPU only); e.g. 0.42 each for two workers on one GPU."""
+    max_running_requests: Optional[int] = None
+    """Most requests in the running batch at once; default: by device (1024 on a GPU of 70 GiB or more, else 256)."""
+    chunked_prefill_size: Optional[int] = None
+    """Most prompt tokens prefilled per request per step; -1 disables chunking; default: by device (8192 on a GPU of 70 GiB or more, else 2048)."""
+    max_num_batched_tokens: Optional[int] = None
+    """Token budget of one engine step (decode tokens plus prefill chunks); default: by device (8192 on a GPU of 70 GiB or more, 2048 on a smaller one, 4096 on CPU)."""
     schedule_policy: SchedulePolicy = "fcfs"
     """Order of admitting waiting requests: fcfs, lpm (longest cached prefix first), or priority."""
     disable_radix_cache: bool = False
@@ -55,12 +59,14 @@ class EngineConfig:
     """Seed of the engine's default random generator (requests without their own seed)."""
     disable_cuda_graph: bool = False
     """Run every decode step eagerly on the GPU instead of replaying captured CUDA graphs."""
-    cuda_graph_max_bs: int = 256
-    """Largest decode batch captured as a CUDA graph; captured sizes are 1, 2, 4, 8, then every 8 up to it (capped by max_running_requests)."""
+    cuda_graph_max_bs: Optional[int] = None
+    """Largest decode batch captured as a CUDA graph; captured sizes are 1, 2, 4, 8, then every 8 up to it (capped by max_running_requests); default: by device (512 on a GPU of 70 GiB or more, else 256)."""
     skip_tokenizer_init: bool = False
     """Return token ids only: outputs are not detokenized (text stays empty) and stop strings are refused (vLLM's name)."""
     disable_overlap_schedule: bool = False
     """Run every step synchronously; by default (CUDA only) the host schedules and launches step N+1 before reading step N's tokens back (steps with grammar, penalty or logprobs requests always run synchronously)."""
+    skip_warmup: bool = False
+    """Skip the start-up warm-up steps (CUDA only; they compile every kernel variant serving uses before the engine takes requests)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -68,30 +74,46 @@ class EngineConfig:
             (self.kv_cache_tokens is None or self.kv_cache_tokens >= self.page_size,
              "kv_cache_tokens must hold at least one page"),
             (0.0 < self.mem_fraction_static < 1.0, "mem_fraction_static must be in (0, 1)"),
-            (self.max_running_requests >= 1, "max_running_requests must be at least 1"),
-            (self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1,
+            (self.max_running_requests is None or self.max_running_requests >= 1,
+             "max_running_requests must be at least 1"),
+            (self.chunked_prefill_size is None or self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1,
              "chunked_prefill_size must be -1 (off) or positive"),
-            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be positive"),
+            (self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+             "max_num_batched_tokens must be positive"),
             (self.schedule_policy in ("fcfs", "lpm", "priority"), "schedule_policy must be fcfs, lpm or priority"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto, float32, bfloat16 or float16"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be at least 2"),
             (self.num_threads >= 0, "num_threads must be non-negative"),
-            (self.cuda_graph_max_bs >= 0, "cuda_graph_max_bs must be non-negative"),
+            (self.cuda_graph_max_bs is None or self.cuda_graph_max_bs >= 0, "cuda_graph_max_bs must be non-negative"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
     @property
+    def is_resolved(self) -> bool:
+        """True once no field is left "by device" (None): what `device_defaults.resolve_config` returns."""
+        return None not in (self.max_running_requests, self.chunked_prefill_size, self.max_num_batched_tokens,
+                            self.cuda_graph_max_bs)
+
+    def require_resolved(self) -> None:
+        """Raise ValueError while a by-device field is still None."""
+        if not self.is_resolved:
+            raise ValueError("this EngineConfig still has by-device (None) fields: "
+                             "resolve it first (device_defaults.resolve_config)")
+
+    @property
     def cuda_graph_batch_sizes(self) -> list[int]:
-        """The decode batch sizes captured as CUDA graphs (empty when graphs are off)."""
+        """The decode batch sizes captured as CUDA graphs (empty when graphs are off); resolved configs only."""
+        self.require_resolved()
         if self.disable_cuda_graph:
             return []
         return cuda_graph_batch_sizes(min(self.cuda_graph_max_bs, self.max_running_requests))
 
     @property
     def prefill_chunk(self) -> int:
-        """Most prompt tokens one request may prefill in one step."""
+        """Most prompt tokens one request may prefill in one step; resolved configs only."""
+        self.require_resolved()
         if self.chunked_prefill_size == -1:
             return 1 << 30
         return self.chunked_prefill_size

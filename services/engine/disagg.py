@@ -4,11 +4,13 @@ Prefill side: `add_request(..., hold_blocks=True)` keeps a finished request's KV
 referenced (a lease) so the transfer engine can read them after the first token is
 sampled; `held_blocks` lists them and `release_held` ends the lease.
 
-Decode side, a request's life: `reserve` (validate, match the local prefix cache, allocate
-blocks for the whole prompt; the request is in no queue) -> the prompt's missing KV lands
-in those blocks from a prefill worker -> `activate(first_token)` (the prompt counts as
-computed, the first token goes through the normal output path, the request joins the
-running batch). `cancel_reservation` gives everything back if the hand-off fails.
+Decode side, a request's life: `reserve` (validate, then the scheduler's `reserve_external`:
+match the local prefix cache, allocate blocks for the whole prompt; the request is in no
+queue) -> the prompt's missing KV lands in those blocks from a prefill worker ->
+`activate(first_token)` (the scheduler's `admit_running`: the prompt counts as computed and
+the request joins the running batch; the first token goes through the normal output path).
+`cancel_reservation` gives everything back if the hand-off fails. The scheduler keeps the
+reservations, so `stats()` counts them.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from baton.services.engine.engine import Engine
-from baton.services.engine.request import Request, RequestDelta, RequestStatus
+from baton.services.engine.request import Request, RequestDelta
 from baton.services.engine.sampling.sampler import SampledToken
 from baton.services.engine.sampling_params import SamplingParams
 
@@ -37,10 +39,9 @@ class DisaggEngine(Engine):
     """An `Engine` that can lease finished blocks (prefill) and adopt external KV (decode)."""
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
         self._hold: set[str] = set()
         self._held: dict[str, list[int]] = {}
-        self._reserved: dict[str, Request] = {}
+        super().__init__(*args, **kwargs)  # last: it may run the warm-up, which retires requests
 
     # --- prefill side ----------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
@@ -78,28 +79,26 @@ class DisaggEngine(Engine):
         if params.n != 1:
             raise ValueError("a disaggregated request must have n == 1")
         [request] = self._new_requests(request_id, prompt_token_ids, params)
-        scheduler = self.scheduler
-        scheduler._match_prefix(request)
-        missing = len(request.prompt_token_ids) - request.num_computed_tokens
-        if not scheduler._can_fit(request, missing):
-            scheduler.release(request, cache_tokens=False)
+        if not self.scheduler.reserve_external(request):
             self._requests.pop(request_id, None)
             return None
-        scheduler._allocate(request, missing)
-        request.first_admission = False
-        request.status = RequestStatus.WAITING
-        self._reserved[request_id] = request
         return Reservation(block_ids=list(request.block_table), cached_tokens=request.num_computed_tokens)
 
     def activate(self, request_id: str, first_token: int, logprob: Optional[float] = None,
-                 top_logprobs: Optional[list[tuple[int, float]]] = None) -> RequestDelta:
-        """The prompt's KV is in place: apply prefill's first token and join the running batch."""
-        request = self._reserved.pop(request_id)
-        request.num_computed_tokens = len(request.prompt_token_ids)
+                 top_logprobs: Optional[list[tuple[int, float]]] = None,
+                 remote_cached_tokens: int = 0) -> RequestDelta:
+        """The prompt's KV is in place: apply prefill's first token and join the running batch.
+        `remote_cached_tokens`: prompt tokens the prefill worker found in its own prefix cache;
+        the request's cached count is the larger of that and this worker's own match (prefix
+        hits count wherever they happen)."""
+        request = self.scheduler.reservation(request_id)
+        if request is None:
+            raise KeyError(request_id)
+        request.num_cached_tokens = max(request.num_cached_tokens,
+                                        min(remote_cached_tokens, len(request.prompt_token_ids)))
         if request.generator is not None and not request.params.greedy:
             torch.rand(1, generator=request.generator, dtype=torch.float64)  # prefill drew one number
-        request.status = RequestStatus.RUNNING
-        self.scheduler.running.append(request)
+        self.scheduler.admit_running(request)
         delta = self.outputs.on_token(request, SampledToken(first_token, logprob, top_logprobs))
         if request.finish_reason is not None:
             self._retire(request)
@@ -107,16 +106,16 @@ class DisaggEngine(Engine):
 
     def cancel_reservation(self, request_id: str) -> None:
         """Give back a reservation's blocks and forget the request."""
-        request = self._reserved.pop(request_id, None)
+        request = self.scheduler.reservation(request_id)
         if request is None:
             return
-        self.scheduler.release(request, cache_tokens=False)
+        self.scheduler.cancel_reservation(request)
         self._requests.pop(request_id, None)
 
     def abort(self, request_id: str) -> list[RequestDelta]:
         """Abort a queued, running or reserved request and end any lease it holds."""
         self.release_held(request_id)
-        request = self._reserved.get(request_id)
+        request = self.scheduler.reservation(request_id)
         if request is None:
             return super().abort(request_id)
         self.cancel_reservation(request_id)
@@ -124,5 +123,5 @@ class DisaggEngine(Engine):
                              num_prompt_tokens=len(request.prompt_token_ids))]
 
     def check_idle_integrity(self) -> None:
-        assert not self._reserved and not self._held, "reservations or leases outstanding"
+        assert not self.scheduler.num_reserved and not self._held, "reservations or leases outstanding"
         super().check_idle_integrity()

@@ -34,6 +34,7 @@ from baton.services.engine.sampling.sampler import Sampler, SamplingRow, make_ge
 from baton.services.engine.sampling_params import SamplingParams
 from baton.services.engine.output.stop_checker import StopStringChecker
 from baton.services.engine.scheduling.scheduler import ScheduledItem
+from baton.services.engine.stats import EngineStats
 
 
 @dataclass
@@ -52,9 +53,10 @@ class Engine:
     """Continuous batching over a paged KV cache with a radix prefix cache."""
 
     def __init__(self, config: EngineConfig, parts: Optional[EngineParts] = None) -> None:
-        self.config = config
         self.parts = parts or build_engine_parts(config)
         p = self.parts
+        self.config = p.config
+        """The resolved config (`device_defaults.resolve_config`): by-device fields are concrete here."""
         self.tokenizer = p.tokenizer
         self.model_config = p.model_config
         self.max_model_len = p.max_model_len
@@ -72,6 +74,21 @@ class Engine:
         self._pending: Optional[_PendingStep] = None
         self.num_overlapped_steps = 0
         """Steps launched overlapped so far (the others ran synchronously)."""
+        if self.runner.device.type == "cuda" and not self.config.skip_warmup:
+            self.warmup()
+
+    def warmup(self) -> None:
+        """Run dummy requests through the normal step path until every kernel variant serving uses
+        is compiled, then leave the engine idle and whole (see `warmup`); runs at construction on CUDA."""
+        from baton.services.engine.warmup import warm_up
+        warm_up(self)
+
+    def reset_counters(self) -> None:
+        """Zero the since-start counters (prefix-cache lookups, preemptions, overlapped steps)."""
+        self.cache.tokens_looked_up = self.cache.tokens_matched = 0
+        self.scheduler.num_preemptions = 0
+        self.num_overlapped_steps = 0
+        self._arrivals = itertools.count()
 
     # --- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
@@ -266,9 +283,9 @@ class Engine:
 
     def _starved(self) -> list[RequestDelta]:
         """Nothing could be scheduled although work waits: the head request cannot fit at all."""
-        if not self.scheduler.waiting or self.scheduler.running:
+        request = self.scheduler.starved_request()
+        if request is None:
             return []
-        request = self.scheduler.waiting[0]
         self.scheduler.remove(request)
         request.status, request.finish_reason = RequestStatus.FINISHED, "length"
         self._retire(request)
@@ -280,29 +297,34 @@ class Engine:
         """Hook run when a request finishes, while it still holds its blocks."""
 
     # --- introspection -------------------------------------------------------------
-    def stats(self) -> dict[str, float]:
-        """Load and cache figures (for metrics and tests)."""
-        cache = self.cache
-        return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "free_blocks": self.pool.num_free,
-            "total_blocks": self.pool.num_blocks,
-            "evictable_blocks": cache.evictable_blocks if cache else 0,
-            "prefix_hit_rate": cache.hit_rate if cache else 0.0,
-            "preemptions": self.scheduler.num_preemptions,
-        }
+    def stats(self) -> EngineStats:
+        """Load and cache figures (load reports, metrics, tests); safe to call from another thread."""
+        scheduler, pool, cache = self.scheduler, self.pool, self.cache
+        total, free, evictable = pool.num_blocks, pool.num_free, cache.evictable_blocks
+        return EngineStats(
+            running_requests=scheduler.num_running, waiting_requests=scheduler.num_waiting,
+            running_tokens=scheduler.running_tokens, waiting_tokens=scheduler.waiting_tokens,
+            reserved_requests=scheduler.num_reserved, reserved_tokens=scheduler.reserved_tokens,
+            reserved_blocks=scheduler.reserved_blocks,
+            total_blocks=total, free_blocks=free, cached_blocks=cache.cached_blocks, evictable_blocks=evictable,
+            kv_usage=(total - free - evictable) / max(1, total),
+            free_kv_tokens=(free + evictable) * self.config.page_size,
+            prefix_hit_rate=cache.hit_rate,
+            prefix_tokens_matched=cache.tokens_matched, prefix_tokens_looked_up=cache.tokens_looked_up,
+            preemptions=scheduler.num_preemptions,
+        )
+
+    def reset_prefix_cache(self) -> None:
+        """Evict every cached prefix (no request may be using one)."""
+        self.cache.reset()
 
     def check_idle_integrity(self) -> None:
         """Assert that an idle engine holds no block outside the prefix cache."""
         assert not self.scheduler.has_work(), "engine is not idle"
         self.pool.check_integrity()
-        cached = 0
-        if self.cache is not None:
-            self.cache.check_integrity()
-            assert self.cache.locked_blocks == 0, "an idle engine holds radix locks"
-            cached = self.cache.cached_blocks
-        assert self.pool.num_free + cached == self.pool.num_blocks, "blocks leaked"
+        self.cache.check_integrity()
+        assert self.cache.locked_blocks == 0, "an idle engine holds radix locks"
+        assert self.pool.num_free + self.cache.cached_blocks == self.pool.num_blocks, "blocks leaked"
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

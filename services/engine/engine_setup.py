@@ -1,14 +1,15 @@
 """Building an engine's parts from its config: device, dtype, tokenizer, weights, KV pool.
 
 Owns start-up decisions: which model folder (the embedded default when none is given),
-the dtype, how many KV blocks fit (a token budget on CPU, a fraction of free GPU memory
-on CUDA), and the max context length.
+the dtype, the by-device batching defaults (`device_defaults.resolve_config`: the config
+every part is built from), how many KV blocks fit (a token budget on CPU; on CUDA this
+process's share of the GPU, `gpu_memory`), and the max context length.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -16,10 +17,13 @@ from baton.services.engine.attention.base import AttentionBackend
 from baton.services.engine.attention.torch_cpu import TorchAttentionBackend
 from baton.services.engine.kv.block_pool import BlockPool
 from baton.services.engine.config import EngineConfig
+from baton.services.engine.device_defaults import device_total_memory, resolve_config
 from baton.services.engine.kv.kv_cache import KVCache, KVLayout
 from baton.services.engine.runner.model_runner import ModelRunner
 from baton.services.engine.models.loader import load_model
 from baton.services.engine.models.model_config import ModelConfig
+from baton.services.engine.kv.null_cache import NullPrefixCache
+from baton.services.engine.kv.prefix_cache import PrefixCache
 from baton.services.engine.kv.radix_cache import RadixCache
 from baton.services.engine.scheduling.scheduler import Scheduler
 
@@ -30,6 +34,8 @@ CPU_DEFAULT_KV_TOKENS = 16384
 class EngineParts:
     """Everything an `Engine` is made of."""
 
+    config: EngineConfig
+    """The resolved config (no by-device field left None): what the engine reads."""
     model_path: Path
     model_config: ModelConfig
     tokenizer: Any
@@ -38,7 +44,8 @@ class EngineParts:
     kv_cache: KVCache
     backend: AttentionBackend
     pool: BlockPool
-    cache: Optional[RadixCache]
+    cache: PrefixCache
+    """The radix cache, or the null cache when `disable_radix_cache` is set."""
     scheduler: Scheduler
     runner: ModelRunner
     max_model_len: int
@@ -76,16 +83,34 @@ def resolve_model_path(config: EngineConfig) -> Path:
     return ensure_default_model()
 
 
-def kv_cache_tokens(config: EngineConfig, layout_bytes_per_token: int, device: torch.device) -> int:
-    """KV pool size in tokens: the explicit budget, or what fits in GPU memory."""
+def kv_cache_tokens(config: EngineConfig, layout_bytes_per_token: int, device: torch.device,
+                    model: Any = None, dtype: torch.dtype = torch.float32, max_model_len: int = 0) -> int:
+    """KV pool size in tokens: the explicit budget; 16384 on CPU; on CUDA what fits in this
+    process's share of the GPU once the weights and the profiled largest step are counted."""
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens
     if device.type != "cuda":
         return CPU_DEFAULT_KV_TOKENS
-    free, total = torch.cuda.mem_get_info(device)
-    available = total * config.mem_fraction_static - (total - free)
+    from baton.services.engine import gpu_memory
+    total = device_total_memory(device)
+    gpu_memory.check_share_holds(total, config.mem_fraction_static, torch.cuda.memory_reserved(device))
+    cfg = model.config
+    profile = gpu_memory.profile_step_memory(
+        model, dtype, device, config.page_size, max_model_len, config.max_num_batched_tokens, config.prefill_chunk,
+        config.max_running_requests,
+        lambda kv: make_attention_backend(kv, cfg.num_heads, cfg.head_dim, device))
+    sizes = config.cuda_graph_batch_sizes
+    graphs = 0
+    if sizes and getattr(model, "fused", False):  # graphs need the fused model (and the Triton backend)
+        width = -(-max_model_len // config.page_size)
+        graphs = gpu_memory.graph_reserve_bytes(max(sizes), cfg.vocab_size, model.lm_head.weight.element_size(),
+                                                width, profile)
+    free, _ = torch.cuda.mem_get_info(device)
+    held = torch.cuda.memory_reserved(device)
+    available = gpu_memory.kv_pool_bytes(total, config.mem_fraction_static, held, profile.activation_bytes,
+                                         graphs, free=free)
     if available < layout_bytes_per_token * config.page_size:
-        raise ValueError("no GPU memory left for the KV cache; raise --mem-fraction-static")
+        raise ValueError("no GPU memory left for one KV page in this process's share; raise --mem-fraction-static")
     return int(available // layout_bytes_per_token)
 
 
@@ -116,6 +141,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     path = resolve_model_path(config)
     model_config = ModelConfig.from_folder(path)
     device = resolve_device(config.device)
+    config = resolve_config(config, device.type, device_total_memory(device))
     dtype = resolve_dtype(config, device, model_config.torch_dtype)
     tokenizer = load_tokenizer(path)
     model = load_model(path, model_config, dtype, device)
@@ -123,23 +149,24 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         from baton.services.engine.models.gemv_tuning import tune_model
         model.gemv_choices = tune_model(model)  # cuBLAS or Triton per projection, measured on this GPU
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # the KV pool is sized from free memory: return loader leftovers
+        torch.cuda.empty_cache()  # the KV pool is sized from what this process holds: return loader leftovers
     max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
     probe = KVLayout(model_config.num_layers, 1, config.page_size, model_config.num_kv_heads,
                      model_config.head_dim, dtype)
-    tokens = kv_cache_tokens(config, probe.bytes_per_token, device)
+    tokens = kv_cache_tokens(config, probe.bytes_per_token, device, model, dtype, max_model_len)
     layout = KVLayout(model_config.num_layers, max(1, tokens // config.page_size), config.page_size,
                       model_config.num_kv_heads, model_config.head_dim, dtype)
     kv_cache = KVCache(layout, device)
     backend = make_attention_backend(kv_cache, model_config.num_heads, model_config.head_dim, device)
     pool = BlockPool(layout.num_blocks)
-    cache = None if config.disable_radix_cache else RadixCache(pool, config.page_size)
+    cache_class = NullPrefixCache if config.disable_radix_cache else RadixCache
+    cache = cache_class(pool, config.page_size)
     eos = list(model_config.eos_token_ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
     return EngineParts(
-        model_path=path, model_config=model_config, tokenizer=tokenizer, device=device, dtype=dtype,
+        config=config, model_path=path, model_config=model_config, tokenizer=tokenizer, device=device, dtype=dtype,
         kv_cache=kv_cache, backend=backend, pool=pool, cache=cache,
         scheduler=Scheduler(config, pool, cache),
         runner=ModelRunner(model, backend, config.page_size, device, max_model_len=max_model_len,

@@ -23,8 +23,10 @@ import grpc
 
 from baton.protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 from baton.protos.errors import BatonError, ErrorCode, abort_with
+from baton.services.transfer.base import LayoutMismatch, PeerDescriptor, TransferError, TransferState
 from baton.services.worker.params_codec import sampling_params_from_proto
 from baton.services.worker.wire import logprob_to_proto
+from baton.services.worker.worker_main import WorkerService
 from baton.services.worker.worker_runtime import WorkerRuntime
 
 
@@ -47,7 +49,6 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             await abort_with(context, error)
 
     async def _prefill(self, request: worker_pb2.PrefillRequest) -> worker_pb2.PrefillResponse:
-        from baton.services.transfer.base import LayoutMismatch, PeerDescriptor, TransferError
         runtime, thread, transfer = self.runtime, self.runtime.thread, self.runtime.transfer
         rid = request.request_id
         params = sampling_params_from_proto(request.params)
@@ -80,7 +81,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             handle = await asyncio.to_thread(transfer.write, peer.worker_id, rid,
                                              list(zip(source, destination.block_ids)),
                                              max(0.001, deadline - time.monotonic()))
-            if handle.state.name != "SUCCESS":
+            if handle.state is not TransferState.SUCCESS:
                 runtime.metrics.transfer_failures.labels(role="prefill", backend=runtime.config.transfer).inc()
                 runtime.transfer_failures += 1
                 raise BatonError(ErrorCode.TRANSFER_FAILED, f"KV write to {peer.worker_id} failed: {handle.error}")
@@ -104,6 +105,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
 
     async def Info(self, request: worker_pb2.WorkerInfoRequest, context) -> worker_pb2.WorkerInfo:
         return self.runtime.info()
+
+    async def close(self) -> None:
+        """Nothing to release: prefill dials no peer over gRPC."""
+
+
+SERVICE = WorkerService(worker_pb2.PREFILL, PrefillServicer, worker_pb2_grpc.add_PrefillServicer_to_server)
+"""What `baton serve prefill` runs."""
 
 
 async def _first_delta(stream: asyncio.Queue, deadline: float):

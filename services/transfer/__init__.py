@@ -1,7 +1,10 @@
-"""KV / embedding transfer engines behind one interface (see base.py).
+"""KV / embedding transfer engines behind one interface (see base.py); knows no engine.
 
-Backends: `tcp` (pyzmq, host memory; tcp.py) and `nixl` (NIXL over UCX; nixl.py, imported
-only when asked for). Build one with `create_transfer_engine(backend, worker_id, kv_cache)`.
+What an engine moves is a `RegisteredMemory` (memory.py: named regions of tensors, each with
+its block geometry; a worker describes its KV cache as the "kv" region). Backends: `tcp`
+(pyzmq, host memory; tcp.py) and `nixl` (NIXL over UCX; nixl.py, which loads the NIXL
+library only when such an engine is built). Build one with
+`create_transfer_engine(backend, worker_id, memory)` (factory.py).
 """
 from baton.services.transfer.base import (
     LayoutMismatch,
@@ -10,15 +13,29 @@ from baton.services.transfer.base import (
     TransferError,
     TransferHandle,
     TransferState,
-    create_transfer_engine,
+)
+from baton.services.transfer.factory import create_transfer_engine
+from baton.services.transfer.memory import (
+    BlockGeometry,
+    MemoryLayout,
+    MemoryRegion,
+    RegionLayout,
+    RegisteredMemory,
+    kv_region_layout,
 )
 
 __all__ = [
+    "BlockGeometry",
     "LayoutMismatch",
+    "MemoryLayout",
+    "MemoryRegion",
     "PeerDescriptor",
+    "RegionLayout",
+    "RegisteredMemory",
     "TransferEngine",
     "TransferError",
     "TransferHandle",
     "TransferState",
     "create_transfer_engine",
+    "kv_region_layout",
 ]

@@ -1,20 +1,22 @@
-"""The transfer-engine interface: transfer states, handles, the engine contract, the factory.
+"""The transfer-engine interface: transfer states, handles, the engine contract.
 
-Owns what every backend shares: `TransferState` (SGLang's names), `TransferHandle` (the result of a write), the `TransferEngine` base class with
-the connect / write / received contract and its bookkeeping, and the
-`create_transfer_engine` factory. Peer identity (`PeerDescriptor`, epochs, layout checks,
-`TransferError` / `LayoutMismatch`) lives in descriptor.py and is re-exported here. Backends (tcp.py, nixl.py) implement only the moving
-of bytes: `_handshake`, `_drop_peer`, `_write`, `_poll`, `_close`.
+Owns what every backend shares: `TransferState` (SGLang's names), `TransferHandle` (the result
+of a write), the `TransferEngine` base class with the connect / write / received contract and
+its bookkeeping. What an engine moves is a `RegisteredMemory` (memory.py); peer identity
+(`PeerDescriptor`, epochs, layout checks, `TransferError` / `LayoutMismatch`) lives in
+descriptor.py and is re-exported here; the factory is factory.py. Backends (tcp.py, nixl.py)
+implement only the moving of bytes: `_handshake`, `_drop_peer`, `_write`, `_poll`, `_close`.
 
 Semantics every backend keeps:
-- `write` copies, for every layer, K and V of local block `src` into the peer's block
-  `dst` for each (src, dst) pair, then notifies the peer with the transfer id. It never
-  blocks past its timeout: a dead or stale peer yields FAILED with a message.
+- `write` copies, for every registered tensor (every layer's K and V in the KV region), local
+  block `src` into the peer's block `dst` for each (src, dst) pair, then notifies the peer
+  with the transfer id. It never blocks past its timeout: a dead or stale peer yields FAILED
+  with a message.
 - A peer is identified by (worker_id, epoch). `connect` with the same epoch is a no-op;
   a new epoch (the peer restarted) drops the old connection and handshakes again, so a
   restarted peer is never written with stale addresses.
 - The receiving side learns of a write through `received` / `wait_received`, which say
-  SUCCESS only once every byte of that write is in this engine's KV memory.
+  SUCCESS only once every byte of that write is in this engine's registered memory.
 """
 from __future__ import annotations
 
@@ -26,18 +28,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
 
-from baton.services.engine.kv.kv_cache import KVCache, KVLayout
 from baton.services.transfer.descriptor import (  # noqa: F401  (re-exported: the public names live here too)
     BACKENDS,
     LayoutMismatch,
     PeerDescriptor,
     TransferError,
-    block_bytes,
     check_layout,
-    dtype_from_name,
-    dtype_name,
-    layout_mismatches,
 )
+from baton.services.transfer.memory import MemoryLayout, RegisteredMemory
 
 
 class TransferState(enum.Enum):
@@ -57,7 +55,7 @@ class TransferHandle:
     transfer_id: str
     state: TransferState
     bytes: int = 0
-    """Bytes moved (K and V, all layers); 0 unless SUCCESS."""
+    """Bytes moved (every registered tensor: K and V of all layers); 0 unless SUCCESS."""
     error: Optional[str] = None
     elapsed_s: float = 0.0
 
@@ -75,15 +73,19 @@ class _Inbound:
 
 
 class TransferEngine(ABC):
-    """Moves KV blocks of this worker's `KVCache` into peers' caches (and receives theirs)."""
+    """Moves blocks of this worker's registered memory into peers' (and receives theirs)."""
 
     backend: str = ""
 
-    def __init__(self, worker_id: str, kv_cache: KVCache) -> None:
+    def __init__(self, worker_id: str, memory: RegisteredMemory) -> None:
+        if not isinstance(memory, RegisteredMemory):
+            raise TypeError(f"a transfer engine registers a RegisteredMemory, not {type(memory).__name__} "
+                            "(a worker converts its KV cache with baton.services.worker.kv_memory)")
         self.worker_id = worker_id
-        self.kv_cache = kv_cache
-        self.layout: KVLayout = kv_cache.layout
-        self.block_bytes = block_bytes(self.layout)
+        self.memory = memory
+        self.layout: MemoryLayout = memory.layout
+        self.bytes_per_block = self.layout.bytes_per_block
+        """Bytes one block id stands for (every registered tensor)."""
         self.epoch: int = secrets.randbits(63) or 1
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -97,7 +99,7 @@ class TransferEngine(ABC):
     # -- public API -------------------------------------------------------------------
     @abstractmethod
     def descriptor(self) -> PeerDescriptor:
-        """What a peer needs to reach this engine (including the KV layout)."""
+        """What a peer needs to reach this engine (including the memory layout)."""
 
     def connect(self, peer: PeerDescriptor, timeout: float = 5.0) -> None:
         """Handshake with `peer` (no-op when already connected at the same epoch)."""
@@ -124,8 +126,8 @@ class TransferEngine(ABC):
 
     def write(self, peer_worker_id: str, transfer_id: str, pairs: list[tuple[int, int]],
               timeout: float) -> TransferHandle:
-        """Copy K and V of local block src into the peer's block dst for each pair (all
-        layers), then notify the peer with `transfer_id`. Returns SUCCESS or FAILED, never
+        """Copy local block src of every registered tensor into the peer's block dst for each
+        pair, then notify the peer with `transfer_id`. Returns SUCCESS or FAILED, never
         later than `timeout` seconds (plus scheduling noise)."""
         start = time.monotonic()
         peer = self.peer(peer_worker_id)
@@ -135,7 +137,7 @@ class TransferEngine(ABC):
             return TransferHandle(transfer_id, TransferState.FAILED,
                                   error=f"unknown peer {peer_worker_id!r}: call connect() first")
         src, dst = self._check_pairs(pairs, peer)
-        nbytes = len(src) * self.block_bytes * 2 * self.layout.num_layers
+        nbytes = len(src) * self.bytes_per_block
         try:
             error = self._write(peer, transfer_id, src, dst, nbytes, start + max(0.0, timeout))
         except Exception as exc:  # a backend bug or error must not escape as a hang or crash
@@ -251,13 +253,3 @@ class TransferEngine(ABC):
     def _close(self) -> None:
         """Release backend resources."""
 
-
-def create_transfer_engine(backend: str, worker_id: str, kv_cache: KVCache, **options) -> TransferEngine:
-    """Build the engine for `backend` ("tcp" or "nixl"); `options` go to its constructor."""
-    if backend == "tcp":
-        from baton.services.transfer.tcp import TcpTransferEngine
-        return TcpTransferEngine(worker_id, kv_cache, **options)
-    if backend == "nixl":
-        from baton.services.transfer.nixl import NixlTransferEngine
-        return NixlTransferEngine(worker_id, kv_cache, **options)
-    raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")

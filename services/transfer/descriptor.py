@@ -1,8 +1,11 @@
-"""Peer identity and KV-layout compatibility, shared by every transfer backend.
+"""Peer identity and layout compatibility, shared by every transfer backend.
 
-Owns `PeerDescriptor` (worker id + epoch + backend metadata + KV layout, convertible to the
-`baton.v1.TransferPeer` proto), the layout comparison that makes mismatched workers fail
-loudly (`LayoutMismatch` names every differing field), and the transfer error types.
+Owns `PeerDescriptor` (worker id + epoch + backend metadata + the layout of the peer's
+registered memory, convertible to the `baton.v1.TransferPeer` proto), the layout check that
+makes mismatched workers fail loudly (`LayoutMismatch` names every differing field), and the
+transfer error types. On the wire the layout is a `baton.v1.KVLayout`, which describes one
+region, the KV cache (memory.py's `kv_region_layout`); a memory with other regions has no
+wire form until the proto gains one (`to_proto` refuses it with a ValueError).
 """
 from __future__ import annotations
 
@@ -11,12 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from baton.protos.baton.v1 import kv_pb2
-from baton.services.engine.kv.kv_cache import KVLayout
+from baton.services.transfer.memory import (
+    MemoryLayout,
+    dtype_name,
+    kv_region_layout,
+    kv_sizes,
+    layout_mismatches,
+)
 
 BACKENDS = ("tcp", "nixl")
 _BACKEND_TO_PROTO = {"tcp": kv_pb2.TCP, "nixl": kv_pb2.NIXL}
 _PROTO_TO_BACKEND = {v: k for k, v in _BACKEND_TO_PROTO.items()}
-MATCHED_LAYOUT_FIELDS = ("num_layers", "page_size", "num_kv_heads", "head_dim", "dtype")
 
 
 class TransferError(RuntimeError):
@@ -24,12 +32,7 @@ class TransferError(RuntimeError):
 
 
 class LayoutMismatch(TransferError):
-    """Two workers' KV layouts disagree on a field that must match."""
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.float32 -> "float32"."""
-    return str(dtype).removeprefix("torch.")
+    """Two workers' memory layouts disagree on a field that must match."""
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -40,42 +43,30 @@ def dtype_from_name(name: str) -> torch.dtype:
     return value
 
 
-def layout_mismatches(local: KVLayout, remote: KVLayout) -> list[str]:
-    """The fields that must agree but do not, as "field: local=X remote=Y"."""
-    out = []
-    for name in MATCHED_LAYOUT_FIELDS:
-        a, b = getattr(local, name), getattr(remote, name)
-        if a != b:
-            if name == "dtype":
-                a, b = dtype_name(a), dtype_name(b)
-            out.append(f"{name}: local={a} remote={b}")
-    return out
-
-
-def check_layout(local: KVLayout, remote: KVLayout, peer: str) -> None:
+def check_layout(local: MemoryLayout, remote: MemoryLayout, peer: str) -> None:
     """Raise LayoutMismatch naming every differing field (num_blocks may differ)."""
     diffs = layout_mismatches(local, remote)
     if diffs:
-        raise LayoutMismatch(f"KV layout mismatch with peer {peer!r}: " + ", ".join(diffs))
+        raise LayoutMismatch(mismatch_message(peer, diffs))
 
 
-def block_bytes(layout: KVLayout) -> int:
-    """Bytes of one block of one layer's K (or V) tensor."""
-    element = torch.empty((), dtype=layout.dtype).element_size()
-    return layout.page_size * layout.num_kv_heads * layout.head_dim * element
+def mismatch_message(peer: str, diffs: list[str]) -> str:
+    """The LayoutMismatch text for the differences `layout_mismatches` found with `peer`."""
+    return f"memory layout mismatch with peer {peer!r}: " + ", ".join(diffs)
 
 
-def layout_to_proto(layout: KVLayout) -> kv_pb2.KVLayout:
+def layout_to_proto(layout: MemoryLayout) -> kv_pb2.KVLayout:
+    """The wire form of a KV-cache layout (ValueError for any other memory)."""
+    sizes = kv_sizes(layout)
     return kv_pb2.KVLayout(
-        num_layers=layout.num_layers, page_size=layout.page_size,
-        num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
-        dtype=dtype_name(layout.dtype), num_blocks=layout.num_blocks)
+        num_layers=sizes["num_layers"], page_size=sizes["page_size"], num_kv_heads=sizes["num_kv_heads"],
+        head_dim=sizes["head_dim"], dtype=dtype_name(sizes["dtype"]), num_blocks=sizes["num_blocks"])
 
 
-def layout_from_proto(msg: kv_pb2.KVLayout) -> KVLayout:
-    return KVLayout(
+def layout_from_proto(msg: kv_pb2.KVLayout) -> MemoryLayout:
+    return MemoryLayout((kv_region_layout(
         num_layers=msg.num_layers, num_blocks=msg.num_blocks, page_size=msg.page_size,
-        num_kv_heads=msg.num_kv_heads, head_dim=msg.head_dim, dtype=dtype_from_name(msg.dtype))
+        num_kv_heads=msg.num_kv_heads, head_dim=msg.head_dim, dtype=dtype_from_name(msg.dtype)),))
 
 
 @dataclass(frozen=True)
@@ -88,7 +79,8 @@ class PeerDescriptor:
     """"tcp" or "nixl"."""
     metadata: bytes
     """Backend-specific: the zmq endpoint (tcp) or packed NIXL metadata (nixl)."""
-    layout: KVLayout
+    layout: MemoryLayout
+    """The peer's registered memory (what `connect` compares with its own)."""
 
     def to_proto(self) -> kv_pb2.TransferPeer:
         if self.backend not in _BACKEND_TO_PROTO:

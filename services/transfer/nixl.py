@@ -1,19 +1,20 @@
 """The `nixl` transfer backend: one-sided RDMA-style WRITEs through a NIXL agent over UCX.
 
 Owns one NIXL agent per engine, named f"{worker_id}-{epoch}" so that a restarted worker
-at the same address is a different agent, with every layer's K and V tensor registered
-(DRAM for CPU tensors, VRAM for CUDA ones: the memory type follows the tensor device).
+at the same address is a different agent, with every tensor of the `RegisteredMemory`
+registered (DRAM for CPU tensors, VRAM for CUDA ones: the memory type follows the device).
 The agent's listener thread is off: metadata travels in our own `PeerDescriptor`.
 
-Descriptor metadata format (little-endian), version 1:
-    header  struct "<4sHHIIQ": magic b"BXNX", version (1), memory type (0 DRAM, 1 VRAM),
-            device id, region count R (= 2 * num_layers), block bytes (one block of one
-            layer's K or V)
-    R x u64 base address of each region, in order K_0, V_0, K_1, V_1, ...
+Descriptor metadata format (little-endian), version 2:
+    header  struct "<4sHHII": magic b"BXNX", version (2), memory type (0 DRAM, 1 VRAM),
+            device id, tensor count R (every registered tensor, in the memory's order:
+            for the KV region K_0, V_0, K_1, V_1, ...)
+    R x u64 base address of each tensor
+    R x u64 block bytes of each tensor (one block of it)
     rest    the NIXL agent metadata (nixl_agent.get_agent_metadata())
-Block b of region r lives at [addr_r + b * block_bytes, addr_r + (b + 1) * block_bytes).
+Block b of tensor r lives at [addr_r + b * block_bytes_r, addr_r + (b + 1) * block_bytes_r).
 
-A write posts one WRITE request covering every (layer, K/V, run) range, where a run is
+A write posts one WRITE request covering every (tensor, run) range, where a run is
 a stretch of pairs with consecutive src and consecutive dst blocks (coalesced into one
 descriptor), with notification message b"<bytes> <transfer_id>"; NIXL delivers the
 notification only after the data has landed, so the receiver marks the transfer SUCCESS
@@ -29,13 +30,13 @@ from typing import Optional
 
 import numpy as np
 
-from baton.services.engine.kv.kv_cache import KVCache
 from baton.services.transfer.base import TransferEngine
 from baton.services.transfer.descriptor import PeerDescriptor, TransferError
+from baton.services.transfer.memory import RegisteredMemory
 
 _MAGIC = b"BXNX"
-_VERSION = 1
-_HEADER = struct.Struct("<4sHHIIQ")
+_VERSION = 2
+_HEADER = struct.Struct("<4sHHII")
 _MEM_TYPES = ("DRAM", "VRAM")
 
 
@@ -45,26 +46,32 @@ class NixlPeerInfo:
 
     mem_type: str
     device_id: int
-    block_bytes: int
     addresses: tuple[int, ...]
+    """Base address of each registered tensor."""
+    block_bytes: tuple[int, ...]
+    """Bytes of one block of each registered tensor."""
     agent_metadata: bytes
 
 
 def pack_metadata(info: NixlPeerInfo) -> bytes:
-    head = _HEADER.pack(_MAGIC, _VERSION, _MEM_TYPES.index(info.mem_type), info.device_id,
-                        len(info.addresses), info.block_bytes)
-    return head + struct.pack(f"<{len(info.addresses)}Q", *info.addresses) + info.agent_metadata
+    count = len(info.addresses)
+    if len(info.block_bytes) != count:
+        raise ValueError(f"{count} addresses but {len(info.block_bytes)} block sizes")
+    head = _HEADER.pack(_MAGIC, _VERSION, _MEM_TYPES.index(info.mem_type), info.device_id, count)
+    return head + struct.pack(f"<{2 * count}Q", *info.addresses, *info.block_bytes) + info.agent_metadata
 
 
 def unpack_metadata(data: bytes) -> NixlPeerInfo:
     if len(data) < _HEADER.size:
         raise TransferError(f"nixl metadata too short ({len(data)} bytes)")
-    magic, version, mem, device_id, count, bb = _HEADER.unpack_from(data)
+    magic, version, mem, device_id, count = _HEADER.unpack_from(data)
     if magic != _MAGIC or version != _VERSION or mem >= len(_MEM_TYPES):
         raise TransferError(f"not baton nixl metadata v{_VERSION} (magic {magic!r}, version {version})")
-    end = _HEADER.size + 8 * count
-    addresses = struct.unpack_from(f"<{count}Q", data, _HEADER.size)
-    return NixlPeerInfo(_MEM_TYPES[mem], device_id, bb, tuple(addresses), bytes(data[end:]))
+    end = _HEADER.size + 16 * count
+    if len(data) < end:
+        raise TransferError(f"nixl metadata too short for {count} tensors ({len(data)} bytes)")
+    table = struct.unpack_from(f"<{2 * count}Q", data, _HEADER.size)
+    return NixlPeerInfo(_MEM_TYPES[mem], device_id, tuple(table[:count]), tuple(table[count:]), bytes(data[end:]))
 
 
 def coalesce(src: list[int], dst: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,8 +98,8 @@ class NixlTransferEngine(TransferEngine):
 
     backend = "nixl"
 
-    def __init__(self, worker_id: str, kv_cache: KVCache, num_threads: int = 0) -> None:
-        super().__init__(worker_id, kv_cache)
+    def __init__(self, worker_id: str, memory: RegisteredMemory, num_threads: int = 0) -> None:
+        super().__init__(worker_id, memory)
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
         self.agent_name = f"{worker_id}-{self.epoch}"
@@ -102,18 +109,17 @@ class NixlTransferEngine(TransferEngine):
         self._agent = nixl_agent(self.agent_name, config)
         if "UCX" not in self._agent.backends:
             raise TransferError("the NIXL UCX backend could not be created")
-        cache = kv_cache
-        self._tensors = [t for layer in range(self.layout.num_layers) for t in (cache.keys[layer], cache.values[layer])]
-        device = self._tensors[0].device
+        self._tensors = list(memory.tensors)  # contiguous: RegisteredMemory checks it
+        device = memory.device
         self._mem_type = "DRAM" if device.type == "cpu" else "VRAM"
         self._device_id = 0 if device.type == "cpu" else device.index or 0
-        if not all(t.is_contiguous() for t in self._tensors):
-            raise TransferError("KV tensors must be contiguous to be registered with NIXL")
         self._registered = self._agent.register_memory(self._tensors)
         self._addresses = np.array([t.data_ptr() for t in self._tensors], dtype=np.uint64)
+        self._block_bytes = np.array([region.geometry.block_bytes for _, region in memory.tensor_blocks()],
+                                     dtype=np.uint64)
         self._metadata = pack_metadata(NixlPeerInfo(
-            self._mem_type, self._device_id, self.block_bytes, tuple(int(a) for a in self._addresses),
-            self._agent.get_agent_metadata()))
+            self._mem_type, self._device_id, tuple(int(a) for a in self._addresses),
+            tuple(int(b) for b in self._block_bytes), self._agent.get_agent_metadata()))
         self._remotes: dict[str, _Remote] = {}
         self._notif_lock = threading.Lock()
 
@@ -123,9 +129,10 @@ class NixlTransferEngine(TransferEngine):
     # -- sending ----------------------------------------------------------------------
     def _handshake(self, peer: PeerDescriptor, timeout: float) -> None:
         info = unpack_metadata(peer.metadata)
-        if info.block_bytes != self.block_bytes or len(info.addresses) != len(self._tensors):
-            raise TransferError(f"peer {peer.worker_id!r} describes {len(info.addresses)} regions of "
-                                f"{info.block_bytes}-byte blocks, expected {len(self._tensors)} of {self.block_bytes}")
+        mine = tuple(int(b) for b in self._block_bytes)
+        if info.block_bytes != mine:
+            raise TransferError(f"peer {peer.worker_id!r} describes {len(info.addresses)} tensors with blocks of "
+                                f"{list(info.block_bytes)} bytes, expected {len(mine)} with {list(mine)}")
         expected = f"{peer.worker_id}-{peer.epoch}"
         try:  # NIXL/UCX creates the endpoint here: a peer that is already gone fails now
             name = self._agent.add_remote_agent(info.agent_metadata)
@@ -178,10 +185,10 @@ class NixlTransferEngine(TransferEngine):
                 pass  # NIXL keeps a handle it could not cancel and frees it with the agent
 
     def _descriptors(self, remote: _Remote, src: list[int], dst: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Nx3 (address, length, device) rows for every region x run, local and remote."""
+        """Nx3 (address, length, device) rows for every tensor x run, local and remote."""
         s0, d0, count = coalesce(src, dst)
-        bb = np.uint64(self.block_bytes)
-        lengths = np.tile(count.astype(np.uint64) * bb, len(self._addresses))
+        bb = self._block_bytes[:, None]  # the peer's are the same (checked at handshake)
+        lengths = (bb * count.astype(np.uint64)[None, :]).ravel()
         local = np.empty((len(lengths), 3), dtype=np.uint64)
         far = np.empty_like(local)
         local[:, 0] = (self._addresses[:, None] + s0.astype(np.uint64)[None, :] * bb).ravel()

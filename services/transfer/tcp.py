@@ -1,4 +1,4 @@
-"""The `tcp` transfer backend: KV blocks over pyzmq, through host memory.
+"""The `tcp` transfer backend: blocks of registered memory over pyzmq, through host memory.
 
 Owns one ROUTER socket per engine (bound on `host`, a random free port unless one is
 given; descriptor metadata = the endpoint string, e.g. b"tcp://127.0.0.1:5555") served
@@ -10,9 +10,10 @@ Wire protocol (multipart messages, DEALER -> ROUTER; replies mirror the request 
   hello:  [b"hello", req_id, TransferPeer bytes of the sender]
           -> [b"ok", req_id, TransferPeer bytes of the receiver]
            | [b"layout", req_id, message] | [b"error", req_id, message]
-  data:   [b"data", req_id, JSON header, K_0, V_0, K_1, V_1, ...]
+  data:   [b"data", req_id, JSON header, T_0, T_1, ...]
           header = {"transfer_id", "target_epoch", "source", "dst": [block ids]}
-          K_l / V_l = layer l's blocks for `dst`, in order, as raw bytes
+          T_i = registered tensor i's blocks for `dst`, in order, as raw bytes (tensors in
+          the memory's order: for the KV region K_0, V_0, K_1, V_1, ...)
           -> [b"ok", req_id] | [b"error", req_id, message]
 The receiver refuses data addressed to another epoch ("stale epoch"), so a sender that
 still holds a restarted peer's old descriptor gets FAILED instead of writing blindly.
@@ -30,9 +31,9 @@ from typing import Optional
 import torch
 import zmq
 
-from baton.services.engine.kv.kv_cache import KVCache
 from baton.services.transfer.base import TransferEngine
-from baton.services.transfer.descriptor import LayoutMismatch, PeerDescriptor, TransferError, layout_mismatches
+from baton.services.transfer.descriptor import LayoutMismatch, PeerDescriptor, TransferError, mismatch_message
+from baton.services.transfer.memory import RegisteredMemory, layout_mismatches
 
 
 class _Link:
@@ -95,12 +96,12 @@ class TcpTransferEngine(TransferEngine):
 
     backend = "tcp"
 
-    def __init__(self, worker_id: str, kv_cache: KVCache, host: str = "127.0.0.1",
+    def __init__(self, worker_id: str, memory: RegisteredMemory, host: str = "127.0.0.1",
                  port: Optional[int] = None, advertise_host: Optional[str] = None,
                  poll_interval: float = 0.05) -> None:
         """Bind on `host` (`port`, or a random free one); peers are told `advertise_host`
         (default: `host`), which must be an address they can reach."""
-        super().__init__(worker_id, kv_cache)
+        super().__init__(worker_id, memory)
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -171,16 +172,14 @@ class TcpTransferEngine(TransferEngine):
         return None
 
     def _gather(self, src: list[int]) -> list:
-        """One contiguous host buffer per layer and K/V holding the `src` blocks in order."""
-        cache, n = self.kv_cache, self.layout.num_blocks
-        idx = torch.tensor(src, dtype=torch.long, device=cache.keys[0].device)
+        """One contiguous host buffer per registered tensor holding the `src` blocks in order."""
+        idx = torch.tensor(src, dtype=torch.long, device=self.memory.device)
         frames = []
-        for layer in range(self.layout.num_layers):
-            for tensor in (cache.keys[layer], cache.values[layer]):
-                buf = tensor.view(n, -1).index_select(0, idx)
-                if buf.device.type != "cpu":
-                    buf = buf.cpu()
-                frames.append(buf.view(torch.uint8).numpy())  # zero-copy: zmq keeps a reference
+        for blocks, _ in self.memory.tensor_blocks():
+            buf = blocks.index_select(0, idx)
+            if buf.device.type != "cpu":
+                buf = buf.cpu()
+            frames.append(buf.view(torch.uint8).numpy())  # zero-copy: zmq keeps a reference
         return frames
 
     # -- receiving --------------------------------------------------------------------
@@ -207,8 +206,7 @@ class TcpTransferEngine(TransferEngine):
             sender = PeerDescriptor.from_bytes(body[0].bytes)
             diffs = layout_mismatches(sender.layout, self.layout)  # "local" = the sender's
             if diffs:
-                return [b"layout", (f"KV layout mismatch with peer {self.worker_id!r}: "
-                                    + ", ".join(diffs)).encode()]
+                return [b"layout", mismatch_message(self.worker_id, diffs).encode()]
             return [b"ok", self.descriptor().to_bytes()]
         if kind == b"data":
             return self._receive_data(json.loads(body[0].bytes), body[1:])
@@ -220,28 +218,26 @@ class TcpTransferEngine(TransferEngine):
             return [b"error", (f"stale epoch: sender targets {self.worker_id!r} epoch {header.get('target_epoch')},"
                                f" this engine is epoch {self.epoch} (peer restarted; reconnect)").encode()]
         dst = [int(d) for d in header["dst"]]
-        layers, n = self.layout.num_layers, len(dst)
-        expected = n * self.block_bytes
+        n, tensors = len(dst), self.memory.tensor_blocks()
+        expected = [n * region.geometry.block_bytes for _, region in tensors]
         sizes = [len(f.buffer) for f in payload]
         error = None
-        if len(payload) != 2 * layers or any(s != expected for s in sizes):
-            error = f"malformed payload: {len(payload)} frames of {sizes} bytes, expected {2 * layers} of {expected}"
+        if sizes != expected:
+            error = f"malformed payload: {len(payload)} frames of {sizes} bytes, expected {len(expected)} of {expected}"
         elif any(not 0 <= d < self.layout.num_blocks for d in dst):
             error = f"destination blocks out of range (this engine has {self.layout.num_blocks})"
         if error is not None:
             self._landed(transfer_id, 0, error)
             return [b"error", error.encode()]
         if n:
-            cache, nb = self.kv_cache, self.layout.num_blocks
-            device = cache.keys[0].device
+            device = self.memory.device
             idx = torch.tensor(dst, dtype=torch.long, device=device)
-            for layer in range(layers):
-                for i, tensor in enumerate((cache.keys[layer], cache.values[layer])):
-                    staging = torch.frombuffer(payload[2 * layer + i].buffer, dtype=self.layout.dtype)
-                    tensor.view(nb, -1).index_copy_(0, idx, staging.view(n, -1).to(device))
+            for frame, (blocks, region) in zip(payload, tensors):
+                staging = torch.frombuffer(frame.buffer, dtype=region.geometry.dtype)
+                blocks.index_copy_(0, idx, staging.view(n, -1).to(device))
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()
-        self._landed(transfer_id, 2 * layers * expected)
+        self._landed(transfer_id, sum(expected))
         return [b"ok"]
 
     def _close(self) -> None:

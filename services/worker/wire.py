@@ -34,18 +34,17 @@ def delta_to_proto(delta: RequestDelta, completion_tokens: Optional[int] = None)
     return response
 
 
-def worker_load(engine: Any, transfer: Any = None, transfer_failures: int = 0) -> worker_pb2.WorkerLoad:
-    """The engine's current load (and cumulative cache / transfer counters) as the router sees it."""
-    scheduler = engine.scheduler
-    running = scheduler.running
-    waiting = list(scheduler.waiting)
+def worker_load(engine: Any, transfer: Any = None, transfer_failures: int = 0,
+                max_requests: int = 0) -> worker_pb2.WorkerLoad:
+    """The engine's current load (and cumulative cache / transfer counters) as the router sees it;
+    `max_requests`: how many requests the worker accepts at once (0: unbounded)."""
     stats = engine.stats()
-    used = stats["total_blocks"] - stats["free_blocks"] - stats["evictable_blocks"]
     return worker_pb2.WorkerLoad(
-        running_requests=len(running), queued_requests=len(waiting),
-        running_tokens=sum(r.num_tokens for r in running), queued_tokens=sum(r.num_tokens for r in waiting),
-        kv_usage=used / max(1, stats["total_blocks"]), prefix_hit_rate=stats["prefix_hit_rate"],
-        prefix_tokens_matched=engine.cache.tokens_matched if engine.cache else 0,
-        prefix_tokens_looked_up=engine.cache.tokens_looked_up if engine.cache else 0,
+        max_requests=max_requests, reserved_requests=stats.reserved_requests,
+        reserved_tokens=stats.reserved_tokens, free_kv_tokens=stats.free_kv_tokens,
+        running_requests=stats.running_requests, queued_requests=stats.waiting_requests,
+        running_tokens=stats.running_tokens, queued_tokens=stats.waiting_tokens,
+        kv_usage=stats.kv_usage, prefix_hit_rate=stats.prefix_hit_rate,
+        prefix_tokens_matched=stats.prefix_tokens_matched, prefix_tokens_looked_up=stats.prefix_tokens_looked_up,
         kv_bytes_received=transfer.bytes_received if transfer else 0,
         kv_bytes_sent=transfer.bytes_sent if transfer else 0, kv_transfer_failures=transfer_failures)

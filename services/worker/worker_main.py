@@ -1,17 +1,21 @@
-"""The main of a prefill or decode worker process (`baton serve prefill|decode`).
+"""The main of a worker process (`baton serve prefill|decode`), for whichever service it is given.
 
-Start-up order: the gRPC server starts first and answers health NOT_SERVING (so probes see
-a live process), the model loads, the engine thread and transfer engine start, then health
-turns SERVING and the address is printed. SIGTERM drains: new work is refused, running
-requests finish (bounded by --drain-timeout-s), then the process exits.
+Owns `WorkerService` (what a role hands the shell: its wire role, a servicer factory and the
+generated `add_*_to_server` function; the CLI picks it, this module imports no role package)
+and the start-up order: the gRPC server starts first and answers health NOT_SERVING (so
+probes see a live process), the model loads, the engine thread and transfer engine start,
+then health turns SERVING and the address is printed. SIGTERM drains: new work is refused,
+running requests finish (bounded by --drain-timeout-s), then the process exits.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
-from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
+from baton.protos.baton.v1 import worker_pb2
 from baton.services.common.server import ServerConfig, ServiceServer
 from baton.services.worker.worker_config import WorkerConfig
 from baton.services.worker.worker_runtime import WorkerRuntime
@@ -20,24 +24,39 @@ from baton.services.engine.config import EngineConfig
 log = logging.getLogger(__name__)
 
 
-def build_servicer(role: str, runtime: WorkerRuntime):
-    """The servicer object and its generated `add_*_to_server` function for a role."""
-    if role == "prefill":
-        from baton.services.prefill.servicer import PrefillServicer
-        return PrefillServicer(runtime), worker_pb2_grpc.add_PrefillServicer_to_server
-    from baton.services.decode.servicer import DecodeServicer
-    return DecodeServicer(runtime), worker_pb2_grpc.add_DecodeServicer_to_server
+class WorkerServicer(Protocol):
+    """What the shell needs of a servicer beyond its RPCs."""
+
+    async def close(self) -> None:
+        """Release what the servicer holds (channels to peers), after the server stopped."""
 
 
-async def serve_worker(role: str, engine_config: EngineConfig, server_config: ServerConfig,
+@dataclass(frozen=True)
+class WorkerService:
+    """One role's gRPC service, as the worker shell runs it."""
+
+    role: int
+    """The `baton.v1.WorkerRole` it serves (PREFILL or DECODE)."""
+    make_servicer: Callable[[WorkerRuntime], WorkerServicer]
+    """Builds the servicer over the worker's runtime."""
+    add_to_server: Callable[[Any, Any], None]
+    """The generated `worker_pb2_grpc.add_*Servicer_to_server`."""
+
+    @property
+    def name(self) -> str:
+        """"prefill" or "decode"."""
+        return worker_pb2.WorkerRole.Name(self.role).lower()
+
+
+async def serve_worker(service: WorkerService, engine_config: EngineConfig, server_config: ServerConfig,
                        worker_config: WorkerConfig) -> int:
     """Run one worker until it is drained; returns the exit code."""
-    runtime = WorkerRuntime(worker_pb2.PREFILL if role == "prefill" else worker_pb2.DECODE, engine_config,
-                            worker_config)
-    servicer, adder = build_servicer(role, runtime)
+    role = service.name
+    runtime = WorkerRuntime(service.role, engine_config, worker_config)
+    servicer = service.make_servicer(runtime)
     server = ServiceServer(server_config, registry=runtime.metrics.registry,
                            on_drain=lambda: runtime.drain(server_config.drain_timeout_s))
-    server.add_servicer(adder, servicer)
+    server.add_servicer(service.add_to_server, servicer)
     await server.start()
     server.install_signal_handlers()
     try:
@@ -50,14 +69,13 @@ async def serve_worker(role: str, engine_config: EngineConfig, server_config: Se
     print(f"baton {role} worker serving on {server.address} (metrics :{server.metrics_port}, "
           f"transfer {worker_config.transfer})", flush=True)
     await server.wait_for_termination()
-    if hasattr(servicer, "close"):
-        await servicer.close()
+    await servicer.close()
     runtime.close()
     return 0
 
 
-def run_worker(role: str, engine_config: EngineConfig, server_config: ServerConfig,
+def run_worker(service: WorkerService, engine_config: EngineConfig, server_config: ServerConfig,
                worker_config: WorkerConfig) -> int:
     """Blocking entry point used by the CLI."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
-    return asyncio.run(serve_worker(role, engine_config, server_config, worker_config))
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {service.name} %(levelname)s %(message)s")
+    return asyncio.run(serve_worker(service, engine_config, server_config, worker_config))

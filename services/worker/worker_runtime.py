@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -21,6 +21,9 @@ from baton.protos.errors import BatonError, ErrorCode
 from baton.services.worker.wire import worker_load
 from baton.services.worker.worker_config import WorkerConfig
 from baton.services.engine.config import EngineConfig
+from baton.services.transfer.base import TransferEngine
+from baton.services.transfer.factory import create_transfer_engine
+from baton.services.worker.kv_memory import register_kv_cache
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class WorkerRuntime:
         self.metrics = WorkerMetrics(self.role_name)
         self.worker_id = worker_config.worker_id
         self.thread: Optional[EngineThread] = None
-        self.transfer: Any = None
+        self.transfer: Optional[TransferEngine] = None
         self.ready = False
         self.draining = False
         self.load_error: Optional[BaseException] = None
@@ -79,11 +82,10 @@ class WorkerRuntime:
     async def load(self, worker_id: str) -> None:
         """Load the model and start the engine thread and the transfer engine."""
         from baton.services.engine.disagg import DisaggEngine
-        from baton.services.transfer.base import create_transfer_engine
         self.worker_id = self.config.worker_id or worker_id
         engine = await asyncio.to_thread(DisaggEngine, self.engine_config)
         self.transfer = await asyncio.to_thread(create_transfer_engine, self.config.transfer, self.worker_id,
-                                                engine.kv_cache)
+                                                register_kv_cache(engine.kv_cache))
         self.thread = EngineThread(engine, asyncio.get_running_loop())
         self.thread.start()
         self.ready = True
@@ -103,9 +105,9 @@ class WorkerRuntime:
             raise BatonError(ErrorCode.DRAINING, f"{self.role_name} worker {self.worker_id} is draining")
         if not self.ready:
             raise BatonError(ErrorCode.NOT_READY, f"{self.role_name} worker is still loading its model")
-        scheduler = self.thread.engine.scheduler
-        if len(scheduler.waiting) >= self.config.max_queued_requests:
-            raise BatonError(ErrorCode.OVERLOADED, f"{len(scheduler.waiting)} requests already queued")
+        waiting = self.thread.engine.scheduler.num_waiting
+        if waiting >= self.config.max_queued_requests:
+            raise BatonError(ErrorCode.OVERLOADED, f"{waiting} requests already queued")
 
     # --- info & drain --------------------------------------------------------------
     def info(self) -> worker_pb2.WorkerInfo:
@@ -115,7 +117,9 @@ class WorkerRuntime:
         if self.ready:
             info.epoch = self.transfer.epoch
             info.transfer.CopyFrom(self.transfer.descriptor().to_proto())
-            load = worker_load(self.thread.engine, self.transfer, self.transfer_failures)
+            engine = self.thread.engine
+            load = worker_load(engine, self.transfer, self.transfer_failures,
+                               max_requests=engine.config.max_running_requests + self.config.max_queued_requests)
             self.metrics.observe_load(load)
             info.load.CopyFrom(load)
         return info

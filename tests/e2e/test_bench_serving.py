@@ -3,14 +3,20 @@ decode worker over tcp), started once for the module: a short run of every datas
 every figure, consistent with each other (TTFT <= E2E, throughput = tokens / duration,
 goodput <= throughput, token counts from usage), the router's counters from /metrics, a
 JSON file that validates against bench/serving/result_schema.json and the PNG charts; a
-wrong model name gives an error summary with the 404s counted by kind."""
+wrong model name gives an error summary with the 404s counted by kind. Prompts come from
+the served model's tokenizer (found by the bench): exact lengths, no shared prefixes, ITL
+per token. First, `bench.gpu_serving` starts its own `baton up`, measures both workloads
+(shrunk with --set) at one rate, stops it with SIGINT and writes its JSON and tables."""
 import json
+import sys
 
 import jsonschema
 import pytest
 
+from baton.bench import gpu_serving
 from baton.bench.serving import result_schema
 from baton.deploy.cli import main as cli_main
+from tests.helpers.workers import REPO
 
 STATS = ("mean", "median", "p90", "p99", "min", "max")
 
@@ -55,6 +61,57 @@ def check_run(run, requests, output_lens=None):
     assert server["kv_transfer_bytes"] >= 0 and server["kv_transfer_failures"] == 0
     series = run["throughput_over_time"]
     assert sum(series["output_tokens_per_s"]) * series["bin_s"] == pytest.approx(run["total_output_tokens"])
+
+
+def test_gpu_serving_driver_on_its_own_baton_up(tmp_path, monkeypatch, capsys, default_model_path):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "serving"
+    command = f"{sys.executable} -m baton.deploy.cli up --port {{port}} --kv-cache-tokens 16384"
+    rc = gpu_serving.main(["--server", f"baton={command}", "--rates", "8", "--num-prompts", "3", "--warmup", "1",
+                           "--ready-timeout", "240", "--out", str(out), "--set", "input_len=48",
+                           "--set", "input_len_min=16", "--set", "output_len=6", "--set", "output_len_min=2",
+                           "--set", "sharegpt_output_len=4", "--set", "sharegpt_max_input_len=64"])
+    assert rc == 0, (out / "baton.log").read_text()[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["baton.json", "baton.log", "baton.md", "summary.md"]
+    result = json.loads((out / "baton.json").read_text())
+    assert result["error"] is None and result["ready_s"] > 0
+    assert result["stop"]["signals"] == ["SIGINT"] and result["stop"]["exit_code"] == 0  # a clean stop
+    assert set(result["workloads"]) == {"prefill-heavy", "decode-heavy"}
+    for name, doc in result["workloads"].items():
+        full = {**doc, "plots": [], "runs": [{**run, "requests": []} for run in doc["runs"]]}  # as --output writes
+        jsonschema.Draft202012Validator(result_schema()).validate(full)
+        assert doc["server"]["tokenizer_source"] == "Baton's embedded default model"
+        assert doc["config"]["slo"] == "ttft=1000,tpot=50" and doc["config"]["endpoint"] == "completions"
+        run = doc["runs"][0]
+        assert run["completed"] == 3 and run["failed"] == 0 and "requests" not in run
+        assert run["coalescing"]["chunks"] >= 3 and run["itl_ms"]["median"] > 0
+    prefill = result["workloads"]["prefill-heavy"]["runs"][0]
+    assert 3 * 16 <= prefill["total_input_tokens"] <= 3 * 48  # the prompts' exact lengths, from usage
+    table = (out / "summary.md").read_text()
+    assert "| baton | prefill-heavy | 8.0 |" in table and "| baton | decode-heavy | 8.0 |" in table
+    assert table == (out / "baton.md").read_text() and table in capsys.readouterr().out
+
+
+def test_exact_prompts_and_per_token_itl(baton_up, tmp_path, capsys):
+    rc, doc = bench(baton_up, tmp_path, "--endpoint", "completions", "--num-prompts", "4", "--input-len", "40",
+                    "--output-len", "5", "--request-rate", "20")
+    assert rc == 0
+    assert doc["server"]["tokenizer_source"] == "Baton's embedded default model"
+    run = doc["runs"][0]
+    check_run(run, 4, output_lens=[5])
+    assert run["workload"]["prompts"] == "tokenizer"
+    for r in run["requests"]:
+        assert r["prompt_tokens"] == 40  # the completions prompt is exactly the requested tokens
+        assert r["cached_tokens"] == 0  # no prefix shared with any earlier prompt
+        assert r["tokens_counted_by"] in ("usage", "tokenizer") and r["chunk_reads"] is not None
+        first_read = next((i for i, x in enumerate(r["chunk_reads"]) if x != r["chunk_reads"][0]), None)
+        first_tokens = sum(r["chunk_tokens"][:first_read])  # the first read's chunks: TTFT, no gaps
+        assert len(r["itl_ms"]) == sum(r["chunk_tokens"]) - first_tokens and sum(r["chunk_tokens"]) <= 5
+    c = run["coalescing"]
+    assert c["tokens_counted_by"] in ("usage", "tokenizer") and c["reads"] >= 4
+    assert 0.0 <= c["multi_token_chunk_fraction"] <= 1.0 and 0.0 <= c["multi_chunk_read_fraction"] <= 1.0
+    assert "Network reads carrying > 1 chunk" in capsys.readouterr().out
 
 
 def test_random_sweep_with_slos_json_and_plots(baton_up, tmp_path, capsys):

@@ -23,7 +23,7 @@ def _slow_transfer() -> None:
 
 
 def _slow_start() -> None:
-    from baton.services.common import worker_runtime
+    from baton.services.worker import worker_runtime
 
     original = worker_runtime.WorkerRuntime.load
 

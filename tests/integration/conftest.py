@@ -46,6 +46,5 @@ def make_llm():
     yield make
     for llm in made:
         llm.engine.check_idle_integrity()
-        if llm.engine.cache is not None:
-            llm.engine.cache.reset()
+        llm.engine.reset_prefix_cache()
         assert llm.engine.pool.num_free == llm.engine.pool.num_blocks

@@ -94,3 +94,22 @@ def test_decode_prefix_reuse_moves_only_missing_blocks(cluster, colocated):
     assert moved[0] == 13 * block_bytes               # ceil(51 / 4) pages, nothing cached yet
     assert moved[1] == (14 - 12) * block_bytes         # 48 cached tokens = 12 pages stay on decode
     assert completion.usage.cached_tokens == 48
+
+
+def test_prefill_cache_hits_count_as_cached_tokens(cluster, colocated, model, tmp_path):
+    """A prompt prefill has seen, sent through a decode worker that has not: the prefill
+    worker's own prefix hit shows in usage.cached_tokens (hits count wherever they happen)."""
+    backend, prefill, decode = cluster
+    if backend != "tcp":
+        pytest.skip("one backend is enough: the count does not depend on the transfer")
+    rng = random.Random(15)
+    prompt = [rng.randrange(3, VOCAB) for _ in range(41)]
+    [first] = asyncio.run(decode_generate(decode.address, prompt, GREEDY, prefill=prefill.address))
+    fresh = start_worker("decode", model, tmp_path, transfer=backend, chunked_prefill_size=CHUNK)
+    try:
+        [again] = asyncio.run(decode_generate(fresh.address, prompt, GREEDY, prefill=prefill.address))
+    finally:
+        fresh.stop()
+    assert first.usage.cached_tokens == 0
+    assert again.usage.cached_tokens == 40             # 10 whole pages found in prefill's radix cache
+    assert again.token_ids == first.token_ids == colocated.generate([prompt], GREEDY)[0].outputs[0].token_ids

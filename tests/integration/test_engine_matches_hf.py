@@ -69,7 +69,7 @@ def test_preemption_under_small_kv_budget_keeps_outputs(tiny_model, hf_model, ma
     # 8 prompts of up to 70 tokens + 24 new ones need ~500 tokens of KV at once; give 160.
     llm = make_llm(folder, page_size=4, kv_cache_tokens=160, chunked_prefill_size=16)
     assert_matches_hf(llm, hf_model(folder), mixed_prompts(seed=4, count=8))
-    assert llm.engine.stats()["preemptions"] > 0
+    assert llm.engine.stats().preemptions > 0
 
 
 def test_shared_prefix_reports_cached_tokens_and_matches_uncached(tiny_model, hf_model, make_llm):
@@ -86,7 +86,7 @@ def test_shared_prefix_reports_cached_tokens_and_matches_uncached(tiny_model, hf
     uncached = make_llm(folder, page_size=4, kv_cache_tokens=2048, disable_radix_cache=True)
     assert out2.outputs[0].token_ids == uncached.generate([second], params)[0].outputs[0].token_ids
     assert out2.outputs[0].token_ids == hf_greedy(hf_model(folder), second, MAX_NEW, ignore_eos=True)
-    hit_rate = llm.engine.stats()["prefix_hit_rate"]
+    hit_rate = llm.engine.stats().prefix_hit_rate
     assert 0 < hit_rate < 1
 
 

@@ -42,11 +42,11 @@ def expected(model, prompts):
 def cluster(model, tmp_path):
     started = []
 
-    def start(prefills=1, decodes=2, **router_flags):
+    def start(prefills=1, decodes=2, worker_flags=None, **router_flags):
         workers = {"prefill": [], "decode": []}
         for role, count in (("prefill", prefills), ("decode", decodes)):
             for _ in range(count):
-                worker = start_worker(role, model, tmp_path, kv_cache_tokens=8192)
+                worker = start_worker(role, model, tmp_path, **{"kv_cache_tokens": 8192, **(worker_flags or {})})
                 started.append(worker)
                 workers[role].append(worker)
         router = start_router(model, tmp_path, [w.address for w in workers["prefill"]],
@@ -146,7 +146,10 @@ def test_all_decode_workers_down_fails_fast(cluster, prompts):
 
 
 def test_over_admission_is_refused_and_api_keys_enforced(cluster, prompts):
-    router, _ = cluster(prefills=0, decodes=1, max_queued_requests=2, api_keys="secret")
+    # The decode worker takes 3 requests at once (2 running + 1 queued); the router holds 2
+    # more while it is full and refuses the rest.
+    router, _ = cluster(prefills=0, decodes=1, max_queued_requests=2, api_keys="secret",
+                        worker_flags={"max_running_requests": 2, "max_queued_requests": 1})
     with pytest.raises(grpc.RpcError) as excinfo:
         asyncio.run(router_generate(router.grpc_address, prompts[0], 4))
     assert excinfo.value.code() == grpc.StatusCode.UNAUTHENTICATED

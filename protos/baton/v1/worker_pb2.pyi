@@ -21,7 +21,7 @@ DECODE: WorkerRole
 ENCODER: WorkerRole
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running_requests", "queued_requests", "running_tokens", "queued_tokens", "kv_usage", "prefix_hit_rate", "prefix_tokens_matched", "prefix_tokens_looked_up", "kv_bytes_received", "kv_bytes_sent", "kv_transfer_failures")
+    __slots__ = ("running_requests", "queued_requests", "running_tokens", "queued_tokens", "kv_usage", "prefix_hit_rate", "prefix_tokens_matched", "prefix_tokens_looked_up", "kv_bytes_received", "kv_bytes_sent", "kv_transfer_failures", "max_requests", "reserved_requests", "reserved_tokens", "free_kv_tokens")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,10 @@ class WorkerLoad(_message.Message):
     KV_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FREE_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     queued_requests: int
     running_tokens: int
@@ -44,7 +48,11 @@ class WorkerLoad(_message.Message):
     kv_bytes_received: int
     kv_bytes_sent: int
     kv_transfer_failures: int
-    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., running_tokens: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_tokens_matched: _Optional[int] = ..., prefix_tokens_looked_up: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ...) -> None: ...
+    max_requests: int
+    reserved_requests: int
+    reserved_tokens: int
+    free_kv_tokens: int
+    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., running_tokens: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_tokens_matched: _Optional[int] = ..., prefix_tokens_looked_up: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ..., max_requests: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., reserved_tokens: _Optional[int] = ..., free_kv_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
     __slots__ = ()

@@ -1,1 +1,2 @@
-"""KV memory: the refcounted block pool, the paged KV tensors, the radix prefix cache."""
+"""KV memory: the refcounted block pool, the paged KV tensors, and the prefix caches (the
+radix tree, or the null cache when radix caching is off) behind one interface."""

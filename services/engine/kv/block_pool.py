@@ -61,6 +61,12 @@ class BlockPool:
             if self._refcounts[b] == 0:
                 self._free.append(b)
 
+    def reset(self) -> None:
+        """Hand blocks out from id 0 again, as a new pool would (every block must be free)."""
+        if len(self._free) != self.num_blocks:
+            raise ValueError(f"cannot reset a pool with {self.num_blocks - len(self._free)} blocks held")
+        self._free = deque(range(self.num_blocks))
+
     def refcount(self, block: int) -> int:
         """Current holders of a block."""
         return self._refcounts[block]

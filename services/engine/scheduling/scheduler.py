@@ -10,9 +10,20 @@ When blocks run out, the scheduler first evicts unused cached prefixes, then pre
 most recently admitted running request (recompute: its blocks are released, its generated
 tokens kept, and it goes back to the front of the queue).
 
+Decode side of disaggregation (allocator verbs in nano-vllm's style): `reserve_external`
+matches the prefix cache and allocates blocks for a whole prompt whose KV is written from
+outside; the request is then *reserved* (in no queue, holding its blocks) until
+`admit_running` joins it to the running batch or `cancel_reservation` gives everything back.
+
+The queues are private: callers read them through `num_running` / `num_waiting` /
+`num_reserved`, the token and block counts, and the snapshots `running_requests()` /
+`waiting_requests()`. The counts may be read from another thread (a worker's load report)
+while the engine thread schedules: they copy a queue (atomic under the GIL) before walking it.
+
 Invariants: a RUNNING request holds exactly ceil(num_computed_tokens / page) blocks
 between steps (plus the ones allocated for the step it is scheduled in); a WAITING or
-FINISHED request holds none, and no radix lock.
+FINISHED request holds none, and no radix lock; a reserved request holds the blocks of its
+whole prompt (and the radix lock of its cached prefix).
 """
 from __future__ import annotations
 
@@ -22,7 +33,7 @@ from typing import Optional
 
 from baton.services.engine.kv.block_pool import BlockPool
 from baton.services.engine.config import EngineConfig
-from baton.services.engine.kv.radix_cache import RadixCache
+from baton.services.engine.kv.prefix_cache import PrefixCache
 from baton.services.engine.request import Request, RequestStatus
 
 
@@ -41,44 +52,97 @@ class ScheduledItem:
 
 
 class Scheduler:
-    """Owns the waiting queue, the running batch and block allocation for both."""
+    """Owns the waiting queue, the running batch, the reservations and block allocation for all."""
 
-    def __init__(self, config: EngineConfig, pool: BlockPool, cache: Optional[RadixCache]) -> None:
+    def __init__(self, config: EngineConfig, pool: BlockPool, cache: PrefixCache) -> None:
+        config.require_resolved()  # the budgets must be concrete ints (device_defaults.resolve_config)
         self.config = config
         self.pool = pool
         self.cache = cache
         self.page_size = config.page_size
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._reserved: dict[str, Request] = {}
         self.num_preemptions = 0
+        """Preemptions since start."""
 
     # --- queue ---------------------------------------------------------------------
     def add(self, request: Request) -> None:
         """Queue a new request."""
-        self.waiting.append(request)
+        self._waiting.append(request)
 
     def has_work(self) -> bool:
-        """True while any request is waiting or running."""
-        return bool(self.waiting or self.running)
+        """True while any request is waiting or running (reservations do not count)."""
+        return bool(self._waiting or self._running)
 
     def remove(self, request: Request) -> None:
         """Take a request out of the queue or batch and give back everything it holds."""
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+        if request in self._running:
+            self._running.remove(request)
+        elif request in self._waiting:
+            self._waiting.remove(request)
         self.release(request, cache_tokens=True)
+
+    # --- counts and snapshots (the counts are safe to read from another thread) -------
+    @property
+    def num_running(self) -> int:
+        """Requests in the running batch."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests in the waiting queue."""
+        return len(self._waiting)
+
+    @property
+    def num_reserved(self) -> int:
+        """Reserved requests (decode side: blocks held, KV not arrived yet)."""
+        return len(self._reserved)
+
+    @property
+    def running_tokens(self) -> int:
+        """Prompt plus generated tokens over the running batch."""
+        return sum(r.num_tokens for r in list(self._running))
+
+    @property
+    def waiting_tokens(self) -> int:
+        """Prompt plus generated tokens over the waiting queue."""
+        return sum(r.num_tokens for r in list(self._waiting))
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Prompt tokens of reserved requests (what their blocks will hold)."""
+        return sum(len(r.prompt_token_ids) for r in list(self._reserved.values()))
+
+    @property
+    def reserved_blocks(self) -> int:
+        """Blocks in the block tables of reserved requests (cached prefix blocks included)."""
+        return sum(len(r.block_table) for r in list(self._reserved.values()))
+
+    def running_requests(self) -> tuple[Request, ...]:
+        """The running batch, in admission order (a snapshot)."""
+        return tuple(self._running)
+
+    def waiting_requests(self) -> tuple[Request, ...]:
+        """The waiting queue, front first (a snapshot; admission reorders it per policy)."""
+        return tuple(self._waiting)
+
+    def starved_request(self) -> Optional[Request]:
+        """The head of the queue when nothing runs (it could not be admitted even alone), else None."""
+        if not self._waiting or self._running:
+            return None
+        return self._waiting[0]
 
     # --- scheduling ----------------------------------------------------------------
     def schedule(self) -> list[ScheduledItem]:
         """Pick this step's work; never returns a request twice."""
         budget = self.config.max_num_batched_tokens
         items: list[ScheduledItem] = []
-        for request in list(self.running):
+        for request in list(self._running):
             if request.status is not RequestStatus.RUNNING or budget <= 0:
                 continue
             n = min(request.num_uncomputed_tokens, self.config.prefill_chunk, budget)
-            if self._reserve(request, n, items):
+            if self._grow(request, n, items):
                 items.append(ScheduledItem(request, request.num_computed_tokens, n))
                 budget -= n
         self._admit(items, budget)
@@ -86,7 +150,7 @@ class Scheduler:
 
     def _admit(self, items: list[ScheduledItem], budget: int) -> None:
         for request in self._ordered_waiting():
-            if len(self.running) >= self.config.max_running_requests:
+            if len(self._running) >= self.config.max_running_requests:
                 return
             if budget <= 0 and not (self.config.chunked_prefill_size == -1 and not items):
                 return
@@ -97,23 +161,23 @@ class Scheduler:
                 n = 0
             elif self.config.chunked_prefill_size != -1:
                 n = min(n, budget)
-            if n <= 0 or not self._can_fit(request, n):
+            if n <= 0 or not self.can_reserve(request, n):
                 self._unmatch(request)
                 return
             self._allocate(request, n)
             request.first_admission = False
-            self.waiting.remove(request)
+            self._waiting.remove(request)
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self._running.append(request)
             items.append(ScheduledItem(request, request.num_computed_tokens, n))
             budget -= n
 
     def _ordered_waiting(self) -> list[Request]:
         policy = self.config.schedule_policy
-        queue = list(self.waiting)
+        queue = list(self._waiting)
         if policy == "priority":
             queue.sort(key=lambda r: (r.params.priority, r.arrival))
-        elif policy == "lpm" and self.cache is not None:
+        elif policy == "lpm" and self.cache.cached_blocks:  # an empty cache (or the null one) matches nothing
             queue.sort(key=lambda r: -self._peek_prefix_len(r))
         return queue
 
@@ -125,22 +189,23 @@ class Scheduler:
         total = -(-(request.num_computed_tokens + n) // self.page_size)
         return max(0, total - len(request.block_table))
 
-    def _can_fit(self, request: Request, n: int) -> bool:
-        need = self._blocks_needed(request, n)
+    def can_reserve(self, request: Request, num_tokens: int) -> bool:
+        """True when blocks for `num_tokens` more tokens of `request` are free, evicting unused
+        cached prefixes if that is what it takes; allocates nothing."""
+        need = self._blocks_needed(request, num_tokens)
         if self.pool.can_allocate(need):
             return True
-        if self.cache is not None:
-            self.cache.evict(need - self.pool.num_free)
+        self.cache.evict(need - self.pool.num_free)
         return self.pool.can_allocate(need)
 
     def _allocate(self, request: Request, n: int) -> None:
         request.block_table.extend(self.pool.allocate(self._blocks_needed(request, n)))
 
-    def _reserve(self, request: Request, n: int, items: list[ScheduledItem]) -> bool:
+    def _grow(self, request: Request, n: int, items: list[ScheduledItem]) -> bool:
         """Allocate blocks for n more tokens of a running request, preempting others if needed."""
         if self._blocks_needed(request, n) == 0:  # the common decode step: the last block has room
             return True
-        while not self._can_fit(request, n):
+        while not self.can_reserve(request, n):
             victim = self._pick_victim(request, items)
             if victim is None:
                 self.preempt(request)
@@ -151,7 +216,7 @@ class Scheduler:
 
     def _pick_victim(self, request: Request, items: list[ScheduledItem]) -> Optional[Request]:
         scheduled = {id(i.request) for i in items}
-        candidates = [r for r in self.running if r is not request and id(r) not in scheduled]
+        candidates = [r for r in self._running if r is not request and id(r) not in scheduled]
         if not candidates:
             return None
         if self.config.schedule_policy == "priority":
@@ -160,16 +225,48 @@ class Scheduler:
 
     def preempt(self, request: Request) -> None:
         """Send a running request back to the front of the queue, releasing its blocks."""
-        self.running.remove(request)
+        self._running.remove(request)
         self.release(request, cache_tokens=True)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._waiting.appendleft(request)
+
+    # --- external KV (decode side of disaggregation) ---------------------------------
+    def reserve_external(self, request: Request) -> bool:
+        """Match the prefix cache and allocate blocks for the rest of the prompt, whose KV will
+        be written from outside; the request is then reserved (in no queue). False, holding
+        nothing, when memory is short."""
+        self._match_prefix(request)
+        missing = len(request.prompt_token_ids) - request.num_computed_tokens
+        if not self.can_reserve(request, missing):
+            self.release(request, cache_tokens=False)
+            return False
+        self._allocate(request, missing)
+        request.first_admission = False
+        request.status = RequestStatus.WAITING
+        self._reserved[request.request_id] = request
+        return True
+
+    def reservation(self, request_id: str) -> Optional[Request]:
+        """The reserved request with this id, or None."""
+        return self._reserved.get(request_id)
+
+    def admit_running(self, request: Request) -> None:
+        """A reserved request's prompt KV is in place: count it computed and join the running batch."""
+        del self._reserved[request.request_id]
+        request.num_computed_tokens = len(request.prompt_token_ids)
+        request.status = RequestStatus.RUNNING
+        self._running.append(request)
+
+    def cancel_reservation(self, request: Request) -> None:
+        """Give back a reserved request's blocks and radix lock (its pages are not cached)."""
+        del self._reserved[request.request_id]
+        self.release(request, cache_tokens=False)
 
     # --- prefix cache --------------------------------------------------------------
     def _match_prefix(self, request: Request) -> None:
-        if self.cache is None or request.block_table:
+        if request.block_table:
             return
         match = self.cache.match_prefix(request.all_token_ids[:-1])
         self.cache.lock(match.node)
@@ -185,10 +282,10 @@ class Scheduler:
 
     def release(self, request: Request, cache_tokens: bool) -> None:
         """Give back a request's blocks (caching its computed whole pages first) and radix lock."""
-        if self.cache is not None and cache_tokens and request.block_table:
+        if cache_tokens and request.block_table:
             computed = request.all_token_ids[:request.num_computed_tokens]
             self.cache.insert(computed, request.block_table)
-        if self.cache is not None and request.cache_node is not None:
+        if request.cache_node is not None:
             self.cache.unlock(request.cache_node)
         self.pool.release(request.block_table)
         request.block_table = []
@@ -198,8 +295,8 @@ class Scheduler:
     def finish(self, request: Request) -> None:
         """Retire a finished request from the running batch (or from the queue: with overlap
         scheduling a request can be preempted in the step after the one that finished it)."""
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+        if request in self._running:
+            self._running.remove(request)
+        elif request in self._waiting:
+            self._waiting.remove(request)
         self.release(request, cache_tokens=True)

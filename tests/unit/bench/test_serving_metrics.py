@@ -104,3 +104,46 @@ def test_throughput_over_time_bins():
 def test_cdf():
     xs, ys = cdf([3.0, 1.0, 2.0])
     assert xs == [1.0, 2.0, 3.0] and ys == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+def test_itl_is_per_token_when_chunks_and_reads_carry_several_tokens():
+    # chunk 0 alone (TTFT); a 3-token chunk after 0.3 s; two chunks (1 + 2 tokens) in one read after 0.6 s;
+    # a chunk that usage says carried 0 tokens (its gap rolls into the next); a 2-token chunk 0.2 s after the last.
+    r = rec(0.0, [0.1, 0.4, 1.0, 1.0, 1.1, 1.2], 1.2, out=9, chunk_tokens=[1, 3, 1, 2, 0, 2],
+            chunk_reads=[1, 2, 3, 3, 4, 5], tokens_counted_by="usage")
+    assert r.arrivals == [(0.1, 1, 1), (0.4, 3, 1), (1.0, 3, 2), (1.1, 0, 1), (1.2, 2, 1)]
+    assert r.itls == pytest.approx([0.1] * 3 + [0.2] * 3 + [0.1] * 2)
+    assert sum(r.itls) == pytest.approx(1.2 - 0.1)  # the gaps add up to last arrival - first arrival
+    assert r.tpot == pytest.approx((1.2 - 0.1) / 8)
+    s = summarize([r])
+    assert s["itl_ms"]["median"] == pytest.approx(100.0) and s["itl_ms"]["mean"] == pytest.approx(1100 / 8)
+    c = s["coalescing"]
+    assert c["tokens_counted_by"] == "usage" and c["chunks"] == 6 and c["tokens_per_chunk_mean"] == pytest.approx(1.5)
+    assert c["multi_token_chunks"] == 3 and c["multi_token_chunk_fraction"] == pytest.approx(0.5)
+    assert c["reads"] == 5 and c["multi_chunk_reads"] == 1 and c["multi_chunk_read_fraction"] == pytest.approx(0.2)
+
+
+def test_near_zero_gaps_of_one_read_are_spread_not_counted():
+    # Two chunks per read, 1 token each, reads 40 ms apart: the old per-chunk median was ~0 ms.
+    times = [0.04 * (i // 2) + (i % 2) * 1e-6 for i in range(8)]
+    r = rec(0.0, times, times[-1], out=8, chunk_reads=[i // 2 for i in range(8)])
+    assert r.itls == pytest.approx([0.02] * 6, abs=1e-6)
+    assert summarize([r])["itl_ms"]["median"] == pytest.approx(20.0, abs=1e-3)
+    c = summarize([r])["coalescing"]
+    assert c["tokens_counted_by"] == "events" and c["multi_token_chunk_fraction"] is None  # 1 per chunk: not counted
+    assert c["multi_chunk_read_fraction"] == pytest.approx(1.0)
+    unobserved = rec(0.0, times, times[-1], out=8)  # reads unknown: each chunk is its own arrival
+    assert len(unobserved.itls) == 7 and summarize([unobserved])["coalescing"]["reads"] is None
+
+
+def test_first_arrival_extra_tokens_and_usage_totals():
+    from baton.bench.serving.metrics import usage_chunk_tokens
+    r = rec(0.0, [0.5, 0.7], 0.7, out=4, chunk_tokens=[2, 2], tokens_counted_by="usage")
+    assert r.itls == pytest.approx([0.1, 0.1])  # the first chunk's second token gives no gap
+    assert usage_chunk_tokens([1, 3, 3, 6]) == [1, 2, 0, 3]
+    assert usage_chunk_tokens([1, None, 2]) is None and usage_chunk_tokens([]) is None
+
+
+def test_throughput_over_time_spreads_by_chunk_tokens():
+    r = rec(0.0, [0.5, 1.5], 1.5, out=4, chunk_tokens=[1, 3], tokens_counted_by="tokenizer")
+    assert throughput_over_time([r], bin_s=1.0)["output_tokens_per_s"] == pytest.approx([1.0, 3.0])

@@ -22,6 +22,7 @@ from baton.bench.serving.server_metrics import baton_report, parse
 from baton.deploy.cli import main as cli_main
 from baton.router.metrics import RouterMetrics
 from baton.services.common.server import free_port
+from tests.helpers.tiny_models import word_tokenizer
 
 
 class FakeClient:
@@ -160,14 +161,20 @@ def test_baton_report_from_router_metrics():
 
 def test_whole_document_validates_and_plots(tmp_path, monkeypatch, capsys):
     m = RouterMetrics()
-    monkeypatch.setattr(runner, "BenchClient", lambda *a, **k: FakeClient(fail=frozenset({(2, 0)}),
-                                                                         metrics=lambda: router_page(m)))
+    client = FakeClient(fail=frozenset({(2, 0)}), metrics=lambda: router_page(m))
+    monkeypatch.setattr(runner, "BenchClient", lambda *a, **k: client)
+    word_tokenizer().save_pretrained(tmp_path / "tok")
     config = BenchConfig(num_prompts=5, input_len=4, output_len=2, sweep_rates="50,inf", slo="ttft=1000",
-                         warmup=2, output=str(tmp_path / "r.json"), plot=str(tmp_path / "plots"), progress=False)
+                         warmup=2, output=str(tmp_path / "r.json"), plot=str(tmp_path / "plots"), progress=False,
+                         tokenizer=str(tmp_path / "tok"))
     assert runner.main(config, command="baton bench --fake") == 0
     doc = json.loads((tmp_path / "r.json").read_text())
     jsonschema.Draft202012Validator(result_schema()).validate(doc)
     assert doc["command"] == "baton bench --fake" and doc["server"]["model"] == "fake-model"
+    assert doc["server"]["tokenizer"] == str(tmp_path / "tok") and doc["server"]["tokenizer_source"] == "--tokenizer"
+    assert all(r["workload"]["prompts"] == "tokenizer" for r in doc["runs"])
+    assert all(len(m[-1]["content"].split()) == 4 for _, _, m in client.calls)  # 4 tokens of the word vocabulary
+    assert doc["runs"][0]["coalescing"]["tokens_counted_by"] == "events"  # the fake sends no chunk texts
     assert [r["request_rate"] for r in doc["runs"]] == [50.0, "inf"] and doc["sweep"]["request_rate"] == [50.0, "inf"]
     assert all(r["completed"] == 4 and r["errors"] == {"http_503": 1} for r in doc["runs"])
     assert doc["runs"][0]["server_metrics"]["is_baton"]
@@ -175,6 +182,7 @@ def test_whole_document_validates_and_plots(tmp_path, monkeypatch, capsys):
         "latency_cdf.png", "sweep_goodput.png", "sweep_ttft.png", "throughput_over_time.png"]
     out = capsys.readouterr().out
     assert out.count("Serving Benchmark Result") == 2 and "Sweep" in out and "http_503" in out
+    assert "Network reads carrying > 1 chunk (%):" in out and "ITL per token" in out
 
 
 def test_unreachable_server_gives_an_error_summary(tmp_path, capsys):

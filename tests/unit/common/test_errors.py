@@ -67,3 +67,22 @@ def test_status_fallback_and_default() -> None:
     unknown_name = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "", (("baton-error-code", "NEW_CODE"),))
     assert error_from_rpc(unknown_name).code == ErrorCode.OVERLOADED
     assert error_from_rpc(FakeRpcError(grpc.StatusCode.INTERNAL, "", None)).message.startswith("INTERNAL")
+
+
+def test_typed_fields_travel_in_metadata() -> None:
+    from baton.protos.errors import ErrorOrigin
+    sent = BatonError(ErrorCode.PREFILL_FAILED, "prefill gone", unreachable=True).with_origin(ErrorOrigin.PREFILL)
+    back = error_from_rpc(FakeRpcError(sent.status_code, "prefill gone", sent.metadata()))
+    assert (back.code, back.unreachable, back.origin) == (ErrorCode.PREFILL_FAILED, True, ErrorOrigin.PREFILL)
+    busy = BatonError(ErrorCode.OVERLOADED, "full", retry_after_s=0.5)
+    back = error_from_rpc(FakeRpcError(busy.status_code, "full", busy.metadata()))
+    assert (back.unreachable, back.origin, back.retry_after_s) == (False, ErrorOrigin.WORKER, 0.5)
+
+
+def test_unavailable_without_metadata_is_unreachable() -> None:
+    dead = error_from_rpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection refused"))
+    assert dead.unreachable and dead.code == ErrorCode.INTERNAL
+    refused = BatonError(ErrorCode.NOT_READY, "loading")
+    back = error_from_rpc(FakeRpcError(refused.status_code, "loading", refused.metadata()))
+    assert back.code == ErrorCode.NOT_READY and not back.unreachable
+    assert not error_from_rpc(FakeRpcError(grpc.StatusCode.INTERNAL, "boom")).unreachable

@@ -1,6 +1,6 @@
 """CircuitBreaker: opens after consecutive failures, lets one trial through after the
 cooldown, closes on success and reopens on a failed trial."""
-from baton.router.breaker import CircuitBreaker
+from baton.router.breaker import BreakerState, CircuitBreaker
 
 
 class Clock:
@@ -16,15 +16,15 @@ def test_opens_after_threshold_and_recovers_through_one_trial():
     breaker = CircuitBreaker(failure_threshold=3, cooldown_s=5, clock=clock)
     for _ in range(2):
         breaker.record_failure()
-    assert breaker.state == "closed" and breaker.allow()
+    assert breaker.state is BreakerState.CLOSED and breaker.allow()
     breaker.record_failure()
-    assert breaker.state == "open" and not breaker.allow() and not breaker.available()
+    assert breaker.state is BreakerState.OPEN and not breaker.allow() and not breaker.available()
     clock.now = 5.0
-    assert breaker.state == "half_open" and breaker.available()
+    assert breaker.state is BreakerState.HALF_OPEN and breaker.available()
     assert breaker.allow()            # the trial
     assert not breaker.allow()        # only one at a time
     breaker.record_success()
-    assert breaker.state == "closed" and breaker.failures == 0
+    assert breaker.state is BreakerState.CLOSED and breaker.failures == 0
 
 
 def test_failed_trial_reopens_for_a_new_cooldown():
@@ -34,11 +34,11 @@ def test_failed_trial_reopens_for_a_new_cooldown():
     clock.now = 2.5
     assert breaker.allow()
     breaker.record_failure()
-    assert breaker.state == "open"
+    assert breaker.state is BreakerState.OPEN
     clock.now = 4.0
-    assert breaker.state == "open"
+    assert breaker.state is BreakerState.OPEN
     clock.now = 4.5
-    assert breaker.state == "half_open"
+    assert breaker.state is BreakerState.HALF_OPEN
 
 
 def test_success_resets_the_failure_count():
@@ -46,4 +46,4 @@ def test_success_resets_the_failure_count():
     breaker.record_failure()
     breaker.record_success()
     breaker.record_failure()
-    assert breaker.state == "closed"
+    assert breaker.state is BreakerState.CLOSED

@@ -15,24 +15,24 @@ def _engine(backend: str, worker_id: str, seed: int):
 
     torch.set_num_threads(1)
     from baton.services.transfer import create_transfer_engine
-    from tests.unit.transfer.helpers import filled_cache, small_layout
+    from tests.unit.transfer.helpers import filled_memory, small_layout
 
-    return create_transfer_engine(backend, worker_id, filled_cache(small_layout(), seed))
+    return create_transfer_engine(backend, worker_id, filled_memory(small_layout(), seed=seed))
 
 
 def receiver_main(backend: str, conn, sender_seed: int, transfer_id: str, pairs) -> None:
     """Serve, hand the descriptor to the parent, then check what landed."""
-    from tests.unit.transfer.helpers import filled_cache, small_layout
+    from tests.unit.transfer.helpers import filled_memory, small_layout
 
     engine = _engine(backend, "decode-mp", seed=99)
-    before = [t.clone() for t in engine.kv_cache.keys + engine.kv_cache.values]
+    before = [t.clone() for t in engine.memory.tensors]
     conn.send(engine.descriptor().to_bytes())
     state = engine.wait_received(transfer_id, timeout=20.0)
-    source = filled_cache(small_layout(), sender_seed)
+    source = filled_memory(small_layout(), seed=sender_seed)
     written = {d: s for s, d in pairs}
     n = engine.layout.num_blocks
     bad = []
-    for i, (want_t, got_t) in enumerate(zip(source.keys + source.values, engine.kv_cache.keys + engine.kv_cache.values)):
+    for i, (want_t, got_t) in enumerate(zip(source.tensors, engine.memory.tensors, strict=True)):
         for b in range(n):
             want = want_t.view(n, -1)[written[b]] if b in written else before[i].view(n, -1)[b]
             if not bool((got_t.view(n, -1)[b] == want).all()):

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from baton.services.transfer import LayoutMismatch, TransferError, TransferState
-from baton.services.transfer.base import block_bytes
 from tests.unit.transfer.helpers import BACKENDS, small_layout
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)
+
+PER_BLOCK = 2 * 2 * 4 * 2 * 8 * 4
+"""Bytes one block id moves in small_layout(): K and V x 2 layers x 4 tokens x 2 heads x 8 x float32."""
 
 
 def blocks(tensor: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -19,16 +21,14 @@ def blocks(tensor: torch.Tensor, num_blocks: int) -> torch.Tensor:
 
 
 def snapshot(engine) -> list[torch.Tensor]:
-    cache = engine.kv_cache
-    return [t.clone() for t in cache.keys + cache.values]
+    return [t.clone() for t in engine.memory.tensors]
 
 
 def assert_landed(sender, receiver, pairs, before) -> None:
     """dst blocks hold the src blocks; every other receiver block is as it was."""
-    s, r = sender.kv_cache, receiver.kv_cache
     ns, nr = sender.layout.num_blocks, receiver.layout.num_blocks
     written = {d: src for src, d in pairs}
-    for i, (src_t, dst_t) in enumerate(zip(s.keys + s.values, r.keys + r.values)):
+    for i, (src_t, dst_t) in enumerate(zip(sender.memory.tensors, receiver.memory.tensors, strict=True)):
         for b in range(nr):
             want = blocks(src_t, ns)[written[b]] if b in written else blocks(before[i], nr)[b]
             assert torch.equal(blocks(dst_t, nr)[b], want), f"tensor {i} block {b}"
@@ -47,7 +47,7 @@ def test_scattered_write_lands_exactly(backend, make_engine):
     assert handle.state is TransferState.SUCCESS, handle.error
     assert receiver.wait_received("t1", timeout=5.0) is TransferState.SUCCESS
     assert_landed(sender, receiver, pairs, before)
-    expected = len(pairs) * block_bytes(sender.layout) * 2 * sender.layout.num_layers
+    expected = len(pairs) * PER_BLOCK
     assert handle.bytes == sender.bytes_sent == receiver.bytes_received == expected
     assert sender.bytes_received == 0 and receiver.bytes_sent == 0
     receiver.forget("t1")
@@ -147,5 +147,4 @@ def test_many_writes_sequential_and_concurrent(backend, make_engine):
     assert len(results) == 16 and all(h.ok for h in results.values()), results
     assert all(receiver.wait_received(tid, 5.0) is TransferState.SUCCESS for tid in results)
     assert_landed(sender, receiver, plan[0] + plan[1], before)
-    per_block = block_bytes(sender.layout) * 2 * sender.layout.num_layers
-    assert sender.bytes_sent == receiver.bytes_received == (20 * 3 + 32) * per_block
+    assert sender.bytes_sent == receiver.bytes_received == (20 * 3 + 32) * PER_BLOCK

@@ -5,9 +5,8 @@ import multiprocessing as mp
 
 import pytest
 
-from baton.services.transfer.base import block_bytes
 from tests.unit.transfer import peer_process
-from tests.unit.transfer.helpers import BACKENDS, small_layout
+from tests.unit.transfer.helpers import BACKENDS
 
 PAIRS = [(0, 5), (1, 6), (2, 7), (9, 1), (15, 0)]
 
@@ -31,7 +30,7 @@ def test_write_across_processes_then_peer_dies(backend):
         assert sent["state"] == "SUCCESS", sent
         assert recv_parent.poll(30), "receiver did not report"
         got = recv_parent.recv()
-        expected = len(PAIRS) * block_bytes(small_layout()) * 2 * small_layout().num_layers
+        expected = len(PAIRS) * 2 * 2 * 4 * 2 * 8 * 4  # K and V x 2 layers x 4 tokens x 2 heads x 8 x float32
         assert got == {"state": "SUCCESS", "bytes_received": expected, "bad": []}
         assert sent["bytes"] == expected
 

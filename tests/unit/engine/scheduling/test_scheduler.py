@@ -92,7 +92,9 @@ def test_max_running_requests_caps_the_batch(engine_factory):
         engine.add_request(f"r{i}", prompt(6, 10 * i + 3), GREEDY)
     engine.step()
     assert [rid for rid, _, _ in engine.last_schedule] == ["r0", "r1"]
-    assert engine.stats()["running"] == 2 and engine.stats()["waiting"] == 2
+    stats = engine.stats()
+    assert stats.running_requests == 2 and stats.waiting_requests == 2
+    assert stats.running_tokens == 2 * (6 + 1) and stats.waiting_tokens == 2 * 6  # each sampled one token
 
 
 def test_preemption_releases_the_newest_request_and_requeues_it_first(engine_factory):
@@ -104,11 +106,12 @@ def test_preemption_releases_the_newest_request_and_requeues_it_first(engine_fac
     preempted_seen = False
     while engine.has_unfinished():
         engine.step()
-        if not preempted_seen and engine.scheduler.waiting and engine.scheduler.waiting[0].request_id == "new":
+        waiting = engine.scheduler.waiting_requests()
+        if not preempted_seen and waiting and waiting[0].request_id == "new":
             preempted_seen = True
-            assert engine.scheduler.waiting[0].block_table == []
-            assert [r.request_id for r in engine.scheduler.running] == ["old"]
-    assert preempted_seen and engine.stats()["preemptions"] >= 1
+            assert waiting[0].block_table == []
+            assert [r.request_id for r in engine.scheduler.running_requests()] == ["old"]
+    assert preempted_seen and engine.stats().preemptions >= 1
 
 
 def test_abort_waiting_and_running_requests_returns_blocks(engine_factory):
@@ -122,7 +125,8 @@ def test_abort_waiting_and_running_requests_returns_blocks(engine_factory):
     assert [d.finish_reason for d in engine.abort("run")] == ["abort"]
     assert engine.abort("run") == []  # unknown / already gone
     assert not engine.has_unfinished()
-    assert engine.pool.num_free + engine.cache.cached_blocks == engine.pool.num_blocks
+    stats = engine.stats()
+    assert stats.free_blocks + stats.cached_blocks == stats.total_blocks
 
 
 def test_bad_requests_are_refused_before_taking_resources(engine_factory):

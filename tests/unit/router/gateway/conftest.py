@@ -1,4 +1,8 @@
-"""Fixtures of the gateway unit tests: the SmolLM2 tokenizer and a scripted fake core."""
+"""Fixtures of the gateway unit tests: the SmolLM2 tokenizer and a scripted core double.
+
+`FakeCore` implements `RouterCoreAPI` (router/types.py): its `open_stream` runs a scripted
+pipeline inside the real `RequestStream`, so the gateway reads chunks exactly as it does from
+the real core; closing the stream mid-way records the request as aborted."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +13,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from baton.protos.baton.v1 import common_pb2
-from baton.router.types import Chunk, RouterError, RouterRequest
+from baton.protos.errors import BatonError
+from baton.router.stream import RequestStream
+from baton.router.types import Chunk, RouterRequest
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +27,7 @@ def tokenizer(default_model_path):
 
 @dataclass
 class FakeConfig:
-    api_keys: tuple[str, ...] = ()
+    api_key_list: tuple[str, ...] = ()
     request_timeout_s: float = 30.0
     max_queued_requests: int = 8
 
@@ -40,7 +46,7 @@ class FakeCore:
         self.model_name = "smollm2"
         self.tokenizer = tokenizer
         self.max_model_len = 2048
-        self.config = FakeConfig(api_keys=api_keys)
+        self.config = FakeConfig(api_key_list=api_keys)
         self.metrics = FakeMetrics()
         self.reply = "Hello there, friend!"
         self.fail_before: Optional[int] = None
@@ -51,10 +57,20 @@ class FakeCore:
         self.hang_after: Optional[int] = None
         """Chunks to send before hanging forever (until cancelled)."""
 
-    async def generate(self, request: RouterRequest):
+    def open_stream(self, request: RouterRequest) -> RequestStream:
+        return RequestStream(request.request_id, lambda emit: self._script(request, emit))
+
+    async def _script(self, request: RouterRequest, emit) -> None:
+        try:
+            await self._play(request, emit)
+        except asyncio.CancelledError:
+            self.aborted.append(request.request_id)
+            raise
+
+    async def _play(self, request: RouterRequest, emit) -> None:
         self.requests.append(request)
         if self.fail_before is not None:
-            raise RouterError(self.fail_before, "scripted failure")
+            raise BatonError(self.fail_before, "scripted failure")
         ids = self.tokenizer.encode(self.reply)
         n = request.params.n or 1
         sent = 0
@@ -63,7 +79,7 @@ class FakeCore:
                 if self.hang_after is not None and sent == self.hang_after:
                     await asyncio.Event().wait()
                 if self.fail_after is not None and sent == self.fail_after:
-                    raise RouterError(common_pb2.ErrorCode.NO_WORKER, "every decode worker is gone")
+                    raise BatonError(common_pb2.ErrorCode.NO_WORKER, "every decode worker is gone")
                 await asyncio.sleep(0)
                 last = pos == len(ids) - 1
                 logprobs = []
@@ -72,12 +88,15 @@ class FakeCore:
                     logprobs = [common_pb2.TokenLogprob(token_id=token, logprob=-0.25, top_logprobs=top)]
                 usage = common_pb2.Usage(prompt_tokens=len(request.prompt_token_ids),
                                          completion_tokens=len(ids), cached_tokens=2) if last else None
-                yield Chunk(index=index, token_ids=[token], text=self.tokenizer.decode([token]),
-                            logprobs=logprobs, finish_reason="stop" if last else None, usage=usage)
+                emit(Chunk(index=index, token_ids=[token], text=self.tokenizer.decode([token]),
+                           logprobs=logprobs, finish_reason="stop" if last else None, usage=usage))
                 sent += 1
 
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
+    async def abort(self, request_id: str) -> bool:
+        return False
+
+    async def refresh_worker_loads(self) -> None:
+        return None
 
     def worker_statuses(self) -> list[dict]:
         return [{"address": "127.0.0.1:7001", "role": "decode", "healthy": self.serving, "breaker": "closed",

@@ -30,6 +30,7 @@ def test_errors_before_and_during_the_stream(fake_core) -> None:
     fake_core.fail_before = common_pb2.ErrorCode.OVERLOADED
     response = call(fake_core, "POST", "/v1/chat/completions", json={**CHAT, "stream": True})
     assert response.status_code == 429 and response.json()["error"]["code"] == "overloaded"
+    assert int(response.headers["retry-after"]) >= 1
     fake_core.fail_before, fake_core.fail_after = None, 2
     data = events(call(fake_core, "POST", "/v1/completions", json={"prompt": "x", "stream": True}))
     assert len(data) == 3 and json.loads(data[-1])["error"]["type"] == "service_unavailable_error"
@@ -43,3 +44,15 @@ def test_errors_before_and_during_the_stream(fake_core) -> None:
     assert 'baton_router_requests_total{api="chat",status="429"} 1.0' in metrics
     assert 'baton_router_requests_total{api="completions",status="200"} 1.0' in metrics
     assert 'baton_router_requests_total{api="completions",status="503"} 1.0' in metrics
+
+
+def test_continuous_usage_counts_every_chunk(fake_core) -> None:
+    body = {"prompt": "x", "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    data = [json.loads(e) for e in events(call(fake_core, "POST", "/v1/completions", json=body))[:-1]]
+    counts = [d["usage"]["completion_tokens"] for d in data if d["choices"]]
+    expected = len(fake_core.tokenizer.encode(fake_core.reply))
+    assert counts == list(range(1, expected + 1))  # the scripted core sends one token per chunk
+    assert data[-1]["choices"] == [] and data[-1]["usage"]["completion_tokens"] == expected
+    plain = [json.loads(e) for e in events(call(fake_core, "POST", "/v1/completions",
+                                                json={**body, "stream_options": {"include_usage": True}}))[:-1]]
+    assert all(d["usage"] is None for d in plain if d["choices"])

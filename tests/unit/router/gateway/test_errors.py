@@ -1,4 +1,4 @@
-"""OpenAI error bodies and the RouterError code -> HTTP status mapping."""
+"""OpenAI error bodies and the BatonError code -> HTTP status mapping."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from baton.protos.baton.v1 import common_pb2
 from baton.router.gateway.errors import (ApiError, as_api_error, error_body, status_for_code,
                                    validation_error_to_api)
 from baton.router.gateway.protocol import ChatCompletionRequest
-from baton.router.types import RouterError
+from baton.protos.errors import BatonError
 
 EC = common_pb2.ErrorCode
 
@@ -31,10 +31,10 @@ def test_error_body_shape() -> None:
 
 
 def test_router_error_becomes_api_error() -> None:
-    error = as_api_error(RouterError(EC.OVERLOADED, "queues full"))
+    error = as_api_error(BatonError(EC.OVERLOADED, "queues full"))
     assert (error.status, error.code, error.message) == (429, "overloaded", "queues full")
     assert error.body()["error"]["type"] == "rate_limit_error"
-    assert as_api_error(RouterError(EC.DEADLINE_EXCEEDED, "late")).status == 504
+    assert as_api_error(BatonError(EC.DEADLINE_EXCEEDED, "late")).status == 504
     unexpected = as_api_error(KeyError("secret internals"))
     assert unexpected.status == 500 and "secret" not in unexpected.message
     same = ApiError(404, "nope")
