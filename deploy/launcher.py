@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
+from baton.deploy.placement import MULTICAST_OFF, Placement, parse_gpus, place_workers, visible_gpus
 from baton.services.common.server import free_port, wait_for_health
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.engine_setup import resolve_model_path
@@ -47,15 +48,23 @@ class UpConfig:
     """Comma-separated API keys the gateway requires (empty: none)."""
     startup_timeout_s: float = 300.0
     """Longest wait for every process to become healthy."""
+    gpus: str = ""
+    """Comma-separated GPU indices to place workers on, one per GPU while there are enough (empty: every visible GPU; none on CPU)."""
+    router_max_queued_requests: int = 1024
+    """Requests the router holds while no worker has room; one more gets 429."""
 
     def __post_init__(self) -> None:
         if self.prefills < 0 or self.decodes < 1:
             raise ValueError("need prefills >= 0 and decodes >= 1")
         if self.transfer not in ("tcp", "nixl"):
             raise ValueError("transfer must be tcp or nixl")
+        parse_gpus(self.gpus)
+        if self.router_max_queued_requests < 1:
+            raise ValueError("router_max_queued_requests must be at least 1")
 
 
-ENGINE_FLAGS_SKIPPED = {"model", "num_threads"}
+ENGINE_FLAGS_SKIPPED = {"model", "num_threads", "mem_fraction_static", "device"}
+"""Engine options `baton up` sets per worker itself (placement) or never passes on."""
 
 
 def engine_flags(engine: EngineConfig) -> list[str]:
@@ -83,8 +92,9 @@ class Cluster:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.gateway_url = ""
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        env = dict(os.environ, UCX_NET_DEVICES=os.environ.get("UCX_NET_DEVICES", "lo"))
+    def _spawn(self, name: str, args: list[str], extra_env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+        env = dict(os.environ, UCX_NET_DEVICES=os.environ.get("UCX_NET_DEVICES", "lo"), **MULTICAST_OFF,
+                   **(extra_env or {}))
         proc = subprocess.Popen([sys.executable, "-m", "baton.deploy.cli", *args], env=env)
         self.procs.append((name, proc))
         return proc
@@ -95,11 +105,15 @@ class Cluster:
         common = ["--model", model, "--host", self.up.host, "--transfer", self.up.transfer,
                   "--num-threads", str(self.up.worker_threads), *engine_flags(self.engine)]
         addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
-        for role, count in (("prefill", self.up.prefills), ("decode", self.up.decodes)):
-            for i in range(count):
-                port = free_port(self.up.host)
-                self._spawn(f"{role}-{i}", ["serve", role, "--port", str(port), *common])
-                addresses[role].append(f"{self.up.host}:{port}")
+        roles = [(role, i) for role, count in (("prefill", self.up.prefills), ("decode", self.up.decodes))
+                 for i in range(count)]
+        gpus = parse_gpus(self.up.gpus) or visible_gpus(self.engine.device)
+        placements = place_workers(len(roles), gpus, self.engine.mem_fraction_static)
+        for (role, i), placement in zip(roles, placements):
+            port = free_port(self.up.host)
+            self._spawn(f"{role}-{i}", ["serve", role, "--port", str(port), *common, *self._placed(placement)],
+                        _visible_env(placement))
+            addresses[role].append(f"{self.up.host}:{port}")
         deadline = time.monotonic() + self.up.startup_timeout_s
         for address in addresses["prefill"] + addresses["decode"]:
             self._wait_grpc(address, deadline)
@@ -107,10 +121,18 @@ class Cluster:
         self._spawn("router", ["router", "--model", model, "--host", self.up.host, "--http-port", str(http_port),
                                "--grpc-port", str(self.up.grpc_port), "--prefill", ",".join(addresses["prefill"]),
                                "--decode", ",".join(addresses["decode"]), "--api-keys", self.up.api_keys,
-                               "--decode-only-threshold", str(self.up.decode_only_threshold)])
+                               "--decode-only-threshold", str(self.up.decode_only_threshold),
+                               "--max-queued-requests", str(self.up.router_max_queued_requests)],
+                    {"CUDA_VISIBLE_DEVICES": ""})
         self.gateway_url = f"http://{self.up.host}:{http_port}"
         self._wait_http(self.gateway_url + "/health", deadline)
         return self.gateway_url
+
+    def _placed(self, placement: Placement) -> list[str]:
+        """The worker's device and memory-share flags."""
+        if placement.gpu is None:
+            return [] if self.engine.device == "auto" else ["--device", self.engine.device]
+        return ["--device", "cuda", "--mem-fraction-static", str(placement.mem_fraction)]
 
     def _wait_grpc(self, address: str, deadline: float) -> None:
         self._check_alive()
@@ -149,6 +171,19 @@ class Cluster:
                         return "the router exited"
             time.sleep(0.2)
         return None
+
+
+def _visible_env(placement: Placement) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for a placed worker: its physical GPU (indices given to `--gpus`
+    count within the launcher's own CUDA_VISIBLE_DEVICES when that is set)."""
+    if placement.gpu is None:
+        return {}
+    inherited = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if inherited:
+        if placement.gpu >= len(inherited):
+            raise ValueError(f"GPU {placement.gpu} is not among CUDA_VISIBLE_DEVICES={','.join(inherited)}")
+        return {"CUDA_VISIBLE_DEVICES": inherited[placement.gpu]}
+    return placement.env()
 
 
 def wait_http_ok(url: str, deadline: float, check_alive: Callable[[], None] = lambda: None,

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One GPU lease's steps, each a word: bash bench/gpu_lease.sh STEP [STEP ...]   (from the repo root)
+#
+#   setup     install the carried wheels (.whl/, .whlnixl/ when carried) into /tmp/site and
+#             build the random-weight Llama-3.1-8B-shaped model in /tmp/m8b (skipped if there)
+#   vllm      unpack vLLM (.peer/ part00 in /tmp/p00 from an earlier call + part01 carried) and
+#             measure `vllm serve` under the serving load
+#   colocated measure `baton up --prefills 0` (one decode worker on the GPU) under the same load
+#   1p1d      measure `baton up --prefills 1 --decodes 1` (both on the one GPU, tcp) likewise
+#   gputests  pytest tests/gpu
+#   transfer  nixl VRAM vs a device-to-device copy (bench/kv_transfer.py --device cuda)
+#
+# Results go to $OUT (summary.md, NAME.json/.md per server). Files outside $OUT survive only
+# while the machine stays warm (30 s after a call): send the next call at once.
+# Environment: RATES (default 4,8,16,24), PROMPTS (requests per rate, default 160).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+RATES=${RATES:-4,8,16,24}
+PROMPTS=${PROMPTS:-160}
+MODEL=/tmp/m8b
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+serve() {  # NAME COMMAND
+  python3 -m baton.bench.gpu_serving --tokenizer "$MODEL" --out "$OUT" --rates "$RATES" \
+    --num-prompts "$PROMPTS" --warmup 8 --ready-timeout 420 --server "$1=$2"
+  cat "$OUT/$1.md" 2>/dev/null; tail -30 "$OUT/$1.log" 2>/dev/null | grep -iE "error|warn|refus|retry" | tail -8
+}
+
+for step in "$@"; do
+  echo "=== $step $(date -u +%H:%M:%S)"
+  case $step in
+    setup)
+      if [ ! -d /tmp/site/grpc ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+          .whl/*.whl $(ls .whlnixl/*.whl 2>/dev/null) || exit 1
+      fi
+      python3 -c "import grpc, fastapi, zmq, xgrammar; print('grpcio', grpc.__version__)" || exit 1
+      [ -f $MODEL/config.json ] || python3 -m baton.bench.gpu_engine --make-model $MODEL || exit 1
+      [ -f .peer/vllm026-carry.part00 ] && cp .peer/vllm026-carry.part00 /tmp/p00
+      nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv ;;
+    vllm)
+      if [ ! -d /tmp/vsite/vllm ]; then
+        cat /tmp/p00 .peer/vllm026-carry.part01 > /tmp/v.tar.xz && mkdir -p /tmp/vsite \
+          && tar -xJf /tmp/v.tar.xz -C /tmp/vsite || exit 1
+      fi
+      serve vllm "env PYTHONPATH=/tmp/vsite VLLM_USE_FLASHINFER_SAMPLER=0 python3 -m vllm.entrypoints.cli.main serve $MODEL --attention-backend FLASH_ATTN --gpu-memory-utilization 0.85 --port {port}" ;;
+    colocated)
+      serve baton-colocated "python3 -m baton.deploy.cli up --model $MODEL --prefills 0 --port {port}" ;;
+    1p1d)
+      serve baton-1p1d "python3 -m baton.deploy.cli up --model $MODEL --prefills 1 --decodes 1 --port {port}" ;;
+    gputests)
+      python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
+    transfer)
+      UCX_NET_DEVICES=all python3 -m baton.bench.kv_transfer --device cuda --backends nixl,tcp \
+        --json "$OUT/kv_transfer_gpu.json" 2>&1 | tail -30 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,52 @@
+"""`baton up` placement: one GPU per worker while there are enough, an explicit memory share
+when workers share a GPU, physical indices through an inherited CUDA_VISIBLE_DEVICES."""
+from __future__ import annotations
+
+import pytest
+
+from baton.deploy.launcher import Cluster, UpConfig, _visible_env, engine_flags
+from baton.deploy.placement import MULTICAST_OFF, Placement, parse_gpus, place_workers
+from baton.services.engine.config import EngineConfig
+
+
+def test_one_gpu_each_when_there_are_enough() -> None:
+    assert place_workers(2, [0, 1, 2, 3], 0.85) == [Placement(0, 0.85), Placement(1, 0.85)]
+
+
+def test_workers_sharing_a_gpu_split_its_memory() -> None:
+    assert place_workers(2, [0], 0.85) == [Placement(0, 0.425), Placement(0, 0.425)]
+    assert place_workers(3, [4, 5], 0.9) == [Placement(4, 0.45), Placement(5, 0.9), Placement(4, 0.45)]
+
+
+def test_no_gpus_no_placement() -> None:
+    assert place_workers(2, [], 0.85) == [Placement(None, None)] * 2
+    assert Placement(None, None).env() == {}
+
+
+@pytest.mark.parametrize("text, gpus", [("", []), ("0", [0]), ("0, 2,3", [0, 2, 3])])
+def test_parse_gpus(text: str, gpus: list[int]) -> None:
+    assert parse_gpus(text) == gpus
+
+
+@pytest.mark.parametrize("text", ["a", "0,0", "-1"])
+def test_bad_gpus_are_refused_clearly(text: str) -> None:
+    with pytest.raises(ValueError, match="--gpus"):
+        UpConfig(gpus=text)
+
+
+def test_inherited_visible_devices_map_to_physical(monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert _visible_env(Placement(1, 0.85)) == {"CUDA_VISIBLE_DEVICES": "6"}
+    with pytest.raises(ValueError, match="not among"):
+        _visible_env(Placement(2, 0.85))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _visible_env(Placement(3, 0.85)) == {"CUDA_VISIBLE_DEVICES": "3"}
+
+
+def test_worker_flags_carry_the_share_not_the_global_fraction() -> None:
+    engine = EngineConfig(mem_fraction_static=0.8, device="cuda:1", page_size=8)
+    cluster = Cluster(UpConfig(), engine)
+    assert "--mem-fraction-static" not in engine_flags(engine) and "--device" not in engine_flags(engine)
+    assert cluster._placed(Placement(1, 0.4)) == ["--device", "cuda", "--mem-fraction-static", "0.4"]
+    assert Cluster(UpConfig(), EngineConfig(device="cpu"))._placed(Placement(None, None)) == ["--device", "cpu"]
+    assert set(MULTICAST_OFF) == {"NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"}
