@@ -52,8 +52,8 @@ for step in "$@"; do
     gputests)
       python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
     transfer)
-      UCX_NET_DEVICES=all python3 -m baton.bench.kv_transfer --device cuda --backends nixl,tcp \
-        --json "$OUT/kv_transfer_gpu.json" 2>&1 | tail -30 ;;
+      UCX_NET_DEVICES=lo python3 -m baton.bench.kv_transfer --device cuda --json "$OUT/kv_transfer_cuda.json" \
+        --results "$OUT/kv_transfer_cuda.md" 2>&1 | grep -v "NIXL INFO" | tail -30 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

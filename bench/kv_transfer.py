@@ -1,4 +1,4 @@
-"""KV transfer bandwidth and per-request hand-off latency, per backend, vs a local memory copy.
+"""KV transfer bandwidth and per-request hand-off latency, per backend, vs a local copy in the same run.
 
 A *block* is one page of one layer's K plus V (2 * `block_bytes(layout)`): 1 layer, 8 KV
 heads x 128, float16 (4 KiB of K+V per token), so the page size sets it: 4 tokens = 16 KiB
@@ -14,18 +14,31 @@ compares with the sender's clock.
   GB/s = 1e9 bytes/s.
 - hand-off: single writes, from write() to the later of SUCCESS at the sender and at the
   receiver (p50, p90); "write() p50" is the sender's SUCCESS alone.
-- memcpy: the same pairs in one process, index_select into a contiguous (preallocated,
-  reused: no page faults) buffer plus index_copy_ into the destination, measured alike.
-Every destination is checked to hold the source blocks' pattern afterwards.
+- reference ("memcpy"): the same pairs in one process, index_select into a contiguous
+  (preallocated, reused: no page faults) buffer plus index_copy_ into the destination, measured alike.
+Every destination is checked to hold the source blocks' pattern afterwards, and every other
+destination block to be untouched.
+
+`--device cuda` puts both KV caches (sender's and receiver's, still two processes) in VRAM of
+GPU 0: nixl writes VRAM to VRAM (UCX's cuda_ipc, an intra-node transport that
+UCX_NET_DEVICES does not restrict; UCX_TLS, if set, must keep cuda_ipc and cuda_copy), tcp
+stages the blocks through host memory, and the reference ("d2d") is the same index_select +
+index_copy_ between two CUDA tensors in one process (indices already on the GPU), each move
+timed to torch.cuda.synchronize(). A backend whose modules are missing (the transfer package
+needs pyzmq; nixl its wheels) is skipped with a note.
 
     .venv/bin/python -m baton.bench.kv_transfer                  # tcp and nixl, 16 KiB .. 4 MiB
     .venv/bin/python -m baton.bench.kv_transfer --quick          # smoke run: 2 sizes, small totals
     .venv/bin/python -m baton.bench.kv_transfer --results bench/RESULTS.md
+    python3 -m baton.bench.kv_transfer --device cuda --json $OUT/kv_transfer_cuda.json
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
+import importlib.util
+import json
 import multiprocessing as mp
 import os
 import shlex
@@ -41,6 +54,7 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")  # before anything imports nixl (
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from baton.bench.kv_transfer_report import REFERENCE, append_section, summary, table  # noqa: E402
 from baton.bench.machine import describe_machine  # noqa: E402
 
 from baton.services.engine.kv.kv_cache import KVCache, KVLayout  # noqa: E402
@@ -52,16 +66,22 @@ TOKEN_BYTES = 2 * 8 * 128 * 2  # K+V bytes of one token of the 1-layer layout (8
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m baton.bench.kv_transfer", description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="tcp,nixl", help="comma-separated transfer backends")
+    p.add_argument("--device", choices=sorted(REFERENCE), default="cpu",
+                   help="where both KV caches live: cpu (host memory) or cuda (VRAM of GPU 0)")
     p.add_argument("--sizes", default="16K,64K,256K,1M,4M", help="block sizes (K+V of one page, one layer)")
     p.add_argument("--blocks", type=int, default=16, help="blocks per write (one request)")
-    p.add_argument("--total-mib", type=float, default=64, help="bytes per bandwidth batch, in MiB")
+    p.add_argument("--total-mib", type=float, default=None, help="bytes per bandwidth batch, in MiB "
+                   "(default 64; 1024 on cuda)")
     p.add_argument("--samples", type=int, default=30, help="hand-off latency samples per point")
     p.add_argument("--warmup", type=int, default=3, help="warm-up writes per point")
     p.add_argument("--cap-s", type=float, default=2.5, help="rough time cap of each batch")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every process")
     p.add_argument("--results", default="", help="append a markdown section to this file")
+    p.add_argument("--json", default="", help="also write the result (command, machine, rows) to this JSON file")
     p.add_argument("--quick", action="store_true", help="smoke run: 16K and 256K, 4 MiB batches, 5 samples")
     args = p.parse_args(argv)
+    if args.total_mib is None:
+        args.total_mib = 1024 if args.device == "cuda" else 64
     if args.quick:
         args.sizes, args.total_mib, args.samples, args.warmup, args.cap_s = "16K,256K", 4, 5, 2, 0.5
     units = {"K": 2**10, "M": 2**20}
@@ -71,7 +91,31 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if any(s <= 0 or s % TOKEN_BYTES for s in args.size_list) or min(args.blocks, args.samples, args.warmup,
                                                                      args.threads) < 1:
         p.error(f"need block sizes in multiples of {TOKEN_BYTES} bytes and positive counts")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA GPU (torch.cuda.is_available() is False)")
     return args
+
+
+def device_of(args) -> torch.device:
+    """GPU 0 (the first visible) or the CPU; on CUDA also made this process's current device."""
+    if args.device != "cuda":
+        return torch.device("cpu")
+    torch.cuda.set_device(0)
+    return torch.device("cuda", 0)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def unavailable(backend: str) -> Optional[str]:
+    """Why `backend` cannot run here (a module it needs is not installed), or None."""
+    need = {"zmq": "pyzmq (the transfer package imports it)", "nixl": "nixl (the nixl and nixl-cu13 wheels)"}
+    missing = [why for module, why in need.items()
+               if (module == "zmq" or backend == "nixl") and importlib.util.find_spec(module) is None]
+    return f"{backend}: {' and '.join(missing)} not importable" if missing else None
 
 
 def layout_for(size: int, blocks: int) -> KVLayout:
@@ -84,18 +128,19 @@ def pairs_for(blocks: int) -> list[tuple[int, int]]:
     return [(2 * i, 2 * (blocks - 1 - i) + 1) for i in range(blocks)]
 
 
-def pattern_cache(layout: KVLayout) -> KVCache:
+def pattern_cache(layout: KVLayout, device: torch.device = torch.device("cpu")) -> KVCache:
     """K block b filled with b+1, V block b with -(b+1) (cheap, and any misplaced block shows)."""
-    cache, n = KVCache(layout, torch.device("cpu")), layout.num_blocks
+    cache, n = KVCache(layout, device), layout.num_blocks
     for sign, tensor in ((1, cache.keys[0]), (-1, cache.values[0])):
-        tensor.view(n, -1).copy_(sign * torch.arange(1, n + 1)[:, None])
+        tensor.view(n, -1).copy_(sign * torch.arange(1, n + 1, device=device)[:, None])
     return cache
 
 
 def verify(cache: KVCache, pairs: list[tuple[int, int]]) -> bool:
-    n = cache.layout.num_blocks
-    return all(bool((t.view(n, -1)[d] == sign * (s + 1)).all())
-               for s, d in pairs for sign, t in ((1, cache.keys[0]), (-1, cache.values[0])))
+    """Each dst block holds its src block's pattern; every other block is still zero (as KVCache made it)."""
+    n, written = cache.layout.num_blocks, {d: s for s, d in pairs}
+    return all(bool((t.view(n, -1)[b] == (sign * (written[b] + 1) if b in written else 0)).all())
+               for b in range(n) for sign, t in ((1, cache.keys[0]), (-1, cache.values[0])))
 
 
 def counts(per_write_s: float, write_bytes: int, args) -> tuple[int, int]:
@@ -114,17 +159,20 @@ def row(backend, size, args, writes, nbytes, received, seconds, lat, verified) -
             "seconds": seconds, "gbps": nbytes / seconds / 1e9, "samples": len(lat), **ms, "verified": verified}
 
 
-def memcpy_row(size: int, args) -> dict[str, Any]:
-    """The local reference: the same pairs moved inside one process."""
+def reference_row(size: int, args) -> dict[str, Any]:
+    """The local reference: the same pairs moved inside one process ("memcpy" on CPU, "d2d" on CUDA)."""
+    device = device_of(args)
     layout, pairs = layout_for(size, args.blocks), pairs_for(args.blocks)
-    src, dst, n = pattern_cache(layout), KVCache(layout, torch.device("cpu")), layout.num_blocks
-    buf = torch.empty((args.blocks, src.keys[0].numel() // n), dtype=layout.dtype)  # staging, reused
+    src, dst, n = pattern_cache(layout, device), KVCache(layout, device), layout.num_blocks
+    buf = torch.empty((args.blocks, src.keys[0].numel() // n), dtype=layout.dtype, device=device)  # reused
+    prebuilt = [torch.tensor(ids, dtype=torch.long, device=device) for ids in zip(*pairs)]  # used on CUDA
 
     def move() -> tuple[float, float]:
         start = time.monotonic()
-        si, di = (torch.tensor(ids, dtype=torch.long) for ids in zip(*pairs))
+        si, di = prebuilt if device.type == "cuda" else (torch.tensor(ids, dtype=torch.long) for ids in zip(*pairs))
         for a, b in ((src.keys[0], dst.keys[0]), (src.values[0], dst.values[0])):
             b.view(n, -1).index_copy_(0, di, torch.index_select(a.view(n, -1), 0, si, out=buf))
+        sync(device)
         return (time.monotonic() - start,) * 2
 
     bw_n, lat_n = counts(statistics.median(move()[0] for _ in range(args.warmup)), args.blocks * size, args)
@@ -133,15 +181,16 @@ def memcpy_row(size: int, args) -> dict[str, Any]:
         move()
     seconds, nbytes = time.monotonic() - start, bw_n * args.blocks * size
     lat = [move() for _ in range(lat_n)]
-    return row("memcpy", size, args, bw_n, nbytes, nbytes, seconds, lat, verify(dst, pairs))
+    return row(REFERENCE[args.device], size, args, bw_n, nbytes, nbytes, seconds, lat, verify(dst, pairs))
 
 
 def _receiver(backend: str, args, peer) -> None:
     """One engine per size; waits for each phase's transfers announced by the sender, reports times."""
     torch.set_num_threads(args.threads)
+    device = device_of(args)
     from baton.services.transfer import TransferState, create_transfer_engine
     for size in args.size_list:
-        cache = KVCache(layout_for(size, args.blocks), "cpu")
+        cache = KVCache(layout_for(size, args.blocks), device)
         engine = create_transfer_engine(backend, "bench-decode", register_kv_cache(cache))
         peer.send(engine.descriptor().to_bytes())
         while (msg := peer.recv())[0] != "verify":
@@ -163,11 +212,12 @@ def _sender(backend: str, args, peer, out) -> None:
     """Per size: connect, warm up, time the bandwidth batch and single hand-offs; rows go to `out`."""
     try:
         torch.set_num_threads(args.threads)
+        device = device_of(args)
         from baton.services.transfer import PeerDescriptor, create_transfer_engine
         pairs = pairs_for(args.blocks)
         for size in args.size_list:
             engine = create_transfer_engine(backend, "bench-prefill",
-                                            register_kv_cache(pattern_cache(layout_for(size, args.blocks))))
+                                            register_kv_cache(pattern_cache(layout_for(size, args.blocks), device)))
             desc = PeerDescriptor.from_bytes(peer.recv())
             engine.connect(desc, timeout=30.0)
 
@@ -225,62 +275,44 @@ def run_backend(backend: str, args) -> list[dict[str, Any]]:
                 proc.join(5)
 
 
-def label(size: int) -> str:
-    return f"{size // 2**20} MiB" if size >= 2**20 else f"{size // 2**10} KiB"
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| backend | block | GB/s | x memcpy | hand-off p50 ms | p90 ms | write() p50 ms | MiB moved |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["block_bytes"], r["backend"] != "memcpy")):
-        lines.append(f"| {r['backend']} | {label(r['block_bytes'])} | {r['gbps']:.2f} | {r['ratio']:.2f} "
-                     f"| {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['write_p50_ms']:.2f} | {r['bytes'] / 2**20:.0f} |")
-    return "\n".join(lines)
-
-
-def summary(rows: list[dict[str, Any]], args) -> str:
-    parts = [f"{b} {min(rs):.2f}-{max(rs):.2f}x" for b in args.backend_list
-             if (rs := [r["ratio"] for r in rows if r["backend"] == b])]
-    big = max(args.size_list)
-    lat = ", ".join(f"{r['backend']} {r['p50_ms']:.2f} ms (write() {r['write_p50_ms']:.2f})"
-                    for r in rows if r["block_bytes"] == big)
-    return (f"Over loopback the backends move {' and '.join(parts)} of memcpy bandwidth; a {args.blocks}-block "
-            f"request of {label(big)} blocks hands off in (p50) {lat}, the gap to write() being the "
-            f"receiver noticing the transfer.")
+def machine(args) -> str:
+    if args.device != "cuda":
+        return describe_machine()
+    try:
+        nixl = f", nixl {importlib.metadata.version('nixl')}"
+    except importlib.metadata.PackageNotFoundError:
+        nixl = ""
+    return describe_machine(f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}{nixl}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Run the benchmark; prints the table, optionally appends to --results; returns the rows."""
+    """Run the benchmark; prints the table, optionally appends to --results / writes --json; returns the result."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [memcpy_row(size, args) for size in args.size_list]
+    rows = [reference_row(size, args) for size in args.size_list]
+    skipped = [why for backend in args.backend_list if (why := unavailable(backend))]
+    for why in skipped:
+        print(f"skipped {why}", file=sys.stderr)
     for backend in args.backend_list:
-        rows += run_backend(backend, args)
-    ref = {r["block_bytes"]: r["gbps"] for r in rows if r["backend"] == "memcpy"}
+        if unavailable(backend) is None:
+            rows += run_backend(backend, args)
+    ref = {r["block_bytes"]: r["gbps"] for r in rows if r["backend"] == REFERENCE[args.device]}
     for r in rows:
         r["ratio"] = r["gbps"] / ref[r["block_bytes"]]
     exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
-    result = {"command": f"{exe} -m bench.kv_transfer {shlex.join(argv)}".strip(), "machine": describe_machine(),
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rows": rows}
-    print(table(rows), summary(rows, args), sep="\n\n")
+    result = {"command": f"{exe} -m baton.bench.kv_transfer {shlex.join(argv)}".strip(), "machine": machine(args),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "device": args.device, "reference": REFERENCE[args.device], "skipped": skipped,
+              "ucx": {k: os.environ.get(k, "") for k in ("UCX_TLS", "UCX_NET_DEVICES")}, "rows": rows}
+    print(table(rows, args.device), summary(rows, args), sep="\n\n")
     if any(not r["verified"] or r["expected_bytes"] != r["bytes"] or r["expected_bytes"] != r["bytes_received"]
            for r in rows):
         print("WARNING: some rows moved unexpected bytes or failed verification", file=sys.stderr)
     if args.results:
-        if not Path(args.results).exists():
-            Path(args.results).write_text("# Benchmark results\n")
-        tls = os.environ.get("UCX_TLS", "default")
-        with Path(args.results).open("a") as f:
-            f.write(f"\n## KV transfer bandwidth and hand-off latency ({result['date']})\n\n"
-                    f"- Command: `{result['command']}`\n- Machine: {result['machine']}\n- Date: {result['date']}\n"
-                    f"- Workload: block = K+V of one page of one layer (1 layer, 8 KV heads x 128, float16); "
-                    f"{args.blocks} scattered blocks per write; bandwidth over >= 8 writes and >= {args.total_mib:g} "
-                    f"MiB (fewer past ~{args.cap_s:g} s); hand-off = write() to SUCCESS at both ends, up to "
-                    f"{args.samples} samples after {args.warmup} warm-ups; write() = sender SUCCESS only; sender "
-                    f"and receiver in separate processes over loopback (UCX_TLS={tls}); memcpy = index_select into "
-                    f"a reused buffer + index_copy_ in one process; {args.threads} torch thread(s)\n\n"
-                    f"{table(rows)}\n\n{summary(rows, args)}\n")
+        append_section(args.results, result, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
