@@ -31,10 +31,12 @@ for step in "$@"; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
     setup)
-      if [ ! -d /tmp/site/grpc ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-          .whl/*.whl $(ls .whlnixl/*.whl 2>/dev/null) || exit 1
-      fi
+      for dir in .whl .whlnixl; do  # each carried wheel folder once per machine
+        if ls $dir/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.done$dir ]; then
+          python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            $dir/*.whl && touch /tmp/site/.done$dir || exit 1
+        fi
+      done
       python3 -c "import grpc, fastapi, zmq, xgrammar; print('grpcio', grpc.__version__)" || exit 1
       [ -f $MODEL/config.json ] || python3 -m baton.bench.gpu_engine --make-model $MODEL || exit 1
       [ -f .peer/vllm026-carry.part00 ] && cp .peer/vllm026-carry.part00 /tmp/p00

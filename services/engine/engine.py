@@ -16,6 +16,10 @@ blocks it took are released with the rest. A step whose batch has a request that
 state to sample (grammar, penalties, logprobs, a held prefill lease: `Request.sync_only`)
 first settles the pending step and then runs synchronously. Seeded sampling stays
 reproducible: every row still draws its uniform from its own CPU generator, in order.
+
+On CUDA the constructor ends with `warmup()` (unless `skip_warmup`): dummy requests through
+`step()` until every kernel variant is compiled, leaving the engine idle and whole (`warmup.py`).
+`self.config` is the resolved config (`device_defaults.resolve_config`), never the by-device one.
 """
 from __future__ import annotations
 

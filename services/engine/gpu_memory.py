@@ -103,10 +103,10 @@ def graph_reserve_bytes(max_bs: int, vocab_size: int, logits_itemsize: int, widt
     return static + profile.decode_forward_bytes * max_bs // profile.decode_rows
 
 
-def _dummy_request(name: str, length: int, blocks: list[int]):
+def _dummy_request(name: str, length: int, blocks: list[int], vocab_size: int):
     from baton.services.engine.request import Request
     from baton.services.engine.sampling_params import SamplingParams
-    tokens = [(7 * i + 3) % 1000 + 1 for i in range(length)]
+    tokens = [(7 * i + 3) % vocab_size for i in range(length)]
     return Request(request_id=name, parent_id=name, index=0, prompt_token_ids=tokens,
                    params=SamplingParams(max_tokens=1), arrival=0, block_table=blocks)
 
@@ -146,9 +146,10 @@ def profile_step_memory(model, dtype: torch.dtype, device: torch.device, page_si
     for i, n in enumerate(lengths):
         blocks = list(range(first, first + -(-n // page_size)))
         first += len(blocks)
-        prefill.append(ScheduledItem(_dummy_request(f"profile-prefill-{i}", n, blocks), 0, n))
+        prefill.append(ScheduledItem(_dummy_request(f"profile-prefill-{i}", n, blocks, cfg.vocab_size), 0, n))
     # one-token sequences at position 0; their blocks alias (the values written are never read)
-    decode = [ScheduledItem(_dummy_request(f"profile-decode-{i}", 1, [i % num_blocks]), 0, 1) for i in range(rows)]
+    decode = [ScheduledItem(_dummy_request(f"profile-decode-{i}", 1, [i % num_blocks], cfg.vocab_size), 0, 1)
+              for i in range(rows)]
 
     def step(items, sample: bool) -> None:
         logits = runner.execute(items)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
-from baton.services.engine.attention.triton_kernels import (decode_attention, extend_attention, extend_blocks,
-                                                      extend_tiles, num_decode_splits)
+from baton.services.engine.attention.triton_kernels import (decode_attention, decode_workspace, extend_attention,
+                                                            extend_blocks, extend_tiles, num_decode_splits)
 from baton.services.engine.kv.kv_cache import KVCache
 
 
@@ -78,10 +78,11 @@ class TritonAttentionBackend(AttentionBackend):
         decodes = [i for i, s in enumerate(meta.seqs) if s.query_len == 1]
         extends = [i for i, s in enumerate(meta.seqs) if s.query_len > 1]
         packed: list[int] = []
-        layout: list[tuple[str, int, tuple[int, ...]]] = []
+        layout: list[tuple[str, int, int, tuple[int, ...]]] = []
 
         def add(name: str, values: list[int], shape: tuple[int, ...]) -> None:
-            layout.append((name, len(packed), shape))
+            packed.extend([0] * (-len(packed) % 4))  # 16-byte aligned views: one compiled variant
+            layout.append((name, len(packed), len(values), shape))
             packed.extend(values)
 
         if decodes:
@@ -103,9 +104,8 @@ class TritonAttentionBackend(AttentionBackend):
         else:
             device_buf = host
         views: dict[str, torch.Tensor] = {}
-        for index, (name, start, shape) in enumerate(layout):
-            stop = layout[index + 1][1] if index + 1 < len(layout) else len(packed)
-            views[name] = device_buf[start:stop].view(shape)
+        for name, start, count, shape in layout:
+            views[name] = device_buf[start:start + count].view(shape)
 
         decode = None
         if decodes:
@@ -115,11 +115,7 @@ class TritonAttentionBackend(AttentionBackend):
             splits = num_decode_splits(len(decodes), self.num_kv_heads, longest, self.num_sms)
             workspace = None
             if splits > 1:
-                workspace = (
-                    torch.empty(len(decodes), self.num_heads, splits, self.head_dim, dtype=torch.float32,
-                                device=self.device),
-                    torch.empty(len(decodes), self.num_heads, splits, dtype=torch.float32, device=self.device),
-                )
+                workspace = decode_workspace(len(decodes), self.num_heads, splits, self.head_dim, self.device)
             decode = DecodePlan(views["d_table"], views["d_lens"], views["d_rows"], splits, workspace)
         extend = None
         if extends:
@@ -134,10 +130,7 @@ class TritonAttentionBackend(AttentionBackend):
         batch = block_table.shape[0]
         workspace = None
         if num_splits > 1:
-            workspace = (
-                torch.empty(batch, self.num_heads, num_splits, self.head_dim, dtype=torch.float32, device=self.device),
-                torch.empty(batch, self.num_heads, num_splits, dtype=torch.float32, device=self.device),
-            )
+            workspace = decode_workspace(batch, self.num_heads, num_splits, self.head_dim, self.device)
         return TritonPlan(decode=DecodePlan(block_table, seq_lens, rows, num_splits, workspace), extend=None)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -16,6 +16,13 @@ when it is a power of two).
   0), chunked prefill (prefix > 0) and mixed batches alike; work is a flat list of
   (sequence, query block) tiles, so short and long sequences share one launch.
 
+One compiled variant per model serves every step: the integers that change from step to
+step (split count, block-table width) are not specialized on (`do_not_specialize`), the
+split workspace pads its split axis to a multiple of 16 (`decode_workspace`) so its strides
+keep their divisibility, and the reduce kernel's split block is at least 32 wide. What is
+left varies with the model, page size and dtype, plus single- or multi-split decode (see
+`warmup`, which compiles them all at start-up).
+
 Both accumulate in float32 (online softmax in base 2), take bf16 / fp16 / fp32 inputs,
 honour a sliding window (a key is visible when 0 <= q_pos - k_pos < window) and pad head
 dims that are not powers of two (80, 96, ...) with masks. Float32 inputs use exact IEEE
@@ -34,7 +41,7 @@ MASKED_MAX = tl.constexpr(-1.0e30)
 """Initial running max: finite, so a row with nothing visible yet never computes -inf - -inf."""
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
     Q, K, V, BlockTable, SeqLens, QRows, Out, MidO, MidLse,
     scale_log2, window, num_splits,
@@ -106,7 +113,7 @@ def _decode_split_kernel(
         tl.store(MidLse + seq.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     MidO, MidLse, QRows, Out, num_splits,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ot,
@@ -129,7 +136,7 @@ def _decode_reduce_kernel(
     tl.store(Out + row * stride_ot + head * HEAD_DIM + offs_d, out.to(Out.dtype.element_ty), mask=d_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _extend_kernel(
     Q, K, V, Out, BlockTable, QStart, QLen, PrefixLen, Tiles,
     scale_log2, window,
@@ -230,6 +237,16 @@ def num_decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     return max(1, min(wanted, by_length, max_splits))
 
 
+def decode_workspace(batch: int, num_heads: int, num_splits: int, head_dim: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mid_out float32 [batch, Hq, S, D], mid_lse float32 [batch, Hq, S]) for a multi-split decode,
+    S = num_splits rounded up to a multiple of 16: the strides the kernels see then have the same
+    divisibility whatever the split count, so no split count triggers a new compile."""
+    width = 16 * triton.cdiv(max(1, num_splits), 16)
+    return (torch.empty(batch, num_heads, width, head_dim, dtype=torch.float32, device=device),
+            torch.empty(batch, num_heads, width, dtype=torch.float32, device=device))
+
+
 NO_WINDOW = 1 << 30
 """The window the kernels get when there is none: longer than any context."""
 
@@ -250,8 +267,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k_cache / v_cache [slots, Hkv, D], block_table int32 [batch, max_blocks],
     seq_lens int32 [batch] (context length including the query token, whose K/V are
     already in the cache). Writes out[q_rows[i]] ([T, Hq * D], q's dtype) and returns out.
-    `workspace` = (mid_out float32 [batch, Hq, splits, D], mid_lse float32 [batch, Hq, splits])
-    may be passed in to avoid an allocation when num_splits > 1.
+    `workspace` = (mid_out float32 [batch, Hq, >= splits, D], mid_lse float32 [batch, Hq, >= splits],
+    as `decode_workspace` makes them) may be passed in to avoid an allocation when num_splits > 1.
     """
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -274,11 +291,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         mid_o = mid_lse = out  # unused
         mid_strides = (0, 0, 0, 0, 0)
     else:
-        if workspace is None:
-            mid_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-            mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        else:
-            mid_o, mid_lse = workspace
+        mid_o, mid_lse = workspace or decode_workspace(batch, num_heads, num_splits, head_dim, q.device)
         mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1))
     ieee = q.dtype == torch.float32
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
@@ -292,7 +305,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](
             mid_o, mid_lse, q_rows, out, num_splits, *mid_strides, out.stride(0),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(32, triton.next_power_of_2(num_splits)), num_warps=4,
         )
     return out
 

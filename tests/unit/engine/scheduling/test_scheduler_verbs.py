@@ -6,6 +6,7 @@ Pool of 6 blocks of 4 tokens; blocks are handed out in FIFO order of being freed
 import pytest
 
 from baton.services.engine.config import EngineConfig
+from baton.services.engine.device_defaults import resolve_config
 from baton.services.engine.kv.block_pool import BlockPool
 from baton.services.engine.kv.null_cache import NullPrefixCache
 from baton.services.engine.kv.radix_cache import RadixCache
@@ -18,7 +19,7 @@ PREFIX = [10, 11, 12, 13]
 
 
 def make_scheduler(null_cache=False, **options):
-    config = EngineConfig(page_size=PAGE, **options)
+    config = resolve_config(EngineConfig(page_size=PAGE, **options), "cpu")
     pool = BlockPool(6)
     cache = NullPrefixCache(pool, PAGE) if null_cache else RadixCache(pool, PAGE)
     return Scheduler(config, pool, cache)
