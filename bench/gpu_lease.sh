@@ -37,7 +37,7 @@ for step in "$@"; do
             $dir/*.whl && touch /tmp/site/.done$dir || exit 1
         fi
       done
-      python3 -c "import grpc, fastapi, zmq, xgrammar; print('grpcio', grpc.__version__)" || exit 1
+      python3 -c "import grpc, fastapi, zmq; print('grpcio', grpc.__version__)" || exit 1
       [ -f $MODEL/config.json ] || python3 -m baton.bench.gpu_engine --make-model $MODEL || exit 1
       [ -f .peer/vllm026-carry.part00 ] && cp .peer/vllm026-carry.part00 /tmp/p00
       nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv ;;
