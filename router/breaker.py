@@ -53,6 +53,11 @@ class CircuitBreaker:
         state = self.state
         return state is BreakerState.CLOSED or (state is BreakerState.HALF_OPEN and not self.trial_in_flight)
 
+    def release_trial(self) -> None:
+        """The half-open trial ended with no verdict (its client went away, its deadline passed):
+        the next request may be the trial."""
+        self.trial_in_flight = False
+
     def record_success(self) -> None:
         """The worker served a request: close the breaker."""
         self.failures = 0

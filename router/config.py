@@ -38,6 +38,9 @@ class RouterConfig:
     """Deadline of a whole request, first byte to last."""
     max_attempts: int = 3
     """Workers tried for one request before its first token (retries with backoff)."""
+    stream_stall_timeout_s: float = 60.0
+    """Longest wait for a decode worker's next chunk before its stream moves elsewhere (also
+    moved at once when the worker turns unhealthy while the stream waits: a frozen worker)."""
     max_migrations: int = 3
     """Times a stream may move to another decode worker after its first token."""
     retry_backoff_s: float = 0.05
@@ -62,6 +65,7 @@ class RouterConfig:
             (self.request_timeout_s > 0, "request_timeout_s must be positive"),
             (self.max_attempts >= 1, "max_attempts must be at least 1"),
             (self.max_migrations >= 0, "max_migrations must be non-negative"),
+            (self.stream_stall_timeout_s > 0, "stream_stall_timeout_s must be positive"),
             (self.breaker_failures >= 1, "breaker_failures must be at least 1"),
             (self.max_queued_requests >= 1, "max_queued_requests must be at least 1"),
             (self.unhealthy_after_failures >= 1, "unhealthy_after_failures must be at least 1"),

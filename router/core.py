@@ -96,7 +96,8 @@ class RouterCore:
     # --- requests ------------------------------------------------------------------
     def open_stream(self, request: RouterRequest) -> RequestStream:
         """Start serving a request; its chunks (or the BatonError that ended it) come out of
-        the returned stream. A full router queue refuses it there with OVERLOADED."""
+        the returned stream. A full router queue refuses it there with OVERLOADED; an id that
+        is already running is refused here with INVALID_REQUEST."""
         metrics = self.metrics
 
         async def pipeline(emit) -> None:
@@ -113,6 +114,8 @@ class RouterCore:
                 del self._active[request.request_id]
             metrics.in_flight.set(len(self._active))
 
+        if request.request_id in self._active:  # never hijack the running request's stream
+            raise BatonError(ErrorCode.INVALID_REQUEST, f"request id {request.request_id!r} is already running")
         stream = RequestStream(request.request_id, pipeline, ended)
         self._active[request.request_id] = stream
         metrics.in_flight.set(len(self._active))

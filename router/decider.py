@@ -10,6 +10,9 @@ Rule: disaggregate (``decide`` returns True) only when all hold:
 - the request asks for one completion (``n <= 1``): requests with ``n > 1`` always go
   decode-only, their n samples prefilled and served together on one decode worker (the
   router passes ``n`` from the request separately from the prompt);
+- the request does not ask for prompt logprobs (``prompt_logprobs``): they need the logits of
+  every prompt position, and a prefill worker hands over KV blocks and one token, not logits,
+  so such a request is prefilled (and scored) on its decode worker;
 - the uncached part of the prompt, ``len(prompt) - cached_tokens_estimate`` (the estimate
   clamped to [0, len(prompt)]), is strictly greater than ``decode_only_threshold``.
 
@@ -46,8 +49,8 @@ class DisaggDecider:
         return n - min(max(cached_tokens_estimate, 0), n)
 
     def decide(self, prompt_token_ids: Sequence[int], cached_tokens_estimate: int,
-               have_prefill: bool, n: int = 1) -> bool:
+               have_prefill: bool, n: int = 1, prompt_logprobs: bool = False) -> bool:
         """True to disaggregate (prefill + decode), False for decode-only."""
-        if not have_prefill or n > 1:
+        if not have_prefill or n > 1 or prompt_logprobs:
             return False
         return self.uncached_tokens(prompt_token_ids, cached_tokens_estimate) > self.decode_only_threshold

@@ -48,7 +48,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 yield router_pb2.GenerateResponse(
                     request_id=routed.request_id, index=chunk.index, token_ids=chunk.token_ids, text=chunk.text,
                     logprobs=chunk.logprobs, finish_reason=chunk.finish_reason or "", stop_reason=chunk.stop_reason,
-                    usage=chunk.usage)
+                    usage=chunk.usage, prompt_logprobs=chunk.prompt_logprobs)
         except BatonError as error:
             status = error.code_name.lower()
             await abort_with(context, error)

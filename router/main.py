@@ -31,19 +31,35 @@ def load_tokenizer_and_context(model: str):
     return tokenizer, int(config.get("max_position_embeddings", 4096))
 
 
-async def start_grpc(core: RouterCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """The Router gRPC service with standard health and reflection; returns (server, port)."""
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+"""`baton.v1.Router`: the name its gRPC health is registered under (as well as "")."""
+
+
+async def keep_health_honest(core: RouterCore, servicer: health.aio.HealthServicer) -> None:
+    """gRPC health follows HTTP /health: SERVING exactly while a decode worker can serve."""
+    serving, ok = None, health_pb2.HealthCheckResponse
+    while True:
+        now = core.is_serving()
+        if now != serving:
+            status = ok.SERVING if now else ok.NOT_SERVING
+            for name in ("", ROUTER_SERVICE):
+                await servicer.set(name, status)
+            serving = now
+        await asyncio.sleep(min(0.5, core.config.health_interval_s))
+
+
+async def start_grpc(core: RouterCore, host: str, port: int) -> tuple[grpc.aio.Server, int, asyncio.Task]:
+    """The Router gRPC service with standard health and reflection; returns (server, port, the
+    task that keeps its health status current)."""
     server = grpc.aio.server()
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name, health.SERVICE_NAME,
-             reflection.SERVICE_NAME]
+    names = [ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+    return server, bound, asyncio.create_task(keep_health_honest(core, health_servicer))
 
 
 async def serve_router(config: RouterConfig) -> int:
@@ -53,7 +69,7 @@ async def serve_router(config: RouterConfig) -> int:
     core = RouterCore(config, tokenizer)
     core.max_model_len = context
     await core.start()
-    grpc_server, grpc_port = await start_grpc(core, config.host, config.grpc_port)
+    grpc_server, grpc_port, health_task = await start_grpc(core, config.host, config.grpc_port)
     gateway, http_port = await serve_gateway(core, config.host, config.http_port)
     print(f"baton router: gateway http://{config.host}:{http_port}/v1 (model {core.model_name}), "
           f"gRPC {config.host}:{grpc_port}", flush=True)
@@ -62,6 +78,7 @@ async def serve_router(config: RouterConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    health_task.cancel()
     await gateway.stop()
     await grpc_server.stop(5)
     await core.stop()

@@ -6,6 +6,8 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
+from baton.protos.errors import ErrorCode
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -42,6 +44,22 @@ class RouterMetrics:
                                     ["role", "reason"], registry=r)
         self.failures = Counter("baton_router_failures", "Requests that ended with an error, by error code",
                                 ["reason"], registry=r)
+        self._export_zeros()
+
+    def _export_zeros(self) -> None:
+        """Create every known label set at 0, so a dashboard or an alert over `rate(...)` sees a
+        series (0) before the first failure instead of no data."""
+        codes = [name.lower() for name in ErrorCode.keys() if name != "ERROR_CODE_UNSPECIFIED"]
+        for code in codes:
+            self.failures.labels(reason=code)
+            self.retries.labels(reason=code)
+        for role in ("prefill", "decode"):
+            for reason in BACKPRESSURE_REASONS:
+                self.backpressure.labels(role=role, reason=reason)
+
+
+BACKPRESSURE_REASONS = ("full", "overloaded")
+"""Why a request waited: every worker of the role was at its capacity (full), or one refused it (overloaded)."""
 
 
 class WorkerCountersCollector:

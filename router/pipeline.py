@@ -35,6 +35,7 @@ import grpc
 from baton.protos.baton.v1 import common_pb2, worker_pb2
 from baton.protos.errors import BatonError, ErrorCode, ErrorOrigin, error_from_rpc
 from baton.router.admission import RoomQueue
+from baton.router.breaker import BreakerState
 from baton.router.registry import WorkerEntry
 from baton.router.stream import Emit
 from baton.router.types import Chunk, Role, RouterRequest
@@ -75,6 +76,8 @@ class Pipeline:
         self.deadline = self.started + request.timeout_s
         self.progress = Progress(request.n)
         self.failed: set[str] = set()
+        self._trials: set[str] = set()
+        """Workers whose half-open breaker trial this request holds."""
 
     async def run(self) -> None:
         """Serve the request to the end; raises BatonError when no worker can."""
@@ -160,7 +163,8 @@ class Pipeline:
         decode = _pick(core.decode_policy, decodes, prompt)
         cached = core.decode_prefixes.matched_prefix_len(decode.address, prompt)
         prefill = None
-        if core.decider.decide(prompt, cached, have_prefill=bool(prefills), n=self.request.n):
+        if core.decider.decide(prompt, cached, have_prefill=bool(prefills), n=self.request.n,
+                               prompt_logprobs=self.request.params.HasField("prompt_logprobs")):
             with_room = [e for e in prefills if e.has_room(now)]
             if not with_room:
                 return self._waits(Role.PREFILL, "full")
@@ -177,6 +181,8 @@ class Pipeline:
 
     def _claim(self, policy, chosen: WorkerEntry, prompt: list[int], role: Role) -> WorkerEntry:
         """Take one slot of the chosen worker (released by `_release`)."""
+        if chosen.breaker.state is BreakerState.HALF_OPEN:
+            self._trials.add(chosen.address)
         chosen.breaker.allow()
         chosen.in_flight += 1
         policy.on_dispatch(chosen.view(), prompt)
@@ -189,6 +195,9 @@ class Pipeline:
         for entry in (decode, prefill):
             if entry is not None:
                 entry.in_flight -= 1
+                if entry.address in self._trials:  # a trial with no verdict must not block the worker
+                    self._trials.discard(entry.address)
+                    entry.breaker.release_trial()
                 if not refused:
                     entry.saturated_until = 0.0
         self.room.wake()
@@ -230,13 +239,15 @@ class Pipeline:
             if params.HasField("max_tokens"):
                 params.max_tokens = max(1, params.max_tokens - len(sent))
             params.min_tokens = max(0, params.min_tokens - len(sent))
+            params.ClearField("prompt_logprobs")  # sent with the first chunk already
+            params.prompt_logprobs_start = 0
         left = max(0.001, self.deadline - time.monotonic())
         call = decode.decode_stub().Generate(worker_pb2.DecodeRequest(
             request_id=f"{request.request_id}-{len(progress.tokens[0])}" if progress.started else request.request_id,
             prompt_token_ids=prompt, params=params, prefill_address=prefill.address if prefill else "",
             timeout_ms=int(left * 1000)), timeout=left)
         try:
-            async for response in call:
+            while (response := await self._next_response(call, decode)) is not None:
                 self._relay(response)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, default=ErrorCode.INTERNAL) from None
@@ -244,6 +255,28 @@ class Pipeline:
             call.cancel()
         if not all(progress.done):
             raise BatonError(ErrorCode.INTERNAL, "the decode stream ended before every completion finished")
+
+    async def _next_response(self, call, decode: WorkerEntry) -> Optional[worker_pb2.DecodeResponse]:
+        """The stream's next message (None at its end). A frozen decode worker is given up on:
+        when it turns unhealthy while the stream waits, or sends nothing for
+        `stream_stall_timeout_s`, the attempt fails (then retries or migrates)."""
+        read = asyncio.ensure_future(call.read())
+        waited, check_s = 0.0, self.core.config.health_interval_s
+        stall_s = self.core.config.stream_stall_timeout_s
+        try:
+            while True:
+                done, _ = await asyncio.wait({read}, timeout=min(check_s, stall_s - waited))
+                if done:
+                    message = read.result()
+                    return None if message is grpc.aio.EOF else message
+                waited += check_s
+                if not decode.healthy or waited >= stall_s:
+                    why = "turned unhealthy" if not decode.healthy else f"sent nothing for {waited:.0f} s"
+                    raise BatonError(ErrorCode.INTERNAL, f"decode worker {decode.address} {why} mid-request",
+                                     unreachable=not decode.healthy)
+        finally:
+            if not read.done():
+                read.cancel()
 
     def _relay(self, response: worker_pb2.DecodeResponse) -> None:
         now, progress, metrics = time.monotonic(), self.progress, self.core.metrics
@@ -263,4 +296,5 @@ class Pipeline:
                                      cached_tokens=min(prompt_len, response.usage.cached_tokens))
         self.emit(Chunk(index=response.index, token_ids=list(response.token_ids), text=response.text,
                         logprobs=list(response.logprobs), finish_reason=response.finish_reason or None,
-                        stop_reason=response.stop_reason, usage=usage))
+                        stop_reason=response.stop_reason, usage=usage,
+                        prompt_logprobs=list(response.prompt_logprobs)))

@@ -70,6 +70,8 @@ class Chunk:
     finish_reason: Optional[str] = None
     stop_reason: str = ""
     usage: Optional[common_pb2.Usage] = None
+    prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    """On a completion's first chunk when the request asked for prompt logprobs (see common.proto)."""
 
 
 class ChunkStream(Protocol):

@@ -7,12 +7,14 @@ Routes:
   one `data: {"error": ...}` event, then the stream closes. A client that disconnects has its
   stream closed, which aborts the request; its response is logged as 499.
 - `GET /v1/models`, `GET /v1/models/{model}`: the one served model.
+- Beyond the OpenAI API (extensions.py, docs/lang.md): `POST /v1/select` (score continuations),
+  `POST /tokenize` and `POST /detokenize` (vLLM's), behind the same API keys.
 - `GET /health` (200 / 503 on `core.is_serving()`), `GET /metrics` (Prometheus text of
   `core.metrics.registry`), `GET /workers` (`core.worker_statuses()`), `GET /` (dashboard).
 With `core.config.api_keys` set, `/v1/*` needs `Authorization: Bearer <key>`; the other
 routes stay open. Bodies are parsed as JSON whatever the Content-Type (`curl -d` sends a
 form type); a bad body is a 400 naming the field. Every chat / completions response is
-counted in `core.metrics.requests` (labels `api` = chat | completions, `status` = the HTTP
+counted in `core.metrics.requests` (labels `api` = chat | completions | select, `status` = the HTTP
 status sent).
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from baton.router.gateway.convert import PreparedRequest, check_model, prepare_chat, prepare_completion
 from baton.router.gateway.dashboard import dashboard_html
 from baton.router.gateway.errors import ApiError, install_error_handlers
+from baton.router.gateway.extensions import extension_routes
 from baton.router.gateway.logprobs import TokenStrings
 from baton.router.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.gateway.relay import DisconnectWatcher, sse_body
@@ -41,7 +44,7 @@ from baton.router.types import ChunkStream, RouterCoreAPI, RouterRequest
 CLIENT_CLOSED = 499
 """Status recorded (metrics, access log) for a request whose client went away."""
 
-_COUNTED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_COUNTED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/select": "select"}
 
 
 class RequestCounter:
@@ -97,7 +100,8 @@ def create_app(core: RouterCoreAPI) -> FastAPI:
     app.add_middleware(RequestCounter, core=core)
     strings = TokenStrings(core.tokenizer)
     started = int(time.time())
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_dependency(core))])
+    keys = [Depends(_api_key_dependency(core))]
+    v1 = APIRouter(prefix="/v1", dependencies=keys)
 
     def model_card() -> dict[str, Any]:
         return {"id": core.model_name, "object": "model", "created": started, "owned_by": "baton",
@@ -133,7 +137,7 @@ def create_app(core: RouterCoreAPI) -> FastAPI:
         ctx = ResponseContext(
             request_id=request_id, model=core.model_name, prompt_tokens=len(prepared.prompt_token_ids),
             strings=strings, n=n, logprobs=prepared.params.HasField("logprobs"),
-            include_usage=body.include_usage, continuous_usage=body.continuous_usage)
+            include_usage=body.include_usage, continuous_usage=body.continuous_usage, echo=prepared.echo)
         stream = core.open_stream(RouterRequest(
             request_id=request_id, prompt_token_ids=prepared.prompt_token_ids, params=prepared.params,
             timeout_s=core.config.request_timeout_s, n=n))
@@ -168,6 +172,8 @@ def create_app(core: RouterCoreAPI) -> FastAPI:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     app.include_router(v1)
+    for extra in extension_routes(core, keys):
+        app.include_router(extra)
 
     @app.get("/health")
     async def health() -> JSONResponse:

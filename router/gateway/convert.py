@@ -1,10 +1,15 @@
 """OpenAI request bodies -> what the router core takes: prompt token ids and the wire
 `common_pb2.SamplingParams`.
 
-- chat: the tokenizer's chat template (`add_generation_prompt=True`); content given as a list
-  of text parts is joined with newlines (templates of text models expect a string); other part
-  types are a 400.
-- completions: `tokenizer.encode(prompt)` for text, or the token ids as given.
+- chat: the tokenizer's chat template (`render_chat`): by default with the generation prompt;
+  with `continue_final_message` (vLLM's extension) the final assistant message is left open and
+  the model continues it (an empty one is the same as the generation prompt). Content given as
+  a list of text parts is joined with newlines (templates of text models expect a string);
+  other part types are a 400.
+- completions: `tokenizer.encode(prompt)` for text, or the token ids as given. `echo` puts the
+  prompt (and, with `logprobs`, its tokens' logprobs: `prompt_logprobs` on the wire) in front of
+  each completion; `max_tokens: 0` is allowed with echo only (the prompt is scored, one token
+  is generated and dropped, as vLLM does).
 - `max_tokens` is always set on the wire: absent means the rest of the context
   (`max_model_len - prompt length`); prompt + max_tokens beyond the context is a 400 with
   OpenAI's "maximum context length" wording (`code="context_length_exceeded"`).
@@ -21,9 +26,19 @@ from typing import Any, Optional, Union
 
 from baton.protos.baton.v1 import common_pb2
 from baton.router.gateway.errors import ApiError, invalid_request
-from baton.router.gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingBody
+from baton.router.gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingBody
 
 _UINT64_MASK = 2**64 - 1
+
+
+@dataclass
+class EchoPrompt:
+    """What `echo` puts in front of every completion of a completions request."""
+
+    text: str
+    token_ids: list[int]
+    only: bool = False
+    """`max_tokens: 0`: the one token generated is dropped; the answer is the prompt alone."""
 
 
 @dataclass
@@ -32,6 +47,7 @@ class PreparedRequest:
 
     prompt_token_ids: list[int]
     params: common_pb2.SamplingParams
+    echo: Optional[EchoPrompt] = None
 
 
 def check_model(requested: Optional[str], served: str) -> None:
@@ -58,14 +74,19 @@ def _text_content(content: Any, index: int) -> str:
     return "\n".join(texts)
 
 
-def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """The messages as plain dicts for the chat template (content flattened to a string)."""
-    messages = []
-    for i, message in enumerate(body.messages):
+def plain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as plain dicts for the chat template (content flattened to a string)."""
+    plain = []
+    for i, message in enumerate(messages):
         item = message.model_dump(exclude_none=True)
         item["content"] = _text_content(message.content, i)
-        messages.append(item)
-    return messages
+        plain.append(item)
+    return plain
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The request's messages as plain dicts for the chat template."""
+    return plain_messages(body.messages)
 
 
 def _as_id_list(result: Any) -> list[int]:
@@ -79,19 +100,42 @@ def _as_id_list(result: Any) -> list[int]:
     return [int(t) for t in result]
 
 
-def chat_prompt_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
-    """Render and tokenize the chat with the model's template; a template error is a 400."""
-    if body.tools and body.tool_choice != "none":
-        raise invalid_request("tool calling is not supported by this server", param="tools")
-    kwargs = dict(body.chat_template_kwargs or {})
+def render_chat(messages: list[dict[str, Any]], tokenizer, *, add_generation_prompt: Optional[bool] = None,
+                continue_final_message: bool = False, template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
+    """The chat rendered with the model's template and tokenized; a template error is a 400.
+
+    `add_generation_prompt` None means True unless `continue_final_message`, which leaves the final
+    (assistant) message open for the model to continue; an empty final message to continue is the
+    same as the generation prompt."""
+    if continue_final_message:
+        if add_generation_prompt:
+            raise invalid_request("give at most one of add_generation_prompt and continue_final_message",
+                                  param="continue_final_message")
+        if not messages or messages[-1].get("role") != "assistant":
+            raise invalid_request("continue_final_message needs the last message to be the assistant's",
+                                  param="continue_final_message")
+        if not messages[-1].get("content"):
+            messages, add_generation_prompt, continue_final_message = messages[:-1], True, False
+    if add_generation_prompt is None:
+        add_generation_prompt = not continue_final_message
     try:
         result = tokenizer.apply_chat_template(
-            chat_messages(body), add_generation_prompt=True, tokenize=True, **kwargs)
+            messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            tokenize=True, **dict(template_kwargs or {}))
     except ApiError:
         raise
     except Exception as e:  # jinja TemplateError, missing template (ValueError), bad kwargs
         raise invalid_request(f"the chat template cannot render these messages: {e}", param="messages") from e
     return _as_id_list(result)
+
+
+def chat_prompt_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
+    """Render and tokenize the chat with the model's template; a template error is a 400."""
+    if body.tools and body.tool_choice != "none":
+        raise invalid_request("tool calling is not supported by this server", param="tools")
+    return render_chat(chat_messages(body), tokenizer, add_generation_prompt=body.add_generation_prompt,
+                       continue_final_message=bool(body.continue_final_message),
+                       template_kwargs=body.chat_template_kwargs)
 
 
 def completion_prompt_ids(body: CompletionRequest, tokenizer) -> list[int]:
@@ -169,8 +213,6 @@ def _check_unsupported(body: SamplingBody) -> None:
     if body.logit_bias:
         raise invalid_request("logit_bias is not supported", param="logit_bias")
     if isinstance(body, CompletionRequest):
-        if body.echo:
-            raise invalid_request("echo is not supported", param="echo")
         if body.suffix:
             raise invalid_request("suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != (body.n or 1):
@@ -213,6 +255,8 @@ def sampling_params(body: SamplingBody, max_tokens: int) -> common_pb2.SamplingP
             msg.logprobs = body.top_logprobs or 0
     elif isinstance(body, CompletionRequest) and body.logprobs is not None:
         msg.logprobs = body.logprobs
+        if body.echo:
+            msg.prompt_logprobs = body.logprobs
     constraint = structured_output(body)
     if constraint is not None:
         msg.structured_output.CopyFrom(constraint)
@@ -229,5 +273,15 @@ def prepare_chat(body: ChatCompletionRequest, tokenizer, max_model_len: int) -> 
 def prepare_completion(body: CompletionRequest, tokenizer, max_model_len: int) -> PreparedRequest:
     """Tokenize a completions request and map its parameters; raises ApiError (400)."""
     ids = completion_prompt_ids(body, tokenizer)
-    max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), max_model_len, chat=False)
-    return PreparedRequest(ids, sampling_params(body, max_tokens))
+    requested = body.requested_max_tokens
+    echo_only = requested == 0
+    if echo_only and not body.echo:
+        raise invalid_request("max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
+    max_tokens = resolve_max_tokens(1 if echo_only else requested, len(ids), max_model_len, chat=False)
+    if echo_only and body.min_tokens:
+        raise invalid_request("min_tokens must be 0 when max_tokens is 0", param="min_tokens")
+    echo = None
+    if body.echo:
+        text = body.prompt_text if body.prompt_text is not None else tokenizer.decode(ids)
+        echo = EchoPrompt(text=text, token_ids=ids, only=echo_only)
+    return PreparedRequest(ids, sampling_params(body, max_tokens), echo)

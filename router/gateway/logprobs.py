@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from baton.protos.baton.v1 import common_pb2
 
@@ -108,23 +108,43 @@ def chat_logprobs(entries: Iterable[common_pb2.TokenLogprob], strings: TokenStri
 
 
 class CompletionLogprobs:
-    """Completions `logprobs` for one choice; keeps the running `text_offset` across chunks."""
+    """Completions `logprobs` for one choice; keeps the running `text_offset` across chunks.
+
+    With `echo` the prompt's tokens come first (`add_prompt`): the tokens without a logprob
+    (the first one, which nothing predicts) have `null` logprob and top_logprobs, as OpenAI's."""
 
     def __init__(self, strings: TokenStrings) -> None:
         self._strings = strings
         self.offset = 0
 
     def add(self, entries: Iterable[common_pb2.TokenLogprob]) -> dict[str, Any]:
+        return self._build([(entry.token_id, entry) for entry in entries])
+
+    def add_prompt(self, token_ids: list[int], entries: list[common_pb2.TokenLogprob]) -> dict[str, Any]:
+        """The prompt's tokens; `entries` are the logprobs of its last len(entries) tokens."""
+        first = len(token_ids) - len(entries)
+        return self._build([(t, entries[i - first] if i >= first else None) for i, t in enumerate(token_ids)])
+
+    def _build(self, rows: list[tuple[int, Optional[common_pb2.TokenLogprob]]]) -> dict[str, Any]:
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-        for entry in entries:
-            text = self._strings.text(entry.token_id)
+        for token_id, entry in rows:
+            text = self._strings.text(token_id)
             tokens.append(text)
+            offsets.append(self.offset)
+            self.offset += len(text)
+            if entry is None:
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+                continue
             token_logprobs.append(clamp(entry.logprob))
             top = {text: clamp(entry.logprob)}
             for alt in entry.top_logprobs:
                 top.setdefault(self._strings.text(alt.token_id), clamp(alt.logprob))
             top_logprobs.append(top)
-            offsets.append(self.offset)
-            self.offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs,
                 "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def join_completion_logprobs(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two consecutive pieces of one choice's completions `logprobs` as one."""
+    return {key: first[key] + second[key] for key in first}

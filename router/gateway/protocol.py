@@ -133,6 +133,10 @@ class ChatCompletionRequest(SamplingBody):
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     """Extra variables for the chat template (e.g. `{"enable_thinking": false}`)."""
+    add_generation_prompt: Optional[bool] = None
+    """Open the assistant's turn after the messages (vLLM's name); absent: yes, unless continue_final_message."""
+    continue_final_message: Optional[bool] = False
+    """Leave the final (assistant) message open and continue it (vLLM's name): a reply's prefix."""
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -149,11 +153,22 @@ class CompletionRequest(SamplingBody):
     """`POST /v1/completions`: one prompt, as text or token ids (a one-element batch is accepted)."""
 
     prompt: Union[str, list[int], list[str], list[list[int]]]
+    max_tokens: Optional[int] = Field(default=None, ge=0, lt=_UINT32)
+    """0 is allowed with `echo` only (score the prompt, generate nothing)."""
     logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     echo: Optional[bool] = False
+    """Put the prompt in front of the completion (with `logprobs`: its tokens' logprobs too)."""
     suffix: Optional[str] = None
     best_of: Optional[int] = None
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_tokens
+
+    @property
+    def prompt_text(self) -> Optional[str]:
+        """The prompt when given as text (a one-element batch included), else None."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        return prompt if isinstance(prompt, str) else None

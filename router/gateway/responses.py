@@ -11,15 +11,22 @@ Usage: `prompt_tokens`, the sum of the choices' `completion_tokens`, `total_toke
 `prompt_tokens_details.cached_tokens`, taken from the `Usage` on each choice's final chunk
 (token counts seen in the chunks stand in when a choice ended without one). `stop_reason`
 (the stop string or token that ended a choice, vLLM's extension) rides along on each choice.
+
+Echo (completions): every choice starts with the prompt's text and, with logprobs, the prompt
+tokens' logprobs (from the prompt logprobs on the choice's first chunk); with `max_tokens: 0`
+the token generated is dropped and the usage counts no completion tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from baton.protos.baton.v1 import common_pb2
-from baton.router.gateway.logprobs import CompletionLogprobs, TokenStrings, chat_logprobs
+from baton.router.gateway.convert import EchoPrompt
+from baton.router.gateway.logprobs import (CompletionLogprobs, TokenStrings, chat_logprobs,
+                                           join_completion_logprobs)
 from baton.router.types import Chunk
 
 
@@ -37,7 +44,14 @@ class ResponseContext:
     include_usage: bool = False
     continuous_usage: bool = False
     """Every streamed chunk carries the usage so far (stream_options.continuous_usage_stats)."""
+    echo: Optional[EchoPrompt] = None
+    """Completions with `echo`: the prompt each choice starts with."""
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def echo_only(self) -> bool:
+        """`echo` with `max_tokens: 0`: the completion itself is dropped."""
+        return self.echo is not None and self.echo.only
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
@@ -52,8 +66,9 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 
 class UsageTracker:
     """The request's usage over all its choices."""
 
-    def __init__(self, prompt_tokens: int) -> None:
+    def __init__(self, prompt_tokens: int, count_completion: bool = True) -> None:
         self._prompt_tokens = prompt_tokens
+        self._count_completion = count_completion
         self._counted: dict[int, int] = {}
         self._final: dict[int, common_pb2.Usage] = {}
 
@@ -66,6 +81,8 @@ class UsageTracker:
         indices = set(self._counted) | set(self._final)
         completion = sum(
             self._final[i].completion_tokens if i in self._final else self._counted.get(i, 0) for i in indices)
+        if not self._count_completion:
+            completion = 0
         prompt = max((u.prompt_tokens for u in self._final.values()), default=0) or self._prompt_tokens
         cached = max((u.cached_tokens for u in self._final.values()), default=0)
         return usage_dict(prompt, completion, cached)
@@ -75,6 +92,7 @@ class UsageTracker:
 class _Choice:
     texts: list[str] = field(default_factory=list)
     logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
     finish_reason: Optional[str] = None
     stop_reason: Optional[str] = None
 
@@ -88,13 +106,15 @@ class Collector:
 
     def __init__(self, ctx: ResponseContext) -> None:
         self.ctx = ctx
-        self.usage = UsageTracker(ctx.prompt_tokens)
+        self.usage = UsageTracker(ctx.prompt_tokens, count_completion=not ctx.echo_only)
         self._choices: dict[int, _Choice] = {i: _Choice() for i in range(ctx.n)}
 
     def add(self, chunk: Chunk) -> None:
         choice = self._choices.setdefault(chunk.index, _Choice())
-        choice.texts.append(chunk.text)
-        choice.logprobs.extend(chunk.logprobs)
+        choice.prompt_logprobs.extend(chunk.prompt_logprobs)
+        if not self.ctx.echo_only:
+            choice.texts.append(chunk.text)
+            choice.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             choice.finish_reason = chunk.finish_reason
             choice.stop_reason = _stop_reason(chunk)
@@ -121,10 +141,16 @@ class Collector:
         ctx = self.ctx
         choices = []
         for index, choice in self._sorted():
-            logprobs = CompletionLogprobs(ctx.strings).add(choice.logprobs) if ctx.logprobs else None
+            logprobs = None
+            if ctx.logprobs:
+                state = CompletionLogprobs(ctx.strings)
+                prompt = state.add_prompt(ctx.echo.token_ids, choice.prompt_logprobs) if ctx.echo else None
+                logprobs = state.add(choice.logprobs)
+                if prompt is not None:
+                    logprobs = join_completion_logprobs(prompt, logprobs)
             choices.append({
                 "index": index,
-                "text": "".join(choice.texts),
+                "text": (ctx.echo.text if ctx.echo else "") + "".join(choice.texts),
                 "logprobs": logprobs,
                 "finish_reason": choice.finish_reason or "abort",
                 "stop_reason": choice.stop_reason,
@@ -138,7 +164,7 @@ class _Stream:
 
     def __init__(self, ctx: ResponseContext) -> None:
         self.ctx = ctx
-        self.usage = UsageTracker(ctx.prompt_tokens)
+        self.usage = UsageTracker(ctx.prompt_tokens, count_completion=not ctx.echo_only)
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         obj = {"id": self.ctx.request_id, "object": self.object_name, "created": self.ctx.created,
@@ -204,12 +230,21 @@ class CompletionStream(_Stream):
     def chunk(self, chunk: Chunk) -> Optional[dict[str, Any]]:
         """The chunk object for one router chunk, or None when there is nothing to send."""
         self.usage.add(chunk)
+        echo = self.ctx.echo
+        first = chunk.index not in self._logprobs
+        state = self._logprobs.setdefault(chunk.index, CompletionLogprobs(self.ctx.strings))
+        if self.ctx.echo_only:
+            chunk = dataclasses.replace(chunk, text="", logprobs=[])
+        if echo is not None and first:
+            chunk = dataclasses.replace(chunk, text=echo.text + chunk.text)
         if self._skip(chunk):
             return None
         logprobs = None
         if self.ctx.logprobs:
-            state = self._logprobs.setdefault(chunk.index, CompletionLogprobs(self.ctx.strings))
+            prompt = state.add_prompt(echo.token_ids, chunk.prompt_logprobs) if echo is not None and first else None
             logprobs = state.add(chunk.logprobs)
+            if prompt is not None:
+                logprobs = join_completion_logprobs(prompt, logprobs)
         choice = {"index": chunk.index, "text": chunk.text, "logprobs": logprobs,
                   "finish_reason": chunk.finish_reason}
         if chunk.finish_reason is not None:

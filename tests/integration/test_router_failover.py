@@ -200,3 +200,68 @@ def test_dynamic_register_and_deregister(cluster, model, tmp_path, prompts):
         assert len(tokens) == 4
     finally:
         extra.stop()
+
+
+def test_frozen_decode_worker_streams_are_rescued(cluster, prompts, expected):
+    """SIGSTOP (not kill) a decode worker mid-stream: it stops answering health, the router
+    marks it unhealthy after a few checks and moves its streams; nothing waits for it to wake."""
+    router, workers = cluster(prefills=1, decodes=2)
+    victim = workers["decode"][0]
+    frozen = []
+
+    def freeze_when_streaming(progress):
+        if not frozen and min(progress) >= 3:
+            frozen.append(time.monotonic())
+            victim.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        results = asyncio.run(stream_all(router, prompts, on_progress=freeze_when_streaming))
+        elapsed = time.monotonic() - started
+    finally:
+        victim.proc.send_signal(signal.SIGCONT)
+    assert frozen, "the decode worker was never frozen"
+    for got, want in zip(results, expected):
+        assert not isinstance(got, BaseException), repr(got)
+        assert got == want
+    assert metric(router, "baton_router_migrations_total") >= 1
+    assert elapsed < 60, elapsed  # rescued well before the 60 s stall limit, let alone the request timeout
+
+
+def test_router_health_is_honest_and_duplicate_ids_are_refused(cluster, prompts):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from baton.protos.baton.v1 import common_pb2, router_pb2, router_pb2_grpc
+    router, workers = cluster(prefills=0, decodes=1)
+
+    async def statuses():
+        async with grpc.aio.insecure_channel(router.grpc_address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return [(await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)).status
+                    for name in ("", "baton.v1.Router")]
+
+    async def duplicate():
+        async with grpc.aio.insecure_channel(router.grpc_address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            params = common_pb2.SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+
+            def call():
+                return stub.Generate(router_pb2.GenerateRequest(
+                    request_id="same-id", token_ids=router_pb2.TokenIds(ids=prompts[0]), params=params), timeout=60)
+            first = call()
+            got = [list((await first.read()).token_ids)]  # the first request is running
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in call():
+                    pass
+            while (chunk := await first.read()) is not grpc.aio.EOF:
+                got.append(list(chunk.token_ids))
+            return sum(got, []), refused.value
+    tokens, refused = asyncio.run(duplicate())
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "already running" in refused.details()
+    assert len(tokens) == 60  # the first stream was not disturbed
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert asyncio.run(statuses()) == [serving, serving]
+    workers["decode"][0].stop(signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while asyncio.run(statuses())[0] == serving and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert asyncio.run(statuses()) == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2

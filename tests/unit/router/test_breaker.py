@@ -47,3 +47,13 @@ def test_success_resets_the_failure_count():
     breaker.record_success()
     breaker.record_failure()
     assert breaker.state is BreakerState.CLOSED
+
+
+def test_a_trial_without_verdict_frees_the_next_trial():
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=5, clock=clock)
+    breaker.record_failure()
+    clock.now = 6
+    assert breaker.allow() and not breaker.available()  # the trial is out
+    breaker.release_trial()  # its client went away: no success, no failure
+    assert breaker.state is BreakerState.HALF_OPEN and breaker.available() and breaker.allow()
