@@ -265,3 +265,18 @@ def test_router_health_is_honest_and_duplicate_ids_are_refused(cluster, prompts)
     while asyncio.run(statuses())[0] == serving and time.monotonic() < deadline:
         time.sleep(0.2)
     assert asyncio.run(statuses()) == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+
+
+def test_client_errors_never_open_a_breaker(cluster, prompts):
+    """Bad requests (an invalid regex, token ids outside the vocabulary) fail alone with 400 /
+    INVALID_ARGUMENT; the only decode worker's breaker stays closed for everyone else."""
+    router, _ = cluster(prefills=0, decodes=1, breaker_failures=2)
+    for _ in range(4):
+        status, body = http_post(router, "/v1/completions", {"prompt": "w5 w6", "max_tokens": 4, "regex": "(["})
+        assert status == 400, body
+        with pytest.raises(grpc.RpcError) as bad:
+            asyncio.run(router_generate(router.grpc_address, [VOCAB + 5, 3], 4))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status, body = http_post(router, "/v1/completions", {"prompt": "w5 w6", "max_tokens": 4})
+    assert status == 200, body
+    assert metric(router, "baton_router_breaker_open") == 0
