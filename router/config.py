@@ -55,6 +55,8 @@ class RouterConfig:
     """How long a worker that answered OVERLOADED gets no new work (unless one of its requests ends)."""
     retry_after_s: float = 1.0
     """Retry-After (seconds) sent with a 429 when the router's own queue is full."""
+    max_request_bytes: int = 8 << 20
+    """Largest HTTP request body or gRPC message accepted (larger: 413 / RESOURCE_EXHAUSTED)."""
     api_keys: str = ""
     """Comma-separated API keys; when set, every /v1 request and gRPC call needs one."""
 
@@ -68,6 +70,7 @@ class RouterConfig:
             (self.stream_stall_timeout_s > 0, "stream_stall_timeout_s must be positive"),
             (self.breaker_failures >= 1, "breaker_failures must be at least 1"),
             (self.max_queued_requests >= 1, "max_queued_requests must be at least 1"),
+            (self.max_request_bytes >= 1024, "max_request_bytes must be at least 1024"),
             (self.unhealthy_after_failures >= 1, "unhealthy_after_failures must be at least 1"),
             (self.saturated_s > 0 and self.retry_after_s > 0, "saturated_s and retry_after_s must be positive"),
         ]

@@ -3,6 +3,7 @@ ListWorkers, Health, and dynamic worker registration. API keys travel as
 `authorization: Bearer KEY` metadata when the router has keys configured."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
@@ -34,7 +35,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if request.model and request.model != core.model_name:
             await abort_with(context, BatonError(ErrorCode.INVALID_REQUEST, f"unknown model {request.model!r}"))
         if request.HasField("text"):
-            prompt = list(core.tokenizer.encode(request.text))
+            prompt = list(await asyncio.to_thread(core.tokenizer.encode, request.text))  # off the event loop
         else:
             prompt = list(request.token_ids.ids)
         if not prompt:

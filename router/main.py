@@ -51,7 +51,8 @@ async def keep_health_honest(core: RouterCore, servicer: health.aio.HealthServic
 async def start_grpc(core: RouterCore, host: str, port: int) -> tuple[grpc.aio.Server, int, asyncio.Task]:
     """The Router gRPC service with standard health and reflection; returns (server, port, the
     task that keeps its health status current)."""
-    server = grpc.aio.server()
+    limit = core.config.max_request_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

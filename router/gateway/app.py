@@ -30,6 +30,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from baton.router.gateway.body_limit import BodyLimit
 from baton.router.gateway.convert import PreparedRequest, check_model, prepare_chat, prepare_completion
 from baton.router.gateway.dashboard import dashboard_html
 from baton.router.gateway.errors import ApiError, install_error_handlers
@@ -98,6 +99,7 @@ def create_app(core: RouterCoreAPI) -> FastAPI:
                   docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     app.add_middleware(RequestCounter, core=core)
+    app.add_middleware(BodyLimit, max_bytes=core.config.max_request_bytes)
     strings = TokenStrings(core.tokenizer)
     started = int(time.time())
     keys = [Depends(_api_key_dependency(core))]

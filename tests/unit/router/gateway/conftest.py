@@ -30,6 +30,7 @@ class FakeConfig:
     api_key_list: tuple[str, ...] = ()
     request_timeout_s: float = 30.0
     max_queued_requests: int = 8
+    max_request_bytes: int = 64 << 10
 
 
 class FakeMetrics:

@@ -56,3 +56,18 @@ def test_continuous_usage_counts_every_chunk(fake_core) -> None:
     plain = [json.loads(e) for e in events(call(fake_core, "POST", "/v1/completions",
                                                 json={**body, "stream_options": {"include_usage": True}}))[:-1]]
     assert all(d["usage"] is None for d in plain if d["choices"])
+
+
+def test_bodies_over_the_limit_get_413_before_parsing(fake_core) -> None:
+    big = {"prompt": "x" * (70 << 10), "max_tokens": 1}
+    response = call(fake_core, "POST", "/v1/completions", json=big)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    async def chunked():  # no Content-Length: the streamed body is counted
+        yield b'{"prompt": "'
+        for _ in range(80):
+            yield b"y" * 1024
+        yield b'"}'
+    response = call(fake_core, "POST", "/v1/completions", content=chunked())
+    assert response.status_code == 413 and not fake_core.requests
+    assert call(fake_core, "POST", "/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
