@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable, Optional
 
 from baton.services.engine.request import RequestDelta
@@ -34,6 +35,14 @@ class EngineThread:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.steps = 0
+        self._busy_since: Optional[float] = None
+        """monotonic time the current step or command began; None between them."""
+
+    def stuck_for(self, now: float) -> float:
+        """Seconds the engine has spent in its current step or command (0 when between them):
+        how a watchdog tells a wedged engine (one step for minutes) from a busy one."""
+        started = self._busy_since
+        return 0.0 if started is None else max(0.0, now - started)
 
     def start(self) -> None:
         """Start stepping."""
@@ -80,6 +89,7 @@ class EngineThread:
             if self._stopped.is_set() or not self.engine.has_unfinished():
                 continue
             try:
+                self._busy_since = time.monotonic()
                 deltas = self.engine.step()
                 self.steps += 1
             except Exception as error:  # keep serving: fail what was running
@@ -87,6 +97,8 @@ class EngineThread:
                 self._abort_all()
                 self._fail_streams(error)
                 continue
+            finally:
+                self._busy_since = None
             for delta in deltas:
                 self._deliver(delta.parent_id, delta)
 
@@ -103,10 +115,13 @@ class EngineThread:
                 return
 
     def _run_one(self, fn: Callable[[Any], Any], future: Optional[asyncio.Future]) -> None:
+        self._busy_since = time.monotonic()
         try:
             result, error = fn(self.engine), None
         except Exception as exc:  # returned to the caller, not fatal here
             result, error = None, exc
+        finally:
+            self._busy_since = None
         if future is not None:
             self.loop.call_soon_threadsafe(_settle, future, result, error)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -48,6 +49,22 @@ class WorkerService:
         return worker_pb2.WorkerRole.Name(self.role).lower()
 
 
+async def watch_engine(runtime: WorkerRuntime, server: ServiceServer, limit_s: float) -> None:
+    """Health follows the engine: NOT_SERVING while one step or command has run past `limit_s`
+    (a wedged engine thread), SERVING again once it moves (a busy engine is still serving)."""
+    wedged = False
+    while True:
+        await asyncio.sleep(min(1.0, limit_s / 4))
+        stuck = runtime.thread.stuck_for(time.monotonic())
+        if (stuck >= limit_s) != wedged:
+            wedged = not wedged
+            if wedged:
+                log.error("engine stuck in one step for %.1f s: health NOT_SERVING", stuck)
+            else:
+                log.warning("engine moving again: health SERVING")
+            await server.set_serving(not wedged)
+
+
 async def serve_worker(service: WorkerService, engine_config: EngineConfig, server_config: ServerConfig,
                        worker_config: WorkerConfig) -> int:
     """Run one worker until it is drained; returns the exit code."""
@@ -66,9 +83,11 @@ async def serve_worker(service: WorkerService, engine_config: EngineConfig, serv
         await server.stop(0)
         return 1
     await server.set_serving(True)
+    watchdog = asyncio.create_task(watch_engine(runtime, server, worker_config.engine_stall_timeout_s))
     print(f"baton {role} worker serving on {server.address} (metrics :{server.metrics_port}, "
           f"transfer {worker_config.transfer})", flush=True)
     await server.wait_for_termination()
+    watchdog.cancel()
     await servicer.close()
     runtime.close()
     return 0

@@ -3,7 +3,8 @@ FAULT serve ROLE ...` patches this process, then runs the normal `baton` CLI.
 
 Faults:
 - slow_transfer: every KV write sleeps 3 s before moving bytes (to kill a prefill mid-transfer);
-- slow_start: the model loads 3 s late (to watch health stay NOT_SERVING while loading).
+- slow_start: the model loads 3 s late (to watch health stay NOT_SERVING while loading);
+- wedge_engine: the engine's 3rd step after start hangs for 8 s (a wedged engine thread).
 """
 from __future__ import annotations
 
@@ -34,7 +35,21 @@ def _slow_start() -> None:
     worker_runtime.WorkerRuntime.load = slow_load
 
 
-FAULTS = {"slow_transfer": _slow_transfer, "slow_start": _slow_start}
+def _wedge_engine() -> None:
+    from baton.services.engine.engine import Engine
+
+    original = Engine.step
+    calls = [0]
+
+    def wedged_step(self):
+        calls[0] += 1
+        if calls[0] == 3:
+            time.sleep(8)
+        return original(self)
+    Engine.step = wedged_step
+
+
+FAULTS = {"slow_transfer": _slow_transfer, "slow_start": _slow_start, "wedge_engine": _wedge_engine}
 
 if __name__ == "__main__":
     FAULTS[sys.argv[1]]()

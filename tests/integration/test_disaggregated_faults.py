@@ -129,6 +129,35 @@ def test_health_is_serving_only_after_the_model_loaded(model, tmp_path):
         worker.stop()
 
 
+def test_wedged_engine_reports_not_serving_until_it_moves(model, tmp_path):
+    """One engine step hangs for 8 s (failure injection): health turns NOT_SERVING once the
+    step passes --engine-stall-timeout-s, SERVING again when the engine moves, and the request
+    that was running still completes."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    worker = start_worker("decode", model, tmp_path, fault="wedge_engine", engine_stall_timeout_s=1.5)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    try:
+        async def scenario():
+            request = asyncio.create_task(decode_generate(worker.address, [5, 6, 7], params, timeout=60))
+            seen = []
+            async with grpc.aio.insecure_channel(worker.address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while not request.done():
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    seen.append(reply.status)
+                    await asyncio.sleep(0.2)
+                await asyncio.sleep(2.5)  # the watchdog's next look
+                seen.append((await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)).status)
+            return await request, seen
+        [completion], seen = asyncio.run(scenario())
+    finally:
+        worker.stop()
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert len(completion.token_ids) == 8
+    assert not_serving in seen and seen[-1] == serving
+    assert seen.index(not_serving) > 0 and seen[0] == serving
+
+
 def test_sigterm_drains_a_running_stream(model, tmp_path):
     decode = start_worker("decode", model, tmp_path, drain_timeout_s=60)  # room on a loaded CI machine
     params = SamplingParams(temperature=0.0, max_tokens=900, ignore_eos=True)
