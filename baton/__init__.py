@@ -10,6 +10,9 @@ The facade names are what vLLM and SGLang users expect, loaded on first use so t
 `import baton.router` never pulls in the engine (or torch):
 
     from baton import LLM, SamplingParams
+
+and the frontend language (`baton.lang`, without torch): `@baton.function`, `baton.gen`,
+`baton.select`, `baton.user`, `baton.RuntimeEndpoint`, `baton.set_default_backend`, ...
 """
 from __future__ import annotations
 
@@ -20,15 +23,24 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "services" / "engine").is_dir():
     __path__.append(str(_CHECKOUT))  # noqa: F821 (a package's own __path__)
 
+_LANG = ("function", "gen", "select", "system", "user", "assistant", "image", "RuntimeEndpoint",
+         "set_default_backend", "get_default_backend", "reset_default_backend", "ProgramState", "ProgramError",
+         "BackendError")
+"""The frontend language's names (`baton.lang`, docs/lang.md): `@baton.function`, `baton.gen`, ..."""
+
 _FACADE = {
     "LLM": ("baton.services.engine", "LLM"),
     "SamplingParams": ("baton.services.engine", "SamplingParams"),
+    **{name: ("baton.lang", name) for name in _LANG},
 }
 """Facade name -> (module, attribute), imported lazily by `__getattr__`."""
 
 __all__ = sorted(_FACADE)
 
 if TYPE_CHECKING:
+    from baton.lang import (BackendError, ProgramError, ProgramState, RuntimeEndpoint, assistant, function, gen,
+                            get_default_backend, image, reset_default_backend, select, set_default_backend, system,
+                            user)
     from baton.services.engine import LLM
     from baton.services.engine import SamplingParams
 

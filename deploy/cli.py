@@ -6,7 +6,8 @@
 - `baton serve prefill|decode`: one worker service (gRPC), flags from `EngineConfig`,
   `ServerConfig` and `WorkerConfig`.
 - `baton router`: the router (gRPC + OpenAI HTTP gateway), flags from `RouterConfig`.
-- `baton up`: router + prefill + decode workers as local processes (`UpConfig` + engine flags).
+- `baton up`: router + prefill + decode workers as local processes (`UpConfig` + engine flags), or
+  with `--ray ADDRESS|auto` the workers as Ray actors (`RayConfig`, deploy/ray_launcher.py).
 - `baton bench`: the online serving benchmark against any OpenAI-compatible server, flags
   from `bench.serving.config.BenchConfig`.
 Engine flags (`--page-size`, `--chunked-prefill-size`, ...) are generated from
@@ -81,7 +82,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_serve)
 
 
-def _worker_service(role: str):
+def worker_service(role: str):
     """The role package's service that `baton serve ROLE` runs (the worker shell imports none)."""
     if role == "prefill":
         from baton.services.prefill.servicer import SERVICE
@@ -94,7 +95,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from baton.services.common.server import ServerConfig
     from baton.services.worker.worker_config import WorkerConfig
     from baton.services.worker.worker_main import run_worker
-    return run_worker(_worker_service(args.role), from_args(EngineConfig, args), from_args(ServerConfig, args),
+    return run_worker(worker_service(args.role), from_args(EngineConfig, args), from_args(ServerConfig, args),
                       from_args(WorkerConfig, args))
 
 
@@ -108,15 +109,18 @@ def _router_parser(sub: argparse._SubParsersAction) -> None:
 
 def _up_parser(sub: argparse._SubParsersAction) -> None:
     from baton.deploy.launcher import UpConfig
-    p = sub.add_parser("up", help="start router + prefill + decode workers on this machine")
+    from baton.deploy.ray_launcher import RayConfig
+    p = sub.add_parser("up", help="start router + prefill + decode workers on this machine (or on Ray: --ray)")
     add_flags(p, UpConfig)
+    add_flags(p, RayConfig)
     add_flags(p, EngineConfig)
     p.set_defaults(func=_run_up)
 
 
 def _run_up(args: argparse.Namespace) -> int:
     from baton.deploy.launcher import UpConfig, run_up
-    return run_up(from_args(UpConfig, args), from_args(EngineConfig, args))
+    from baton.deploy.ray_launcher import RayConfig
+    return run_up(from_args(UpConfig, args), from_args(EngineConfig, args), from_args(RayConfig, args))
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:

@@ -2,13 +2,16 @@
 
 Starts N prefill and M decode workers (`baton serve`) on free ports, waits for each to
 report SERVING, then starts the router (`baton router`) in front of them, waits for its
-gateway's /health, prints the address, and stops everything cleanly (SIGTERM, then SIGKILL
-after a grace period) on Ctrl-C or SIGTERM. With no flags it serves the embedded
-SmolLM2-135M-Instruct on this machine.
+gateway's /health, prints every process's Prometheus endpoint (and writes them as a file_sd
+targets file with `--prometheus-targets`) and the address, and stops everything cleanly
+(SIGTERM, then SIGKILL after a grace period) on Ctrl-C or SIGTERM. With no flags it serves
+the embedded SmolLM2-135M-Instruct on this machine. With `--ray` the workers are Ray actors instead
+(deploy/ray_launcher.py).
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -16,12 +19,16 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, fields
-from typing import Callable, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
 
 from baton.deploy.placement import MULTICAST_OFF, Placement, parse_gpus, place_workers, visible_gpus
 from baton.services.common.server import free_port, wait_for_health
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.engine_setup import resolve_model_path
+
+if TYPE_CHECKING:
+    from baton.deploy.ray_launcher import RayConfig
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,10 @@ class UpConfig:
     """Comma-separated GPU indices to place workers on, one per GPU while there are enough (empty: every visible GPU; none on CPU)."""
     router_max_queued_requests: int = 1024
     """Requests the router holds while no worker has room; one more gets 429."""
+    prometheus_targets: str = ""
+    """Write the Prometheus targets (router and every worker's metrics port) to this file_sd JSON file (empty: none)."""
+    ray: str = ""
+    """Run the workers as Ray actors on this Ray cluster (GCS host:port, auto, or ray://host:port; --ray-* flags); empty: local processes."""
 
     def __post_init__(self) -> None:
         if self.prefills < 0 or self.decodes < 1:
@@ -91,6 +102,10 @@ class Cluster:
         self.engine = engine
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.gateway_url = ""
+        self.metrics_targets: list[MetricsTarget] = []
+        """Where Prometheus scrapes each process (filled by `start`)."""
+        self.stop_requested = [False]
+        """Set by a signal: start-up gives up (instead of waiting for its timeout) and `watch` returns."""
 
     def _spawn(self, name: str, args: list[str], extra_env: Optional[dict[str, str]] = None) -> subprocess.Popen:
         env = dict(os.environ, UCX_NET_DEVICES=os.environ.get("UCX_NET_DEVICES", "lo"), **MULTICAST_OFF,
@@ -110,10 +125,12 @@ class Cluster:
         gpus = parse_gpus(self.up.gpus) or visible_gpus(self.engine.device)
         placements = place_workers(len(roles), gpus, self.engine.mem_fraction_static)
         for (role, i), placement in zip(roles, placements):
-            port = free_port(self.up.host)
-            self._spawn(f"{role}-{i}", ["serve", role, "--port", str(port), *common, *self._placed(placement)],
-                        _visible_env(placement))
+            port, metrics_port = free_port(self.up.host), free_port(self.up.host)
+            self._spawn(f"{role}-{i}", ["serve", role, "--port", str(port), "--metrics-port", str(metrics_port),
+                                        *common, *self._placed(placement)], _visible_env(placement))
             addresses[role].append(f"{self.up.host}:{port}")
+            self.metrics_targets.append(MetricsTarget(f"{role}-{i}", role, f"{self.up.host}:{metrics_port}",
+                                                      f"{self.up.host}:{port}"))
         deadline = time.monotonic() + self.up.startup_timeout_s
         for address in addresses["prefill"] + addresses["decode"]:
             self._wait_grpc(address, deadline)
@@ -125,6 +142,7 @@ class Cluster:
                                "--max-queued-requests", str(self.up.router_max_queued_requests)],
                     {"CUDA_VISIBLE_DEVICES": ""})
         self.gateway_url = f"http://{self.up.host}:{http_port}"
+        self.metrics_targets.insert(0, MetricsTarget("router", "router", f"{self.up.host}:{http_port}"))
         self._wait_http(self.gateway_url + "/health", deadline)
         return self.gateway_url
 
@@ -142,6 +160,8 @@ class Cluster:
         wait_http_ok(url, deadline, self._check_alive)
 
     def _check_alive(self) -> None:
+        if self.stop_requested[0]:
+            raise RuntimeError("interrupted during start-up")
         for name, proc in self.procs:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
@@ -169,8 +189,41 @@ class Cluster:
                     print(f"baton up: {name} exited with code {proc.returncode}", file=sys.stderr, flush=True)
                     if name == "router":
                         return "the router exited"
+            self.tick()
             time.sleep(0.2)
         return None
+
+    def write_targets(self) -> None:
+        """Write the Prometheus file_sd targets when `--prometheus-targets` asks for them."""
+        if self.up.prometheus_targets:
+            write_file_sd(Path(self.up.prometheus_targets), self.metrics_targets)
+
+    def tick(self) -> None:
+        """Called every 0.2 s while `watch` runs (a Ray cluster follows its restarted actors)."""
+
+
+@dataclass(frozen=True)
+class MetricsTarget:
+    """One process's Prometheus endpoint (`http://ADDRESS/metrics`)."""
+
+    name: str
+    """Process name (router, prefill-0, decode-1, ...)."""
+    component: str
+    """router, prefill or decode (the `component` target label)."""
+    address: str
+    """host:port of its /metrics."""
+    worker: str = ""
+    """A worker's gRPC host:port, the name the router's `worker` labels use (the `worker` target label)."""
+
+
+def write_file_sd(path: Path, targets: list[MetricsTarget]) -> None:
+    """Write Prometheus file_sd entries (one per process, labelled with its component and a worker's
+    gRPC address) atomically, so a Prometheus watching the file never reads half of it."""
+    entries = [{"targets": [t.address], "labels": {"component": t.component, **({"worker": t.worker} if t.worker else {})}}
+               for t in targets]
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(entries, indent=1))
+    partial.replace(path)
 
 
 def _visible_env(placement: Placement) -> dict[str, str]:
@@ -202,21 +255,28 @@ def wait_http_ok(url: str, deadline: float, check_alive: Callable[[], None] = la
     raise TimeoutError(f"{url} did not answer 200 in time")
 
 
-def run_up(up: UpConfig, engine: EngineConfig) -> int:
-    """Start the cluster, serve until Ctrl-C / SIGTERM, then stop it; returns the exit code."""
-    stop_requested = [False]
+def run_up(up: UpConfig, engine: EngineConfig, ray_config: Optional["RayConfig"] = None) -> int:
+    """Start the cluster (its workers on Ray with `up.ray`), serve until Ctrl-C / SIGTERM, then
+    stop it; returns the exit code."""
+    if up.ray:
+        from baton.deploy.ray_launcher import RayCluster, RayConfig
+        cluster: Cluster = RayCluster(up, engine, ray_config or RayConfig())
+    else:
+        cluster = Cluster(up, engine)
+    stop_requested = cluster.stop_requested
 
     def request_stop(signum, frame) -> None:
         stop_requested[0] = True
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    cluster = Cluster(up, engine)
     try:
         url = cluster.start()
+        cluster.write_targets()
+        print("Metrics targets: " + " ".join(f"{t.name}={t.address}" for t in cluster.metrics_targets), flush=True)
         print(f"Baton is up: OpenAI-compatible API at {url}/v1 (dashboard {url}/ , metrics {url}/metrics). "
               f"Ctrl-C stops it.", flush=True)
         problem = cluster.watch(stop_requested)
         return 1 if problem else 0
-    except (RuntimeError, TimeoutError, ValueError, FileNotFoundError) as error:
+    except (RuntimeError, TimeoutError, ValueError, OSError) as error:  # OSError: FileNotFound, Ray unreachable
         print(f"baton up: {error}", file=sys.stderr, flush=True)
         return 1
     finally:

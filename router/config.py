@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,22 @@ class RouterConfig:
     """Largest HTTP request body or gRPC message accepted (larger: 413 / RESOURCE_EXHAUSTED)."""
     api_keys: str = ""
     """Comma-separated API keys; when set, every /v1 request and gRPC call needs one."""
+    api_keys_file: str = ""
+    """File of further API keys, comma- or newline-separated (a mounted Kubernetes Secret); read at start."""
+    discover_prefill: str = ""
+    """host:port whose DNS name resolves to every prefill worker (a Kubernetes headless Service)."""
+    discover_decode: str = ""
+    """host:port whose DNS name resolves to every decode worker (a Kubernetes headless Service)."""
+    discovery_interval_s: float = 5.0
+    """Seconds between look-ups of the discovered names or Ray actors (workers come and go with them)."""
+    ray_address: str = ""
+    """Follow the worker actors of this Ray cluster (GCS host:port, auto or ray://host:port; `baton up --ray`)."""
+    ray_namespace: str = "baton"
+    """Ray namespace of the worker actors."""
+    ray_actor_prefix: str = "baton"
+    """Worker actors are named PREFIX-prefill-N and PREFIX-decode-N."""
+    ray_node_ip: str = ""
+    """This machine's address in the Ray cluster (127.0.0.1 for a loopback cluster); empty: Ray's guess."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -77,11 +94,18 @@ class RouterConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.discovery_interval_s <= 0:
+            raise ValueError("discovery_interval_s must be positive")
+        if self.ray_address and (self.discover_prefill or self.discover_decode):
+            raise ValueError("discover workers through DNS names or through Ray (--ray-address), not both")
+        from_file = Path(self.api_keys_file).read_text().replace("\n", ",") if self.api_keys_file else ""
+        keys = tuple(k.strip() for k in f"{self.api_keys},{from_file}".split(",") if k.strip())
+        object.__setattr__(self, "_api_keys", keys)
 
     @property
     def api_key_list(self) -> tuple[str, ...]:
-        """The configured API keys (empty: no authentication)."""
-        return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
+        """The configured API keys, from `api_keys` and `api_keys_file` (empty: no authentication)."""
+        return self._api_keys
 
     @staticmethod
     def addresses(text: str) -> list[str]:

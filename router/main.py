@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from baton.protos.baton.v1 import router_pb2, router_pb2_grpc
 from baton.router.config import RouterConfig
 from baton.router.core import RouterCore
+from baton.router.discovery import discovery_from_config
 from baton.router.grpc_service import RouterServicer
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ async def serve_router(config: RouterConfig) -> int:
     core = RouterCore(config, tokenizer)
     core.max_model_len = context
     await core.start()
+    discovery = discovery_from_config(config, core.registry, core.metrics.forget_worker)
+    if discovery is not None:
+        discovery.start()
     grpc_server, grpc_port, health_task = await start_grpc(core, config.host, config.grpc_port)
     gateway, http_port = await serve_gateway(core, config.host, config.http_port)
     print(f"baton router: gateway http://{config.host}:{http_port}/v1 (model {core.model_name}), "
@@ -80,6 +84,8 @@ async def serve_router(config: RouterConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     health_task.cancel()
+    if discovery is not None:
+        await discovery.stop()
     await gateway.stop()
     await grpc_server.stop(5)
     await core.stop()

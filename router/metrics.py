@@ -46,6 +46,14 @@ class RouterMetrics:
                                 ["reason"], registry=r)
         self._export_zeros()
 
+    def forget_worker(self, address: str, role) -> None:
+        """Drop a removed worker's health and breaker gauges (a stale 0 would look like an outage)."""
+        for gauge, labels in ((self.worker_healthy, (address, role.value)), (self.breaker_open, (address,))):
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass
+
     def _export_zeros(self) -> None:
         """Create every known label set at 0, so a dashboard or an alert over `rate(...)` sees a
         series (0) before the first failure instead of no data."""

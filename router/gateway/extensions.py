@@ -41,6 +41,8 @@ class SelectRequest(_ChatFields):
 
     prompt: Optional[str] = None
     choices: list[str] = Field(min_length=1, max_length=MAX_CHOICES)
+    continue_final_message: Optional[bool] = False
+    """With messages: a choice continues the final (assistant) message; else it starts the assistant's reply."""
 
 
 class TokenizeRequest(_ChatFields):
@@ -90,7 +92,7 @@ def extension_routes(core: RouterCoreAPI, dependencies: list) -> tuple[APIRouter
         check_model(body.model, core.model_name)
         full, shared = await asyncio.to_thread(
             choice_prompts, core.tokenizer, body.choices, prompt=body.prompt, messages=body.plain_messages(),
-            template_kwargs=body.chat_template_kwargs)
+            continue_final_message=bool(body.continue_final_message), template_kwargs=body.chat_template_kwargs)
         return await run_select(core, body.choices, full, shared)
 
     @root.post("/tokenize")

@@ -2,7 +2,8 @@
 
 The frontend language's `select` (SGLang's) runs here, on the server:
 1. the prefix (a text prompt, or chat messages rendered with the model's template, the choice
-   continuing the final assistant message or starting the assistant's reply) and every
+   starting the assistant's reply, or with `continue_final_message` continuing the final
+   assistant message) and every
    prefix + choice are tokenized; the choices' tokens are those after the longest token
    prefix shared by the prefix alone and every prefix + choice (so a choice that merges
    with the prefix's last token at tokenization is scored on the merged token);
@@ -61,9 +62,11 @@ def _common_prefix_len(sequences: list[list[int]]) -> int:
 
 
 def choice_prompts(tokenizer, choices: list[str], *, prompt: Optional[str] = None,
-                   messages: Optional[list[dict[str, Any]]] = None,
+                   messages: Optional[list[dict[str, Any]]] = None, continue_final_message: bool = False,
                    template_kwargs: Optional[dict[str, Any]] = None) -> tuple[list[list[int]], int]:
-    """(prefix + choice token ids per choice, the shared length the choices' tokens start at)."""
+    """(prefix + choice token ids per choice, the shared length the choices' tokens start at).
+    With messages a choice starts the assistant's reply, or with `continue_final_message`
+    continues the final (assistant) message."""
     if not choices or len(choices) > MAX_CHOICES:
         raise invalid_request(f"give between 1 and {MAX_CHOICES} choices", param="choices")
     for i, choice in enumerate(choices):
@@ -77,9 +80,11 @@ def choice_prompts(tokenizer, choices: list[str], *, prompt: Optional[str] = Non
         prefix = list(tokenizer.encode(prompt))
         full = [list(tokenizer.encode(prompt + c)) for c in choices]
     else:
-        if not messages or messages[-1]["role"] != "assistant":
-            messages = [*messages, {"role": "assistant", "content": ""}]
-        head, last = messages[:-1], messages[-1]
+        if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
+            raise invalid_request("continue_final_message needs the last message to be the assistant's",
+                                  param="continue_final_message")
+        head, last = (messages[:-1], messages[-1]) if continue_final_message else \
+            (messages, {"role": "assistant", "content": ""})
 
         def render(text: str) -> list[int]:
             return render_chat([*head, {**last, "content": text}], tokenizer, continue_final_message=True,
@@ -122,8 +127,14 @@ async def run_select(core: RouterCoreAPI, choices: list[str], full: list[list[in
     for ids in full:
         resolve_max_tokens(1, len(ids), core.max_model_len, chat=False)
     first = await _score(core, f"{request_id}-0", full[0], shared, deadline)
-    rest = await asyncio.gather(*(_score(core, f"{request_id}-{i}", ids, shared, deadline)
-                                  for i, ids in enumerate(full) if i > 0))
+    tasks = [asyncio.ensure_future(_score(core, f"{request_id}-{i}", ids, shared, deadline))
+             for i, ids in enumerate(full) if i > 0]
+    try:
+        rest = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:  # one failed (or the client went away): abort the others
+            task.cancel()
+        raise
     scored = []
     for i, (logprobs, cached) in enumerate([first, *rest]):
         start = max(shared, 1)

@@ -3,8 +3,9 @@
 A request's life through decode (`Decode.Generate`):
 1. Admission: refused with NOT_READY / DRAINING / OVERLOADED / INVALID_REQUEST before it
    holds anything.
-2. Decode-only path (no `prefill_address`, or n > 1): the request joins the local engine,
-   which prefills it itself (chunked, with its own prefix cache).
+2. Decode-only path (no `prefill_address`, n > 1, or prompt logprobs asked for: prefill
+   hands over KV and one token, not the logits of every prompt position): the request joins
+   the local engine, which prefills it itself (chunked, with its own prefix cache).
 3. Disaggregated path: `reserve` matches the local prefix cache and allocates blocks for
    the rest of the prompt; decode calls `Prefill.Prefill` on the named prefill worker with
    a `KVDestination` (this worker's transfer descriptor, the first uncached token and the
@@ -58,7 +59,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             started = time.monotonic()
             counts = [0] * params.n
             done = [False] * params.n
-            if request.prefill_address and params.n == 1:
+            if request.prefill_address and params.n == 1 and params.prompt_logprobs is None:
                 delta = await self._disaggregated(rid, prompt, params, request, deadline)
                 yield self._chunk(delta, counts, done, started)
             else:

@@ -13,7 +13,7 @@ deltas): the host schedules and launches step N+1 while the GPU runs step N, and
 come one `step()` late. Step N+1's inputs take the placeholders' values on the GPU. A
 request that finished at step N already ran in step N+1: that token is discarded, and the
 blocks it took are released with the rest. A step whose batch has a request that needs host
-state to sample (grammar, penalties, logprobs, a held prefill lease: `Request.sync_only`)
+state to sample (grammar, penalties, logprobs, prompt logprobs, a held prefill lease: `Request.sync_only`)
 first settles the pending step and then runs synchronously. Seeded sampling stays
 reproducible: every row still draws its uniform from its own CPU generator, in order.
 
@@ -110,6 +110,7 @@ class Engine:
         grammars = [self._new_grammar(params) for _ in range(params.n)]
         children = []
         sync_only = (params.structured_output is not None or params.logprobs is not None
+                     or params.prompt_logprobs is not None
                      or params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
                      or params.presence_penalty != 0.0)
         for i in range(params.n):
@@ -140,6 +141,9 @@ class Engine:
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} "
                              f"tokens, leaving no room to generate")
+        if params.prompt_logprobs is not None and params.prompt_logprobs_start >= len(prompt):
+            raise ValueError(f"prompt_logprobs_start ({params.prompt_logprobs_start}) must be less than the "
+                             f"prompt's length ({len(prompt)})")
         capacity = self.pool.num_blocks * self.config.page_size
         if len(prompt) + 1 > capacity:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the KV cache holds only {capacity}")
@@ -203,8 +207,7 @@ class Engine:
             return self._starved()
         logits = self.runner.execute(items)
         sampling = [item.request for item in items if item.samples]
-        for item in items:
-            item.request.num_computed_tokens += item.num_tokens
+        _advance(items)
         if not sampling:
             return []
         sampled = self.sampler.sample(logits, [self._row(r) for r in sampling], self._mask_fn(sampling))
@@ -224,8 +227,7 @@ class Engine:
         """Run the model and sample with the tokens left on the device; placeholders stand for them."""
         rows = [self._row(r) for r in sampling]  # bans count the placeholders: they are tokens already
         logits = self.runner.execute(items)
-        for item in items:
-            item.request.num_computed_tokens += item.num_tokens
+        _advance(items)
         if not sampling:
             return None
         tokens, ready = self.runner.publish_tokens(self.sampler.sample_device(logits, rows))
@@ -329,6 +331,14 @@ class Engine:
         self.cache.check_integrity()
         assert self.cache.locked_blocks == 0, "an idle engine holds radix locks"
         assert self.pool.num_free + self.cache.cached_blocks == self.pool.num_blocks, "blocks leaked"
+
+
+def _advance(items: list[ScheduledItem]) -> None:
+    """The step's tokens are computed: count them, and keep the prompt logprobs the runner computed."""
+    for item in items:
+        item.request.num_computed_tokens += item.num_tokens
+        if item.prompt_logprobs:
+            item.request.prompt_logprobs.extend(item.prompt_logprobs)
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

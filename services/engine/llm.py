@@ -74,6 +74,8 @@ def _apply(output: RequestOutput, delta: RequestDelta) -> None:
     completion.finish_reason = delta.finish_reason
     completion.stop_reason = delta.stop_reason
     output.num_cached_tokens = max(output.num_cached_tokens, delta.num_cached_tokens)
+    if delta.prompt_logprobs and not output.prompt_logprobs:
+        output.prompt_logprobs = delta.prompt_logprobs
     if delta.error:
         output.error = delta.error
     output.finished = all(c.finish_reason is not None for c in output.outputs)

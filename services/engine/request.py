@@ -50,6 +50,8 @@ class Request:
     stop_checker: Any = None
     text: str = ""
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """Logprob entries of the prompt tokens from `prompt_logprobs.first_position` on, as computed so far."""
     finish_reason: Optional[str] = None
     stop_reason: Any = None
     num_preemptions: int = 0
@@ -96,6 +98,9 @@ class RequestDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: Optional[str] = None
+    prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """On the delta of the first output token, when the request asked for prompt logprobs: one entry
+    ({token_id, logprob, top_logprobs}) per prompt position from max(prompt_logprobs_start, 1) on."""
 
 
 @dataclass
@@ -120,3 +125,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     finished: bool = False
     error: Optional[str] = None
+    prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """Entries for prompt positions from max(prompt_logprobs_start, 1) on (when asked for)."""

@@ -80,6 +80,12 @@ class SamplingParams:
     """Keep generating past EOS (for benchmarks with fixed output lengths)."""
     logprobs: Optional[int] = None
     """Return the sampled token's log-probability plus this many top alternatives (0: just the sampled one)."""
+    prompt_logprobs: Optional[int] = None
+    """Return the log-probability of each prompt token (from `prompt_logprobs_start` on) plus this many top
+    alternatives (0: just the prompt token's own); vLLM's name. The first prompt token never has one."""
+    prompt_logprobs_start: int = 0
+    """First prompt position whose log-probability is returned (SGLang's `logprob_start_len`); only the prompt
+    before it may come from the prefix cache, since every position after needs its logits computed."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
     structured_output: Optional[StructuredOutputParams] = None
@@ -108,6 +114,10 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
+            (self.prompt_logprobs_start >= 0, "prompt_logprobs_start must be non-negative"),
+            (self.prompt_logprobs is not None or self.prompt_logprobs_start == 0,
+             "prompt_logprobs_start needs prompt_logprobs"),
             (all(s for s in self.stop), "stop strings must be non-empty"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),
         ]

@@ -2,7 +2,7 @@
 
 Owns the field-by-field mapping and its conventions:
 - proto `optional` fields left unset mean the engine default (temperature, top_p,
-  repetition_penalty 1.0; seed and logprobs None); an unset `max_tokens` means None (up to
+  repetition_penalty 1.0; seed, logprobs and prompt_logprobs None); an unset `max_tokens` means None (up to
   the context length), as the proto documents.
 - `n = 0` means 1; `top_k` 0 or -1 means off (the engine's canonical -1, sent as 0).
 - `keep_special_tokens` is the negation of `skip_special_tokens`.
@@ -86,6 +86,8 @@ def sampling_params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams
             include_stop_str_in_output=msg.include_stop_str_in_output,
             ignore_eos=msg.ignore_eos,
             logprobs=_optional(msg, "logprobs"),
+            prompt_logprobs=_optional(msg, "prompt_logprobs"),
+            prompt_logprobs_start=msg.prompt_logprobs_start,
             skip_special_tokens=not msg.keep_special_tokens,
             structured_output=_structured_from_proto(msg.structured_output),
             priority=msg.priority,
@@ -115,6 +117,8 @@ def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParam
             include_stop_str_in_output=params.include_stop_str_in_output,
             ignore_eos=params.ignore_eos,
             logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
+            prompt_logprobs_start=params.prompt_logprobs_start,
             keep_special_tokens=not params.skip_special_tokens,
             structured_output=_structured_to_proto(params.structured_output),
             priority=params.priority,

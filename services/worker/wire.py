@@ -20,12 +20,14 @@ def logprob_from_proto(msg: common_pb2.TokenLogprob) -> tuple[float, list[tuple[
 
 
 def delta_to_proto(delta: RequestDelta, completion_tokens: Optional[int] = None) -> worker_pb2.DecodeResponse:
-    """A streamed chunk; usage is attached to a completion's final chunk."""
+    """A streamed chunk; usage is attached to a completion's final chunk (prompt logprobs, when asked
+    for, to its first)."""
     response = worker_pb2.DecodeResponse(
         request_id=delta.parent_id, index=delta.index, token_ids=delta.new_token_ids, text=delta.new_text,
         logprobs=[logprob_to_proto(e) for e in delta.new_logprobs],
         finish_reason=delta.finish_reason or "",
         stop_reason="" if delta.stop_reason is None else str(delta.stop_reason),
+        prompt_logprobs=[logprob_to_proto(e) for e in delta.prompt_logprobs],
     )
     if delta.finish_reason is not None and completion_tokens is not None:
         response.usage.CopyFrom(common_pb2.Usage(prompt_tokens=delta.num_prompt_tokens,

@@ -5,7 +5,9 @@ generated `add_*_to_server` function; the CLI picks it, this module imports no r
 and the start-up order: the gRPC server starts first and answers health NOT_SERVING (so
 probes see a live process), the model loads, the engine thread and transfer engine start,
 then health turns SERVING and the address is printed. SIGTERM drains: new work is refused,
-running requests finish (bounded by --drain-timeout-s), then the process exits.
+running requests finish (bounded by --drain-timeout-s), then the process exits. A host that
+runs the worker off the main thread (a Ray actor, deploy/ray_launcher.py) passes
+`signals=False` and drains through the `ServiceServer` that `on_serving` hands it.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from baton.protos.baton.v1 import worker_pb2
 from baton.services.common.server import ServerConfig, ServiceServer
@@ -66,8 +68,10 @@ async def watch_engine(runtime: WorkerRuntime, server: ServiceServer, limit_s: f
 
 
 async def serve_worker(service: WorkerService, engine_config: EngineConfig, server_config: ServerConfig,
-                       worker_config: WorkerConfig) -> int:
-    """Run one worker until it is drained; returns the exit code."""
+                       worker_config: WorkerConfig, *, signals: bool = True,
+                       on_serving: Optional[Callable[[ServiceServer], None]] = None) -> int:
+    """Run one worker until it is drained; returns the exit code. `signals`: SIGTERM / SIGINT
+    drain it (main thread only); `on_serving` is called with the server once health is SERVING."""
     role = service.name
     runtime = WorkerRuntime(service.role, engine_config, worker_config)
     servicer = service.make_servicer(runtime)
@@ -75,7 +79,8 @@ async def serve_worker(service: WorkerService, engine_config: EngineConfig, serv
                            on_drain=lambda: runtime.drain(server_config.drain_timeout_s))
     server.add_servicer(service.add_to_server, servicer)
     await server.start()
-    server.install_signal_handlers()
+    if signals:
+        server.install_signal_handlers()
     try:
         await runtime.load(server.address)
     except Exception as error:
@@ -86,6 +91,8 @@ async def serve_worker(service: WorkerService, engine_config: EngineConfig, serv
     watchdog = asyncio.create_task(watch_engine(runtime, server, worker_config.engine_stall_timeout_s))
     print(f"baton {role} worker serving on {server.address} (metrics :{server.metrics_port}, "
           f"transfer {worker_config.transfer})", flush=True)
+    if on_serving is not None:
+        on_serving(server)
     await server.wait_for_termination()
     watchdog.cancel()
     await servicer.close()

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class WorkerMetrics:
     """The `baton_` metrics of one worker, on its own registry."""
 
-    def __init__(self, role: str) -> None:
+    def __init__(self, role: str, backend: str = "") -> None:
         self.registry = CollectorRegistry()
         r, labels = self.registry, {"role": role}
         self.requests = Counter("baton_worker_requests", "Requests by outcome", ["role", "status"], registry=r)
@@ -51,6 +51,10 @@ class WorkerMetrics:
                               registry=r).labels(**labels)
         self.prefix_hit = Gauge("baton_worker_prefix_cache_hit_ratio", "Prefix-cache tokens matched / looked up",
                                 ["role"], registry=r).labels(**labels)
+        if backend:  # the KV transfer series exist (at 0) from the start, not only after the first transfer
+            self.transfer_failures.labels(role=role, backend=backend)
+            self.transfer_seconds.labels(role=role, backend=backend)
+            self.transfer_bytes.labels(role=role, backend=backend, direction="out" if role == "prefill" else "in")
 
     def observe_load(self, load: worker_pb2.WorkerLoad) -> None:
         """Refresh the gauges from a load report."""
@@ -68,7 +72,7 @@ class WorkerRuntime:
         self.role_name = worker_pb2.WorkerRole.Name(role).lower()
         self.engine_config = engine_config
         self.config = worker_config
-        self.metrics = WorkerMetrics(self.role_name)
+        self.metrics = WorkerMetrics(self.role_name, worker_config.transfer)
         self.worker_id = worker_config.worker_id
         self.thread: Optional[EngineThread] = None
         self.transfer: Optional[TransferEngine] = None
@@ -85,11 +89,17 @@ class WorkerRuntime:
         self.worker_id = self.config.worker_id or worker_id
         engine = await asyncio.to_thread(DisaggEngine, self.engine_config)
         self.transfer = await asyncio.to_thread(create_transfer_engine, self.config.transfer, self.worker_id,
-                                                register_kv_cache(engine.kv_cache))
+                                                register_kv_cache(engine.kv_cache), **self._transfer_options())
         self.thread = EngineThread(engine, asyncio.get_running_loop())
         self.thread.start()
         self.ready = True
         log.info("%s worker %s ready (epoch %s)", self.role_name, self.worker_id, self.transfer.epoch)
+
+    def _transfer_options(self) -> dict:
+        """Where the tcp backend listens and what it advertises (nixl picks its own addresses)."""
+        if self.config.transfer != "tcp":
+            return {}
+        return {"host": self.config.transfer_host, "advertise_host": self.config.advertise_host or None}
 
     def close(self) -> None:
         """Stop the engine thread and the transfer engine."""

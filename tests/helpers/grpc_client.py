@@ -17,6 +17,8 @@ class Completion:
     text: str = ""
     finish_reason: str = ""
     usage: Optional[object] = None
+    prompt_logprobs: list = field(default_factory=list)
+    """The TokenLogprob messages of the prompt (when the params asked for them)."""
 
 
 async def decode_generate(address: str, prompt: list[int], params: SamplingParams, prefill: str = "",
@@ -31,6 +33,7 @@ async def decode_generate(address: str, prompt: list[int], params: SamplingParam
             c = completions[chunk.index]
             c.token_ids += list(chunk.token_ids)
             c.text += chunk.text
+            c.prompt_logprobs += list(chunk.prompt_logprobs)
             if chunk.finish_reason:
                 c.finish_reason, c.usage = chunk.finish_reason, chunk.usage
         return completions

@@ -6,6 +6,8 @@
 - nothing imports upwards into a role package (prefill / decode / encoder): only the CLI
   (`deploy`) picks a role;
 - `services/common` knows no engine, worker or transfer;
+- the frontend language (`baton/lang`) is a client: it meets the cluster only over HTTP and
+  imports no other baton package (so `import baton.lang` never pulls in torch or grpc);
 - between packages there is no cycle: the package graph is a DAG.
 
 Read from the syntax trees (lazy imports inside functions count too); `bench` and `tests`
@@ -24,7 +26,7 @@ PACKAGES = {
     "baton.services.common": "services/common", "baton.services.engine": "services/engine",
     "baton.services.transfer": "services/transfer", "baton.services.worker": "services/worker",
     "baton.services.prefill": "services/prefill", "baton.services.decode": "services/decode",
-    "baton.services.encoder": "services/encoder",
+    "baton.services.encoder": "services/encoder", "baton.lang": "baton/lang",
 }
 ROLES = ("baton.services.prefill", "baton.services.decode", "baton.services.encoder")
 
@@ -42,6 +44,7 @@ def _package_of(module: str) -> str | None:
                          "baton.router", *ROLES)),
     ("services/worker", ("baton.router", "baton.deploy", *ROLES)),
     ("protos", ("baton.services", "baton.router", "baton.deploy")),
+    ("baton/lang", ("baton.services", "baton.router", "baton.protos", "baton.deploy", "baton.bench")),
 ])
 def test_forbidden_imports(folder: str, forbidden: tuple[str, ...]) -> None:
     assert baton_imports(folder, *forbidden) == []

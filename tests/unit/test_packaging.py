@@ -67,7 +67,8 @@ def test_protobuf_floor_covers_the_generated_descriptors() -> None:
 
 def test_every_package_folder_is_listed() -> None:
     listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
-    on_disk = {"baton"}
+    on_disk = {"baton"} | {"baton." + ".".join(init.parent.relative_to(REPO / "baton").parts)
+                           for init in (REPO / "baton").rglob("*/__init__.py")}  # the facade's own packages
     for folder in FOLDERS:
         for init in (REPO / folder).rglob("__init__.py"):
             rel = init.parent.relative_to(REPO)
@@ -99,7 +100,8 @@ def test_wheel_installs_one_baton_namespace(tmp_path: Path) -> None:
         assert f"baton/{folder}/__init__.py" in names
     assert "baton/protos/baton/v1/worker_pb2_grpc.py" in names
     assert "baton/bench/serving/result_schema.json" in names
-    probe = ("import baton, baton.services, baton.router.core; from baton import LLM, SamplingParams; "
+    assert "baton/lang/runtime_endpoint.py" in names
+    probe = ("import baton, baton.services, baton.router.core, baton.lang; from baton import LLM, SamplingParams; "
              "print(baton.__file__); print(baton.services.__file__); print(LLM.__module__)")
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
                          cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}).stdout

@@ -26,7 +26,7 @@ from baton.protos.baton.v1 import common_pb2 as baton_dot_protos_dot_baton_dot_v
 from baton.protos.baton.v1 import worker_pb2 as baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"baton/protos/baton/v1/router.proto\x12\x08\x62\x61ton.v1\x1a\"baton/protos/baton/v1/common.proto\x1a\"baton/protos/baton/v1/worker.proto\"\xb5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12(\n\x06params\x18\x04 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xcc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x1e\n\x05usage\x18\x08 \x01(\x0b\x32\x0f.baton.v1.Usage\"\x8f\x01\n\x0cWorkerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.baton.v1.WorkerRole\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\"\n\x04load\x18\x04 \x01(\x0b\x32\x14.baton.v1.WorkerLoad\x12\x15\n\rbreaker_state\x18\x05 \x01(\t\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.baton.v1.WorkerStatus\"L\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.baton.v1.WorkerRole\"\'\n\x16RegisterWorkerResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x08\"*\n\x17\x44\x65registerWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"+\n\x18\x44\x65registerWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x15\n\x13RouterHealthRequest\"X\n\x14RouterHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x17\n\x0fhealthy_prefill\x18\x02 \x01(\r\x12\x16\n\x0ehealthy_decode\x18\x03 \x01(\r2\xcc\x03\n\x06Router\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12J\n\x0bListWorkers\x12\x1c.baton.v1.ListWorkersRequest\x1a\x1d.baton.v1.ListWorkersResponse\x12G\n\x06Health\x12\x1d.baton.v1.RouterHealthRequest\x1a\x1e.baton.v1.RouterHealthResponse\x12S\n\x0eRegisterWorker\x12\x1f.baton.v1.RegisterWorkerRequest\x1a .baton.v1.RegisterWorkerResponse\x12Y\n\x10\x44\x65registerWorker\x12!.baton.v1.DeregisterWorkerRequest\x1a\".baton.v1.DeregisterWorkerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"baton/protos/baton/v1/router.proto\x12\x08\x62\x61ton.v1\x1a\"baton/protos/baton/v1/common.proto\x1a\"baton/protos/baton/v1/worker.proto\"\xb5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12(\n\x06params\x18\x04 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xfd\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x1e\n\x05usage\x18\x08 \x01(\x0b\x32\x0f.baton.v1.Usage\x12/\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x16.baton.v1.TokenLogprob\"\x8f\x01\n\x0cWorkerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.baton.v1.WorkerRole\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\"\n\x04load\x18\x04 \x01(\x0b\x32\x14.baton.v1.WorkerLoad\x12\x15\n\rbreaker_state\x18\x05 \x01(\t\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.baton.v1.WorkerStatus\"L\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.baton.v1.WorkerRole\"\'\n\x16RegisterWorkerResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x08\"*\n\x17\x44\x65registerWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"+\n\x18\x44\x65registerWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x15\n\x13RouterHealthRequest\"X\n\x14RouterHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x17\n\x0fhealthy_prefill\x18\x02 \x01(\r\x12\x16\n\x0ehealthy_decode\x18\x03 \x01(\r2\xcc\x03\n\x06Router\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12J\n\x0bListWorkers\x12\x1c.baton.v1.ListWorkersRequest\x1a\x1d.baton.v1.ListWorkersResponse\x12G\n\x06Health\x12\x1d.baton.v1.RouterHealthRequest\x1a\x1e.baton.v1.RouterHealthResponse\x12S\n\x0eRegisterWorker\x12\x1f.baton.v1.RegisterWorkerRequest\x1a .baton.v1.RegisterWorkerResponse\x12Y\n\x10\x44\x65registerWorker\x12!.baton.v1.DeregisterWorkerRequest\x1a\".baton.v1.DeregisterWorkerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,25 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=304
   _globals['_TOKENIDS']._serialized_end=327
   _globals['_GENERATERESPONSE']._serialized_start=330
-  _globals['_GENERATERESPONSE']._serialized_end=534
-  _globals['_WORKERSTATUS']._serialized_start=537
-  _globals['_WORKERSTATUS']._serialized_end=680
-  _globals['_LISTWORKERSREQUEST']._serialized_start=682
-  _globals['_LISTWORKERSREQUEST']._serialized_end=702
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=704
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=766
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=768
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=844
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=846
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=885
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=887
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=929
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=931
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=974
-  _globals['_ROUTERHEALTHREQUEST']._serialized_start=976
-  _globals['_ROUTERHEALTHREQUEST']._serialized_end=997
-  _globals['_ROUTERHEALTHRESPONSE']._serialized_start=999
-  _globals['_ROUTERHEALTHRESPONSE']._serialized_end=1087
-  _globals['_ROUTER']._serialized_start=1090
-  _globals['_ROUTER']._serialized_end=1550
+  _globals['_GENERATERESPONSE']._serialized_end=583
+  _globals['_WORKERSTATUS']._serialized_start=586
+  _globals['_WORKERSTATUS']._serialized_end=729
+  _globals['_LISTWORKERSREQUEST']._serialized_start=731
+  _globals['_LISTWORKERSREQUEST']._serialized_end=751
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=753
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=815
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=817
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=893
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=895
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=934
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=936
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=978
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=980
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=1023
+  _globals['_ROUTERHEALTHREQUEST']._serialized_start=1025
+  _globals['_ROUTERHEALTHREQUEST']._serialized_end=1046
+  _globals['_ROUTERHEALTHRESPONSE']._serialized_start=1048
+  _globals['_ROUTERHEALTHRESPONSE']._serialized_end=1136
+  _globals['_ROUTER']._serialized_start=1139
+  _globals['_ROUTER']._serialized_end=1599
 # @@protoc_insertion_point(module_scope)

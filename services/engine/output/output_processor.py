@@ -1,6 +1,7 @@
 """What happens to a request when it receives a sampled token.
 
-Owns: appending the token, advancing the grammar, recording logprobs, incremental
+Owns: appending the token, advancing the grammar, recording logprobs (the prompt's, when asked
+for, ride on the first token's delta), incremental
 detokenization through the stop-string checker, and deciding whether (and why) the
 request is finished: EOS, a stop token id, a stop string, a completed grammar, max_tokens
 or the context length. The result is a `RequestDelta` for the caller to stream.
@@ -39,6 +40,12 @@ class OutputProcessor:
         return self._apply(request, token, count, None)
 
     def _apply(self, request: Request, token: int, count: int, sampled: Optional[SampledToken]) -> RequestDelta:
+        delta = self._apply_token(request, token, count, sampled)
+        if count == 1 and request.params.prompt_logprobs is not None:
+            delta.prompt_logprobs = list(request.prompt_logprobs)  # complete: the whole prompt is computed
+        return delta
+
+    def _apply_token(self, request: Request, token: int, count: int, sampled: Optional[SampledToken]) -> RequestDelta:
         params = request.params
         if request.grammar is None and request.detokenizer is None and params.logprobs is None:
             # the common case (token ids only): no text, no grammar, no logprobs

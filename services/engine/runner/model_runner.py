@@ -13,6 +13,10 @@ captured batch size replay a captured graph instead (`cuda_graph.CudaGraphRunner
 graphs and their static buffers; `use_graphs`, `graph_bs`, `graphs`, `capture_cuda_graphs`
 and `reset_graph_inputs` here are its switch and its view).
 
+Prompt logprobs (`prompt_logprobs.py`): the positions of a prefill chunk whose logits give a
+prompt token's logprob are computed too, in slices, and handed back on the step's items
+(`ScheduledItem.prompt_logprobs`); such a step never replays a graph.
+
 Overlap scheduling: an input token that is still a placeholder (`PENDING_TOKEN`, sampled by
 the previous step and not yet read back by the host) is taken on the GPU from `prev_tokens`
 (the previous step's sampled ids, written by `publish_tokens`) at the request's
@@ -20,7 +24,7 @@ the previous step and not yet read back by the host) is taken on the GPU from `p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -28,6 +32,8 @@ import torch
 from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
 from baton.services.engine.models.llama import LlamaForCausalLM
 from baton.services.engine.request import PENDING_TOKEN
+from baton.services.engine.runner import prompt_logprobs
+from baton.services.engine.runner.prompt_logprobs import PromptRows
 from baton.services.engine.runner.cuda_graph import CudaGraphRunner
 from baton.services.engine.runner.positions import slot_range, token_at, token_slice
 from baton.services.engine.scheduling.scheduler import ScheduledItem
@@ -44,6 +50,8 @@ class StepInputs:
     """Index (into the flattened tokens) of the last token of each sampling request."""
     all_rows_sample: bool = False
     """True when every token samples (a decode-only step): logits need no row selection."""
+    prompt_rows: PromptRows = field(default_factory=PromptRows)
+    """The rows whose logits give prompt logprobs (none unless a request asked for them)."""
 
 
 class ModelRunner:
@@ -81,6 +89,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         gather_dst: list[int] = []
         gather_src: list[int] = []
+        prompt_rows = PromptRows()
         page = self.page_size
         want_context = self.backend.uses_context_slots
         for item in items:
@@ -110,6 +119,8 @@ class ModelRunner:
             seqs.append(SequenceSlice(query_start=first, query_len=n, prefix_len=start, context_slots=context))
             if item.samples:
                 sample_rows.append(len(ids) - 1)
+            if req.params.prompt_logprobs is not None:
+                prompt_rows.add(item, first)
         count = len(ids)
         host = torch.tensor(ids + positions + slots + sample_rows + gather_dst + gather_src, dtype=torch.long)
         if self.device.type == "cuda":
@@ -124,17 +135,20 @@ class ModelRunner:
         meta = AttentionMetadata(seqs=seqs, slot_mapping=dev[2 * count:3 * count], sliding_window=self.sliding_window,
                                  block_tables=tables, page_size=page)
         return StepInputs(input_ids=dev[:count], positions=dev[count:2 * count], meta=meta,
-                          sample_rows=dev_rows, all_rows_sample=len(sample_rows) == count)
+                          sample_rows=dev_rows, all_rows_sample=len(sample_rows) == count, prompt_rows=prompt_rows)
 
     @torch.inference_mode()
     def execute(self, items: list[ScheduledItem]) -> torch.Tensor:
         """Run one step; returns float32 logits [num sampling requests, vocab]."""
-        if self.use_graphs and self.cuda_graphs.can_replay(items):
+        if self.use_graphs and self.cuda_graphs.can_replay(items) and \
+                not any(prompt_logprobs.wants(i.request) for i in items):
             return self._execute_graph(items)
         inputs = self.prepare(items)
         self.backend.prepare(inputs.meta)
         start = self._event()
         hidden = self.model(inputs.input_ids, inputs.positions, self.backend, inputs.meta)
+        if inputs.prompt_rows.rows:
+            inputs.prompt_rows.compute(self.model.compute_logits, hidden)
         if inputs.sample_rows.numel() == 0:
             logits = hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         elif inputs.all_rows_sample:

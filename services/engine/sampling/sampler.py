@@ -275,15 +275,22 @@ class Sampler:
         if not wanted:
             return result
         index = torch.tensor(wanted, dtype=torch.long, device=raw.device)
-        logprobs = torch.log_softmax(raw[index], dim=-1)
-        chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
-        most = min(max(rows[i].params.logprobs or 0 for i in wanted), raw.shape[-1])
-        top_values: list[list[float]] = [[] for _ in wanted]
-        top_ids: list[list[int]] = [[] for _ in wanted]
-        if most > 0:
-            values, ids = logprobs.topk(most, dim=-1)
-            top_values, top_ids = values.tolist(), ids.tolist()
-        for j, i in enumerate(wanted):
-            count = rows[i].params.logprobs or 0
-            result[i] = (chosen[j], list(zip(top_ids[j][:count], top_values[j][:count])))
+        entries = gather_logprobs(torch.log_softmax(raw[index], dim=-1), tokens[index],
+                                  [rows[i].params.logprobs or 0 for i in wanted])
+        for i, entry in zip(wanted, entries):
+            result[i] = entry
         return result
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor,
+                    counts: Sequence[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each row of a [rows, V] log-softmax: (the logprob of token_ids[row], its counts[row] most
+    likely (token_id, logprob) alternatives, best first)."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+    most = min(max(counts, default=0), logprobs.shape[-1])
+    top_values: list[list[float]] = [[] for _ in chosen]
+    top_ids: list[list[int]] = [[] for _ in chosen]
+    if most > 0:
+        values, ids = logprobs.topk(most, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    return [(chosen[j], list(zip(top_ids[j][:count], top_values[j][:count]))) for j, count in enumerate(counts)]

@@ -20,6 +20,9 @@ The queues are private: callers read them through `num_running` / `num_waiting` 
 `waiting_requests()`. The counts may be read from another thread (a worker's load report)
 while the engine thread schedules: they copy a queue (atomic under the GIL) before walking it.
 
+Prompt logprobs: a request still missing some is matched against the prefix cache only up to
+the first position whose logits it needs (`runner/prompt_logprobs.cache_limit`).
+
 Invariants: a RUNNING request holds exactly ceil(num_computed_tokens / page) blocks
 between steps (plus the ones allocated for the step it is scheduled in); a WAITING or
 FINISHED request holds none, and no radix lock; a reserved request holds the blocks of its
@@ -35,6 +38,7 @@ from baton.services.engine.kv.block_pool import BlockPool
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.kv.prefix_cache import PrefixCache
 from baton.services.engine.request import Request, RequestStatus
+from baton.services.engine.runner import prompt_logprobs
 
 
 @dataclass
@@ -44,6 +48,8 @@ class ScheduledItem:
     request: Request
     start: int
     num_tokens: int
+    prompt_logprobs: Optional[list] = None
+    """Prompt logprob entries the model runner computed in this step (requests that asked for them)."""
 
     @property
     def samples(self) -> bool:
@@ -182,7 +188,7 @@ class Scheduler:
         return queue
 
     def _peek_prefix_len(self, request: Request) -> int:
-        return self.cache.match_prefix(request.all_token_ids[:-1], count=False).num_blocks * self.page_size
+        return self.cache.match_prefix(_matchable(request), count=False).num_blocks * self.page_size
 
     # --- blocks --------------------------------------------------------------------
     def _blocks_needed(self, request: Request, n: int) -> int:
@@ -268,7 +274,7 @@ class Scheduler:
     def _match_prefix(self, request: Request) -> None:
         if request.block_table:
             return
-        match = self.cache.match_prefix(request.all_token_ids[:-1])
+        match = self.cache.match_prefix(_matchable(request))
         self.cache.lock(match.node)
         self.pool.share(match.blocks)
         request.cache_node = match.node
@@ -300,3 +306,11 @@ class Scheduler:
         elif request in self._waiting:
             self._waiting.remove(request)
         self.release(request, cache_tokens=True)
+
+
+def _matchable(request: Request) -> list[int]:
+    """The tokens the prefix cache may supply: all but the last (its logits sample the next token),
+    and none of the positions whose logits give prompt logprobs still missing."""
+    tokens = request.all_token_ids[:-1]
+    limit = prompt_logprobs.cache_limit(request)
+    return tokens if limit is None else tokens[:limit]

@@ -29,6 +29,12 @@ def test_no_prefill_worker_or_n_above_one_means_decode_only() -> None:
     assert decider.decide(long_prompt, 0, have_prefill=True, n=1)
 
 
+def test_prompt_logprobs_mean_decode_only() -> None:
+    decider = DisaggDecider(decode_only_threshold=10)
+    assert not decider.decide([1] * 5000, 0, have_prefill=True, prompt_logprobs=True)
+    assert decider.decide([1] * 5000, 0, have_prefill=True, prompt_logprobs=False)
+
+
 def test_cached_estimate_is_clamped() -> None:
     decider = DisaggDecider(decode_only_threshold=0)
     assert DisaggDecider.uncached_tokens([1] * 10, 50) == 0

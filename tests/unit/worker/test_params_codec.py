@@ -27,6 +27,8 @@ VARIANTS = [
     dict(stop=("\n", "END"), stop_token_ids=(2, 7), include_stop_str_in_output=True),
     dict(ignore_eos=True, logprobs=0),
     dict(logprobs=20, skip_special_tokens=False),
+    dict(prompt_logprobs=0),
+    dict(prompt_logprobs=5, prompt_logprobs_start=17, logprobs=1),
     dict(priority=-5),
     dict(priority=2**31 - 1, max_tokens=4096, min_tokens=4096),
 ]
@@ -93,6 +95,8 @@ def test_json_object_false_is_no_constraint() -> None:
     (common_pb2.SamplingParams(max_tokens=0), "max_tokens"),
     (common_pb2.SamplingParams(max_tokens=4, min_tokens=5), "min_tokens"),
     (common_pb2.SamplingParams(logprobs=21), "logprobs"),
+    (common_pb2.SamplingParams(prompt_logprobs=21), "prompt_logprobs"),
+    (common_pb2.SamplingParams(prompt_logprobs_start=3), "prompt_logprobs_start needs prompt_logprobs"),
     (common_pb2.SamplingParams(frequency_penalty=3.0), "frequency_penalty"),
     (common_pb2.SamplingParams(stop=[""]), "stop"),
     (common_pb2.SamplingParams(repetition_penalty=0.0), "repetition_penalty"),

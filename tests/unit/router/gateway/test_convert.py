@@ -100,7 +100,7 @@ def test_completion_prompts(tokenizer) -> None:
     assert "out of range" in bad_request(
         lambda: prepare_completion(completion(prompt=[10**7]), tokenizer, MAX_LEN)).message
     assert bad_request(lambda: prepare_completion(completion(prompt=""), tokenizer, MAX_LEN)).param == "prompt"
-    for field, value in [("echo", True), ("suffix", "x"), ("best_of", 3), ("logit_bias", {"1": 5})]:
+    for field, value in [("suffix", "x"), ("best_of", 3), ("logit_bias", {"1": 5})]:
         error = bad_request(lambda: prepare_completion(completion(**{field: value}), tokenizer, MAX_LEN))
         assert error.param == field
 

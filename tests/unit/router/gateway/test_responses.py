@@ -139,3 +139,47 @@ def test_logprob_helpers(strings) -> None:
     state = CompletionLogprobs(strings)
     first, second = state.add(entries), state.add(entries)
     assert first["text_offset"] == [0] and second["text_offset"] == [len(strings.text(19556))]
+
+
+def _echo_chunks(tokenizer, prompt_ids: list[int]) -> list[Chunk]:
+    chunks = script(tokenizer, ["Hello", " world"], logprobs=True)
+    chunks[0].prompt_logprobs = [lp(t, -1.0 - i, (t, -1.0 - i)) for i, t in enumerate(prompt_ids[1:])]
+    return chunks
+
+
+def test_echo_puts_the_prompt_and_its_logprobs_first(tokenizer, strings) -> None:
+    from baton.router.gateway.convert import EchoPrompt
+    prompt_ids = tokenizer.encode("Once upon a")
+    echo = EchoPrompt(text="Once upon a", token_ids=prompt_ids)
+    collector = Collector(context(strings, logprobs=True, echo=echo))
+    for chunk in _echo_chunks(tokenizer, prompt_ids):
+        collector.add(chunk)
+    # (the openai client's types say float, but OpenAI's echo answers null for the first token, and
+    # the client builds responses without validating them: e2e tests read these through it)
+    whole = collector.text_completion()["choices"][0]
+    assert whole["text"] == "Once upon a" + "Hello world"
+    assert whole["logprobs"]["tokens"] == [strings.text(t) for t in prompt_ids] + ["Hello", " world"]
+    assert whole["logprobs"]["token_logprobs"] == [None, -1.0, -2.0, -0.5, -0.5]
+    assert whole["logprobs"]["top_logprobs"][0] is None and whole["logprobs"]["top_logprobs"][2] == {" a": -2.0}
+    assert whole["logprobs"]["text_offset"] == [0, 4, 9, 11, 16]
+    stream = CompletionStream(context(strings, logprobs=True, echo=echo))
+    streamed = [stream.chunk(c) for c in _echo_chunks(tokenizer, prompt_ids)]
+    assert "".join(s["choices"][0]["text"] for s in streamed) == whole["text"]
+    for key in ("token_logprobs", "text_offset", "tokens"):
+        assert sum((s["choices"][0]["logprobs"][key] for s in streamed), []) == whole["logprobs"][key]
+
+
+def test_echo_only_drops_the_generated_token(tokenizer, strings) -> None:
+    from baton.router.gateway.convert import EchoPrompt
+    prompt_ids = tokenizer.encode("Once upon a")
+    echo = EchoPrompt(text="Once upon a", token_ids=prompt_ids, only=True)
+    chunk = _echo_chunks(tokenizer, prompt_ids)[0]
+    chunk.finish_reason, chunk.usage = "length", common_pb2.Usage(prompt_tokens=3, completion_tokens=1)
+    collector = Collector(context(strings, logprobs=True, echo=echo))
+    collector.add(chunk)
+    obj = collector.text_completion()
+    assert obj["choices"][0]["text"] == "Once upon a"
+    assert obj["choices"][0]["logprobs"]["token_logprobs"] == [None, -1.0, -2.0]
+    assert obj["usage"]["completion_tokens"] == 0 and obj["usage"]["prompt_tokens"] == 3
+    streamed = CompletionStream(context(strings, echo=echo)).chunk(chunk)
+    assert streamed["choices"][0]["text"] == "Once upon a" and streamed["choices"][0]["finish_reason"] == "length"
