@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from baton.deploy.placement import MULTICAST_OFF, Placement, parse_gpus, place_workers, visible_gpus
+from baton.router.config import RouterConfig
 from baton.services.common.server import free_port, wait_for_health
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.engine_setup import resolve_model_path
@@ -59,6 +60,18 @@ class UpConfig:
     """Comma-separated GPU indices to place workers on, one per GPU while there are enough (empty: every visible GPU; none on CPU)."""
     router_max_queued_requests: int = 1024
     """Requests the router holds while no worker has room; one more gets 429."""
+    request_timeout_s: float = RouterConfig.request_timeout_s
+    """Deadline of a whole request at the router, first byte to last."""
+    max_migrations: int = RouterConfig.max_migrations
+    """Times a stream may move to another decode worker after its first token."""
+    health_interval_s: float = RouterConfig.health_interval_s
+    """Seconds between the router's health checks of each worker."""
+    breaker_failures: int = RouterConfig.breaker_failures
+    """Consecutive worker failures that open its circuit breaker."""
+    breaker_cooldown_s: float = RouterConfig.breaker_cooldown_s
+    """Seconds an open breaker waits before one trial request."""
+    drain_timeout_s: float = 30.0
+    """How long a stopping worker lets its running requests finish."""
     prometheus_targets: str = ""
     """Write the Prometheus targets (router and every worker's metrics port) to this file_sd JSON file (empty: none)."""
     ray: str = ""
@@ -118,7 +131,8 @@ class Cluster:
         """Start every process and wait until the gateway serves; returns its URL."""
         model = str(resolve_model_path(self.engine))
         common = ["--model", model, "--host", self.up.host, "--transfer", self.up.transfer,
-                  "--num-threads", str(self.up.worker_threads), *engine_flags(self.engine)]
+                  "--num-threads", str(self.up.worker_threads), "--drain-timeout-s", str(self.up.drain_timeout_s),
+                  *engine_flags(self.engine)]
         addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
         roles = [(role, i) for role, count in (("prefill", self.up.prefills), ("decode", self.up.decodes))
                  for i in range(count)]
@@ -139,12 +153,20 @@ class Cluster:
                                "--grpc-port", str(self.up.grpc_port), "--prefill", ",".join(addresses["prefill"]),
                                "--decode", ",".join(addresses["decode"]), "--api-keys", self.up.api_keys,
                                "--decode-only-threshold", str(self.up.decode_only_threshold),
-                               "--max-queued-requests", str(self.up.router_max_queued_requests)],
+                               "--max-queued-requests", str(self.up.router_max_queued_requests),
+                               *self._failover_flags()],
                     {"CUDA_VISIBLE_DEVICES": ""})
         self.gateway_url = f"http://{self.up.host}:{http_port}"
         self.metrics_targets.insert(0, MetricsTarget("router", "router", f"{self.up.host}:{http_port}"))
         self._wait_http(self.gateway_url + "/health", deadline)
         return self.gateway_url
+
+    def _failover_flags(self) -> list[str]:
+        """The router's failover knobs as `baton up` was given them."""
+        up = self.up
+        return ["--request-timeout-s", str(up.request_timeout_s), "--max-migrations", str(up.max_migrations),
+                "--health-interval-s", str(up.health_interval_s), "--breaker-failures", str(up.breaker_failures),
+                "--breaker-cooldown-s", str(up.breaker_cooldown_s)]
 
     def _placed(self, placement: Placement) -> list[str]:
         """The worker's device and memory-share flags."""
