@@ -40,12 +40,17 @@ async def keep_health_honest(core: RouterCore, servicer: health.aio.HealthServic
     """gRPC health follows HTTP /health: SERVING exactly while a decode worker can serve."""
     serving, ok = None, health_pb2.HealthCheckResponse
     while True:
-        now = core.is_serving()
-        if now != serving:
-            status = ok.SERVING if now else ok.NOT_SERVING
-            for name in ("", ROUTER_SERVICE):
-                await servicer.set(name, status)
-            serving = now
+        try:
+            now = core.is_serving()
+            if now != serving:
+                status = ok.SERVING if now else ok.NOT_SERVING
+                for name in ("", ROUTER_SERVICE):
+                    await servicer.set(name, status)
+                serving = now
+                log.info("router gRPC health: %s", "SERVING" if now else "NOT_SERVING")
+        except Exception:  # never let the health task die silently
+            log.exception("updating the router's gRPC health failed")
+            serving = None
         await asyncio.sleep(min(0.5, core.config.health_interval_s))
 
 
