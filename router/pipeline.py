@@ -128,6 +128,7 @@ class Pipeline:
     # --- room and selection --------------------------------------------------------
     async def _acquire(self) -> tuple[WorkerEntry, Optional[WorkerEntry]]:
         """Workers with room for the request, waiting in the room queue while there are none."""
+        self._counted_wait = False
         chosen = None if self.room.has_waiters else self._try_select()
         if chosen is not None:
             return chosen
@@ -176,7 +177,10 @@ class Pipeline:
         return decode, prefill
 
     def _waits(self, role: Role, reason: str) -> None:
-        self.core.metrics.backpressure.labels(role=role.value, reason=reason).inc()
+        """No room now: counted once per wait, not on every re-check while the request waits."""
+        if not self._counted_wait:
+            self._counted_wait = True
+            self.core.metrics.backpressure.labels(role=role.value, reason=reason).inc()
         return None
 
     def _claim(self, policy, chosen: WorkerEntry, prompt: list[int], role: Role) -> WorkerEntry:
