@@ -6,13 +6,17 @@
 #   vllm      unpack vLLM (.peer/ part00 in /tmp/p00 from an earlier call + part01 carried) and
 #             measure `vllm serve` under the serving load
 #   colocated measure `baton up --prefills 0` (one decode worker on the GPU) under the same load
-#   1p1d      measure `baton up --prefills 1 --decodes 1` (both on the one GPU, tcp) likewise
+#   1p1d      measure `baton up --prefills 1 --decodes 1` (both on the one GPU; auto transfer = cuda_ipc) likewise
+#   1p1d-tcp  the same with `--transfer tcp` (host staging, the portable fallback)
+#   probe     TTFT layer by layer at no load (bench/ttft_probe.py): decode worker gRPC, router gRPC, gateway
+#             HTTP, and `vllm serve` HTTP, each server at 0.4 of the GPU (baton first, then vLLM)
+#   probe-gil the decode-worker layer of the probe with Python's 5 ms switch interval and with the workers' 0.5 ms
 #   gputests  pytest tests/gpu
 #   transfer  nixl VRAM vs a device-to-device copy (bench/kv_transfer.py --device cuda)
 #
 # Results go to $OUT (summary.md, NAME.json/.md per server). Files outside $OUT survive only
 # while the machine stays warm (30 s after a call): send the next call at once.
-# Environment: RATES (default 4,8,16,24), PROMPTS (requests per rate, default 160).
+# Environment: RATES (default 4,8,16,24), PROMPTS (requests per rate, default 160), WORKLOADS (default: both).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 RATES=${RATES:-4,8,16,24}
@@ -23,8 +27,20 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 
 serve() {  # NAME COMMAND
   python3 -m baton.bench.gpu_serving --tokenizer "$MODEL" --out "$OUT" --rates "$RATES" \
-    --num-prompts "$PROMPTS" --warmup 8 --ready-timeout 420 --server "$1=$2"
+    --num-prompts "$PROMPTS" --warmup 8 --ready-timeout 420 ${WORKLOADS:+--workloads "$WORKLOADS"} --server "$1=$2"
   cat "$OUT/$1.md" 2>/dev/null; tail -30 "$OUT/$1.log" 2>/dev/null | grep -iE "error|warn|refus|retry" | tail -8
+}
+
+unpack_vllm() {
+  if [ ! -d /tmp/vsite/vllm ]; then
+    cat /tmp/p00 .peer/vllm026-carry.part01 > /tmp/v.tar.xz && mkdir -p /tmp/vsite \
+      && tar -xJf /tmp/v.tar.xz -C /tmp/vsite
+  fi
+}
+
+wait_http() {  # URL SECONDS
+  for _ in $(seq 1 "$2"); do curl -sf "$1" >/dev/null && return 0; sleep 1; done
+  echo "not ready: $1"; return 1
 }
 
 for step in "$@"; do
@@ -42,19 +58,46 @@ for step in "$@"; do
       [ -f .peer/vllm026-carry.part00 ] && cp .peer/vllm026-carry.part00 /tmp/p00
       nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv ;;
     vllm)
-      if [ ! -d /tmp/vsite/vllm ]; then
-        cat /tmp/p00 .peer/vllm026-carry.part01 > /tmp/v.tar.xz && mkdir -p /tmp/vsite \
-          && tar -xJf /tmp/v.tar.xz -C /tmp/vsite || exit 1
-      fi
+      unpack_vllm || exit 1
       serve vllm "env PYTHONPATH=/tmp/vsite VLLM_USE_FLASHINFER_SAMPLER=0 python3 -m vllm.entrypoints.cli.main serve $MODEL --attention-backend FLASH_ATTN --gpu-memory-utilization 0.85 --port {port}" ;;
     colocated)
       serve baton-colocated "python3 -m baton.deploy.cli up --model $MODEL --prefills 0 --port {port}" ;;
     1p1d)
       serve baton-1p1d "python3 -m baton.deploy.cli up --model $MODEL --prefills 1 --decodes 1 --port {port}" ;;
+    1p1d-tcp)
+      serve baton-1p1d-tcp "python3 -m baton.deploy.cli up --model $MODEL --prefills 1 --decodes 1 --transfer tcp --port {port}" ;;
+    probe)
+      unpack_vllm || exit 1
+      python3 -m baton.deploy.cli up --model $MODEL --prefills 0 --mem-fraction-static 0.4 --port 18100 \
+        --grpc-port 18101 > "$OUT/probe_baton.log" 2>&1 &
+      BATON=$!
+      wait_http http://127.0.0.1:18100/health 300
+      env PYTHONPATH=/tmp/vsite VLLM_USE_FLASHINFER_SAMPLER=0 python3 -m vllm.entrypoints.cli.main serve $MODEL \
+        --attention-backend FLASH_ATTN --gpu-memory-utilization 0.4 --port 18200 > "$OUT/probe_vllm.log" 2>&1 &
+      VLLM=$!
+      wait_http http://127.0.0.1:18200/health 300
+      DECODE=$(curl -s http://127.0.0.1:18100/workers | python3 -c \
+        "import json,sys; print([w['address'] for w in json.load(sys.stdin) if w['role'] == 'decode'][0])")
+      python3 -m baton.bench.ttft_probe --decode "$DECODE" --router 127.0.0.1:18101 --http http://127.0.0.1:18100 \
+        --peer http://127.0.0.1:18200 --prompt-tokens 128,1024 --vocab 128000 --json "$OUT/ttft_probe.json" \
+        | tee "$OUT/ttft_probe.md"
+      kill -INT $BATON $VLLM; sleep 8; kill -9 $BATON $VLLM 2>/dev/null ;;
+    probe-gil)  # one decode worker at a time, Python's 5 ms switch interval vs the workers' default
+      for gil in 0 0.0005; do
+        python3 -m baton.deploy.cli serve decode --model $MODEL --port 18300 --mem-fraction-static 0.4 \
+          --gil-switch-interval-s $gil > "$OUT/probe_gil_$gil.log" 2>&1 &
+        WORKER=$!
+        for _ in $(seq 1 300); do grep -q "serving on" "$OUT/probe_gil_$gil.log" && break; sleep 1; done
+        echo "--- decode worker, --gil-switch-interval-s $gil"
+        python3 -m baton.bench.ttft_probe --decode 127.0.0.1:18300 --prompt-tokens 128,1024 --vocab 128000 \
+          --json "$OUT/ttft_probe_gil_$gil.json" | tee "$OUT/ttft_probe_gil_$gil.md"
+        kill -INT $WORKER; sleep 6; kill -9 $WORKER 2>/dev/null
+      done ;;
     gputests)
       python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
     transfer)
-      UCX_NET_DEVICES=lo python3 -m baton.bench.kv_transfer --device cuda --json "$OUT/kv_transfer_cuda.json" \
+      UCX_NET_DEVICES=lo python3 -m baton.bench.kv_transfer --device cuda --backends "${BACKENDS:-tcp,nixl,cuda_ipc}" \
+        --json "$OUT/kv_transfer_cuda.json" \
         --results "$OUT/kv_transfer_cuda.md" 2>&1 | grep -v "NIXL INFO" | tail -30 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -65,7 +65,7 @@ TOKEN_BYTES = 2 * 8 * 128 * 2  # K+V bytes of one token of the 1-layer layout (8
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m baton.bench.kv_transfer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backends", default="tcp,nixl", help="comma-separated transfer backends")
+    p.add_argument("--backends", default="tcp,nixl", help="comma-separated transfer backends (tcp, nixl, cuda_ipc)")
     p.add_argument("--device", choices=sorted(REFERENCE), default="cpu",
                    help="where both KV caches live: cpu (host memory) or cuda (VRAM of GPU 0)")
     p.add_argument("--sizes", default="16K,64K,256K,1M,4M", help="block sizes (K+V of one page, one layer)")
@@ -110,8 +110,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def unavailable(backend: str) -> Optional[str]:
-    """Why `backend` cannot run here (a module it needs is not installed), or None."""
+def unavailable(backend: str, device: str = "cpu") -> Optional[str]:
+    """Why `backend` cannot run here (a module it needs is not installed, or cuda_ipc off CUDA), or None."""
+    if backend == "cuda_ipc" and device != "cuda":
+        return "cuda_ipc: moves CUDA memory only (run with --device cuda)"
     need = {"zmq": "pyzmq (the transfer package imports it)", "nixl": "nixl (the nixl and nixl-cu13 wheels)"}
     missing = [why for module, why in need.items()
                if (module == "zmq" or backend == "nixl") and importlib.util.find_spec(module) is None]
@@ -291,11 +293,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [reference_row(size, args) for size in args.size_list]
-    skipped = [why for backend in args.backend_list if (why := unavailable(backend))]
+    skipped = [why for backend in args.backend_list if (why := unavailable(backend, args.device))]
     for why in skipped:
         print(f"skipped {why}", file=sys.stderr)
     for backend in args.backend_list:
-        if unavailable(backend) is None:
+        if unavailable(backend, args.device) is None:
             rows += run_backend(backend, args)
     ref = {r["block_bytes"]: r["gbps"] for r in rows if r["backend"] == REFERENCE[args.device]}
     for r in rows:

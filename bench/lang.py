@@ -106,15 +106,30 @@ def _counters(url: str) -> tuple[float, float]:
     return total["matched"], total["looked_up"]
 
 
+def _settled_counters(url: str, quiet_s: float = 1.2, limit_s: float = 10.0) -> tuple[float, float]:
+    """`_counters` once they have stopped moving: the router re-exports the workers' counters
+    from their load reports (one per health interval), so a scrape right after a run can lag."""
+    start = time.monotonic()
+    last, since = _counters(url), time.monotonic()
+    while time.monotonic() - start < limit_s:
+        time.sleep(0.3)
+        now = _counters(url)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return last
+
+
 def run_lang(url: str, items: list[str], threads: int, max_tokens: int) -> tuple[Side, list[list[str]]]:
     """The program over every input; (figures, answers per input)."""
     backend = baton.RuntimeEndpoint(url)
-    before = _counters(url)
+    before = _settled_counters(url)
     start = time.perf_counter()
     states = describe.run_batch([{"item": i, "max_tokens": max_tokens} for i in items], backend=backend,
                                 num_threads=threads, temperature=0.0)
     seconds = time.perf_counter() - start
-    after = _counters(url)
+    after = _settled_counters(url)
     failed = [s.error() for s in states if s.error() is not None]
     if failed:
         raise RuntimeError(f"{len(failed)} programs failed; first: {failed[0]}")
@@ -131,7 +146,7 @@ def run_openai(url: str, items: list[str], threads: int, max_tokens: int) -> tup
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
     model = client.models.list().data[0].id
     prompts = [branch_prompt(item, q) for item in items for q in QUESTIONS]
-    before = _counters(url)
+    before = _settled_counters(url)
 
     def one(prompt: str):
         return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
@@ -140,7 +155,7 @@ def run_openai(url: str, items: list[str], threads: int, max_tokens: int) -> tup
     with ThreadPoolExecutor(max_workers=threads * len(QUESTIONS)) as pool:
         replies = list(pool.map(one, prompts))
     seconds = time.perf_counter() - start
-    after = _counters(url)
+    after = _settled_counters(url)
     usage = [r.usage for r in replies]
     side = Side("independent requests (no prefix reuse)", seconds, len(items), len(replies),
                 sum(u.completion_tokens for u in usage), sum(u.prompt_tokens for u in usage),

@@ -4,7 +4,9 @@
   SmolLM2-135M-Instruct unless --model is given); prompts go through the chat template
   unless --raw.
 - `baton serve prefill|decode`: one worker service (gRPC), flags from `EngineConfig`,
-  `ServerConfig` and `WorkerConfig`.
+  `ServerConfig` and `WorkerConfig`; `baton serve sim`: many simulated workers in one
+  process (services/sim; `SimConfig`, `SimTiming`, `SimFaults`); `baton serve encoder`: a
+  vision-language model's encoder (services/encoder; `EncoderConfig`, docs/vision.md).
 - `baton router`: the router (gRPC + OpenAI HTTP gateway), flags from `RouterConfig`.
 - `baton up`: router + prefill + decode workers as local processes (`UpConfig` + engine flags), or
   with `--ray ADDRESS|auto` the workers as Ray actors (`RayConfig`, deploy/ray_launcher.py).
@@ -74,11 +76,18 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     from baton.services.common.server import ServerConfig
     from baton.services.worker.worker_config import WorkerConfig
-    p = sub.add_parser("serve", help="run one worker service (prefill or decode)")
-    p.add_argument("role", choices=["prefill", "decode"], help="which service to run")
+    from baton.services.sim.config import SimConfig, SimFaults, SimTiming
+    p = sub.add_parser("serve", help="run one worker service (prefill or decode), or simulated workers (sim)")
+    p.add_argument("role", choices=["prefill", "decode", "sim", "encoder"],
+                   help="which service to run (sim: --sim-prefills / --sim-decodes simulated workers, no model)")
     add_flags(p, EngineConfig)
     add_flags(p, ServerConfig)
     add_flags(p, WorkerConfig)
+    add_flags(p, SimConfig)
+    add_flags(p, SimTiming)
+    add_flags(p, SimFaults)
+    from baton.services.encoder.encoder_config import EncoderConfig
+    add_flags(p, EncoderConfig)  # encoder: the vision tower and embedding cache of a VLM folder
     p.set_defaults(func=_run_serve)
 
 
@@ -93,7 +102,17 @@ def worker_service(role: str):
 
 def _run_serve(args: argparse.Namespace) -> int:
     from baton.services.common.server import ServerConfig
+    if args.role == "sim":
+        from baton.services.sim.cluster import run_sim
+        from baton.services.sim.config import SimConfig, SimFaults, SimTiming
+        return run_sim(from_args(SimConfig, args), from_args(SimTiming, args), from_args(SimFaults, args),
+                       from_args(ServerConfig, args))
     from baton.services.worker.worker_config import WorkerConfig
+    if args.role == "encoder":
+        from baton.services.encoder.encoder_config import EncoderConfig
+        from baton.services.encoder.servicer import run_encoder
+        return run_encoder(from_args(EngineConfig, args), from_args(ServerConfig, args),
+                           from_args(EncoderConfig, args), from_args(WorkerConfig, args))
     from baton.services.worker.worker_main import run_worker
     return run_worker(worker_service(args.role), from_args(EngineConfig, args), from_args(ServerConfig, args),
                       from_args(WorkerConfig, args))

@@ -4,7 +4,9 @@ Starts N prefill and M decode workers (`baton serve`) on free ports, waits for e
 report SERVING, then starts the router (`baton router`) in front of them, waits for its
 gateway's /health, prints every process's Prometheus endpoint (and writes them as a file_sd
 targets file with `--prometheus-targets`) and the address, and stops everything cleanly
-(SIGTERM, then SIGKILL after a grace period) on Ctrl-C or SIGTERM. With no flags it serves
+(SIGTERM, then SIGKILL after a grace period) on Ctrl-C or SIGTERM, and only then: meanwhile a
+child that exits (the router or a worker) is restarted on its ports, with backoff
+(deploy/supervisor.py). With no flags it serves
 the embedded SmolLM2-135M-Instruct on this machine. With `--ray` the workers are Ray actors instead
 (deploy/ray_launcher.py).
 """
@@ -13,16 +15,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from baton.deploy.placement import MULTICAST_OFF, Placement, parse_gpus, place_workers, visible_gpus
+from baton.deploy.placement import (MULTICAST_OFF, Placement, choose_transfer, parse_gpus, place_workers,
+                                    visible_gpus)
 from baton.router.config import RouterConfig
 from baton.services.common.server import free_port, wait_for_health
 from baton.services.engine.config import EngineConfig
@@ -40,8 +46,12 @@ class UpConfig:
     """Prefill workers to start (0: every request is prefilled by its decode worker)."""
     decodes: int = 1
     """Decode workers to start."""
-    transfer: str = "tcp"
-    """KV transfer backend between them: tcp or nixl."""
+    encoders: int = 0
+    """Encoders to start for a vision-language model (`baton serve encoder`; 0: the workers run the vision tower)."""
+    allowed_local_media_path: str = ""
+    """A folder whose files image parts may name with file:// URLs (the router's flag)."""
+    transfer: str = "auto"
+    """KV transfer backend between them: tcp, nixl, cuda_ipc, or auto (cuda_ipc when every worker is on one GPU, nixl across GPUs when installed, tcp on CPU)."""
     host: str = "127.0.0.1"
     """Address everything binds."""
     port: int = 0
@@ -52,8 +62,22 @@ class UpConfig:
     """torch CPU threads per worker process (several processes share the cores)."""
     decode_only_threshold: int = 256
     """Prompts with at most this many uncached tokens skip the prefill worker."""
+    prefill_backlog_limit: int = RouterConfig.prefill_backlog_limit
+    """Prompt tokens the least-loaded prefill worker may hold before decode workers prefill by themselves (0: never)."""
     api_keys: str = ""
-    """Comma-separated API keys the gateway requires (empty: none)."""
+    """Comma-separated API keys the gateway requires (empty: none; shows in `ps`: prefer --api-keys-file or $BATON_API_KEYS)."""
+    api_keys_file: str = ""
+    """File of API keys the gateway requires, comma- or newline-separated (the router reads it; $BATON_API_KEYS works too)."""
+    admin_api_keys_file: str = ""
+    """File of admin keys: registering / deregistering workers (and, with --protect-admin-endpoints, /metrics and /workers) needs one."""
+    protect_admin_endpoints: bool = False
+    """Put the router's /metrics, /workers and /docs behind an admin key."""
+    cluster_secret_file: str = ""
+    """File holding the cluster secret every worker and the router use (empty: a fresh random one in the run directory)."""
+    open_cluster: bool = False
+    """Start the workers without a cluster secret: anyone who reaches their ports may call them (not with --cluster-secret-file)."""
+    worker_metrics_port: int = 0
+    """First worker metrics port: prefill-0, prefill-1, ..., decode-0, ... count up from it (0: free ports)."""
     startup_timeout_s: float = 300.0
     """Longest wait for every process to become healthy."""
     gpus: str = ""
@@ -72,19 +96,35 @@ class UpConfig:
     """Seconds an open breaker waits before one trial request."""
     drain_timeout_s: float = 30.0
     """How long a stopping worker lets its running requests finish."""
+    restart_backoff_s: float = 1.0
+    """Wait before restarting a child (router or worker) that exited; doubles per restart in a row."""
+    restart_backoff_max_s: float = 30.0
+    """Longest wait between two restarts of one child (deploy/supervisor.py)."""
     prometheus_targets: str = ""
     """Write the Prometheus targets (router and every worker's metrics port) to this file_sd JSON file (empty: none)."""
+    sim_prefills: int = 0
+    """Simulated prefill workers (services/sim: no model, one process for all) instead of real ones."""
+    sim_decodes: int = 0
+    """Simulated decode workers instead of real ones (> 0: a simulated cluster, deploy/sim_cluster.py)."""
+    chat_template: str = ""
+    """Jinja chat-template file the router uses instead of the model's own (e.g. router/gateway/templates/smollm2_tool_hermes.jinja)."""
+    tool_call_parser: str = ""
+    """How the router reads tool calls: hermes, llama3_json or mistral; empty: implied by the chat template."""
     ray: str = ""
     """Run the workers as Ray actors on this Ray cluster (GCS host:port, auto, or ray://host:port; --ray-* flags); empty: local processes."""
 
     def __post_init__(self) -> None:
-        if self.prefills < 0 or self.decodes < 1:
-            raise ValueError("need prefills >= 0 and decodes >= 1")
-        if self.transfer not in ("tcp", "nixl"):
-            raise ValueError("transfer must be tcp or nixl")
+        if self.prefills < 0 or self.decodes < 1 or self.encoders < 0:
+            raise ValueError("need prefills >= 0, decodes >= 1 and encoders >= 0")
+        if self.transfer not in ("auto", "tcp", "nixl", "cuda_ipc"):
+            raise ValueError("transfer must be auto, tcp, nixl or cuda_ipc")
         parse_gpus(self.gpus)
         if self.router_max_queued_requests < 1:
             raise ValueError("router_max_queued_requests must be at least 1")
+        if self.open_cluster and self.cluster_secret_file:
+            raise ValueError("--open-cluster and --cluster-secret-file exclude each other")
+        if not 0 <= self.worker_metrics_port <= 65535:
+            raise ValueError("worker_metrics_port must be in [0, 65535]")
 
 
 ENGINE_FLAGS_SKIPPED = {"model", "num_threads", "mem_fraction_static", "device"}
@@ -119,40 +159,59 @@ class Cluster:
         """Where Prometheus scrapes each process (filled by `start`)."""
         self.stop_requested = [False]
         """Set by a signal: start-up gives up (instead of waiting for its timeout) and `watch` returns."""
+        self._commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+        """Each child's command line and environment, by name (a restart runs it again)."""
+        self.run_dir: Optional[Path] = None
+        """Private directory (0700) of this cluster's generated files (the cluster secret, the keys file)."""
 
     def _spawn(self, name: str, args: list[str], extra_env: Optional[dict[str, str]] = None) -> subprocess.Popen:
         env = dict(os.environ, UCX_NET_DEVICES=os.environ.get("UCX_NET_DEVICES", "lo"), **MULTICAST_OFF,
                    **(extra_env or {}))
         proc = subprocess.Popen([sys.executable, "-m", "baton.deploy.cli", *args], env=env)
         self.procs.append((name, proc))
+        self._commands[name] = (args, env)  # what `_respawn` runs again
+        print(f"baton up: started {name} (pid {proc.pid})", file=sys.stderr, flush=True)
         return proc
+
+    def _respawn(self, name: str) -> subprocess.Popen:
+        """Start the named child again with its first command line (same ports)."""
+        args, env = self._commands[name]
+        return subprocess.Popen([sys.executable, "-m", "baton.deploy.cli", *args], env=env)
 
     def start(self) -> str:
         """Start every process and wait until the gateway serves; returns its URL."""
         model = str(resolve_model_path(self.engine))
-        common = ["--model", model, "--host", self.up.host, "--transfer", self.up.transfer,
-                  "--num-threads", str(self.up.worker_threads), "--drain-timeout-s", str(self.up.drain_timeout_s),
-                  *engine_flags(self.engine)]
-        addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
-        roles = [(role, i) for role, count in (("prefill", self.up.prefills), ("decode", self.up.decodes))
-                 for i in range(count)]
+        roles = [(role, i) for role, count in (("prefill", self.up.prefills), ("decode", self.up.decodes),
+                                               ("encoder", self.up.encoders)) for i in range(count)]
         gpus = parse_gpus(self.up.gpus) or visible_gpus(self.engine.device)
         placements = place_workers(len(roles), gpus, self.engine.mem_fraction_static)
-        for (role, i), placement in zip(roles, placements):
-            port, metrics_port = free_port(self.up.host), free_port(self.up.host)
+        self.transfer = choose_transfer(self.up.transfer, placements)
+        common = ["--model", model, "--host", self.up.host, "--transfer", self.transfer,
+                  "--num-threads", str(self.up.worker_threads), "--drain-timeout-s", str(self.up.drain_timeout_s),
+                  *engine_flags(self.engine), *self._secret_flags()]
+        addresses: dict[str, list[str]] = {"prefill": [], "decode": [], "encoder": []}
+        for n, ((role, i), placement) in enumerate(zip(roles, placements)):
+            port = free_port(self.up.host)
+            metrics_port = self.up.worker_metrics_port + n if self.up.worker_metrics_port else free_port(self.up.host)
+            encoder_transfer = ["--transfer", "tcp"] if role == "encoder" and self.transfer == "cuda_ipc" else []
             self._spawn(f"{role}-{i}", ["serve", role, "--port", str(port), "--metrics-port", str(metrics_port),
-                                        *common, *self._placed(placement)], _visible_env(placement))
+                                        *common, *encoder_transfer, *self._placed(placement)], _visible_env(placement))
             addresses[role].append(f"{self.up.host}:{port}")
             self.metrics_targets.append(MetricsTarget(f"{role}-{i}", role, f"{self.up.host}:{metrics_port}",
                                                       f"{self.up.host}:{port}"))
         deadline = time.monotonic() + self.up.startup_timeout_s
-        for address in addresses["prefill"] + addresses["decode"]:
+        for address in addresses["prefill"] + addresses["decode"] + addresses["encoder"]:
             self._wait_grpc(address, deadline)
         http_port = self.up.port or free_port(self.up.host)
         self._spawn("router", ["router", "--model", model, "--host", self.up.host, "--http-port", str(http_port),
-                               "--grpc-port", str(self.up.grpc_port), "--prefill", ",".join(addresses["prefill"]),
-                               "--decode", ",".join(addresses["decode"]), "--api-keys", self.up.api_keys,
+                               "--grpc-port", str(self.up.grpc_port or free_port(self.up.host)),  # kept on restart
+                               "--prefill", ",".join(addresses["prefill"]),
+                               "--decode", ",".join(addresses["decode"]), *self._key_flags(), *self._secret_flags(),
+                               "--encoders", ",".join(addresses["encoder"]),
+                               "--allowed-local-media-path", self.up.allowed_local_media_path,
                                "--decode-only-threshold", str(self.up.decode_only_threshold),
+                               "--chat-template", self.up.chat_template, "--tool-call-parser", self.up.tool_call_parser,
+                               "--prefill-backlog-limit", str(self.up.prefill_backlog_limit),
                                "--max-queued-requests", str(self.up.router_max_queued_requests),
                                *self._failover_flags()],
                     {"CUDA_VISIBLE_DEVICES": ""})
@@ -160,6 +219,40 @@ class Cluster:
         self.metrics_targets.insert(0, MetricsTarget("router", "router", f"{self.up.host}:{http_port}"))
         self._wait_http(self.gateway_url + "/health", deadline)
         return self.gateway_url
+
+    def _private_file(self, name: str, text: str) -> str:
+        """Write `text` to a file readable by this user only, in the run directory; its path."""
+        if self.run_dir is None:
+            self.run_dir = Path(tempfile.mkdtemp(prefix="baton-up-"))  # mode 0700
+        path = self.run_dir / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        return str(path)
+
+    def _secret_flags(self) -> list[str]:
+        """--cluster-secret-file for every process (generated once, unless the cluster is open)."""
+        if self.up.open_cluster:
+            return []
+        if not getattr(self, "_secret_path", ""):
+            self._secret_path = self.up.cluster_secret_file or self._private_file("cluster.secret",
+                                                                                   secrets.token_hex(32) + "\n")
+        return ["--cluster-secret-file", self._secret_path]
+
+    def _key_flags(self) -> list[str]:
+        """The router's key flags: keys travel in files, never on its command line."""
+        up, flags = self.up, []
+        keys = [k.strip() for k in up.api_keys.split(",") if k.strip()]
+        if keys:  # the flag's keys (and the file's, if any) go in one private file
+            extra = Path(up.api_keys_file).read_text() if up.api_keys_file else ""
+            flags += ["--api-keys-file", self._private_file("api-keys", "\n".join(keys) + "\n" + extra)]
+        elif up.api_keys_file:
+            flags += ["--api-keys-file", up.api_keys_file]
+        if up.admin_api_keys_file:
+            flags += ["--admin-api-keys-file", up.admin_api_keys_file]
+        if up.protect_admin_endpoints:
+            flags.append("--protect-admin-endpoints")
+        return flags
 
     def _failover_flags(self) -> list[str]:
         """The router's failover knobs as `baton up` was given them."""
@@ -200,17 +293,17 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def watch(self, stop_requested: "list[bool]") -> Optional[str]:
-        """Block until asked to stop; report children that die meanwhile (the router fails over)."""
-        reported: set[str] = set()
+        """Block until asked to stop, restarting children that exit meanwhile, with backoff
+        (deploy/supervisor.py): only Ctrl-C / SIGTERM ends `baton up`."""
+        from baton.deploy.supervisor import RestartPolicy, Supervisor
+        policy = RestartPolicy(self.up.restart_backoff_s, self.up.restart_backoff_max_s)
+        supervisor = Supervisor(self.procs, self._respawn, policy, now=time.monotonic())
         while not stop_requested[0]:
-            for name, proc in self.procs:
-                if proc.poll() is not None and name not in reported:
-                    reported.add(name)
-                    print(f"baton up: {name} exited with code {proc.returncode}", file=sys.stderr, flush=True)
-                    if name == "router":
-                        return "the router exited"
+            supervisor.check(time.monotonic())
             self.tick()
             time.sleep(0.2)
         return None
@@ -283,6 +376,9 @@ def run_up(up: UpConfig, engine: EngineConfig, ray_config: Optional["RayConfig"]
     if up.ray:
         from baton.deploy.ray_launcher import RayCluster, RayConfig
         cluster: Cluster = RayCluster(up, engine, ray_config or RayConfig())
+    elif up.sim_decodes:
+        from baton.deploy.sim_cluster import SimulatedCluster
+        cluster = SimulatedCluster(up, engine)
     else:
         cluster = Cluster(up, engine)
     stop_requested = cluster.stop_requested

@@ -71,3 +71,36 @@ def visible_gpus(device: str) -> list[int]:
     if device.startswith("cuda:"):
         return [int(device.split(":", 1)[1])]
     return list(range(torch.cuda.device_count()))
+
+
+def choose_transfer(requested: str, placements: list[Placement]) -> str:
+    """The KV transfer backend for `baton up`: `requested` unless it is "auto". Auto picks
+    cuda_ipc when every worker sits on one GPU (device-to-device copies, no host staging),
+    nixl when the workers are on several GPUs and NIXL is installed, and tcp otherwise
+    (CPU workers, or no NIXL)."""
+    if requested != "auto":
+        return requested
+    gpus = {p.gpu for p in placements}
+    if not placements or None in gpus:
+        return "tcp"
+    if len(gpus) == 1:
+        return "cuda_ipc"
+    try:
+        import nixl  # noqa: F401  (only whether it is installed)
+    except ImportError:
+        return "tcp"
+    return "nixl"
+
+
+def ray_transfer(requested: str, on_gpu: bool) -> str:
+    """The backend for Ray workers, which may sit on different hosts: `requested` unless it is
+    "auto"; auto picks nixl for GPU workers when NIXL is installed, tcp otherwise."""
+    if requested != "auto":
+        return requested
+    if on_gpu:
+        try:
+            import nixl  # noqa: F401
+            return "nixl"
+        except ImportError:
+            pass
+    return "tcp"

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from baton.deploy.launcher import Cluster, MetricsTarget, UpConfig
-from baton.deploy.placement import MULTICAST_OFF
+from baton.deploy.placement import MULTICAST_OFF, ray_transfer
 from baton.router.ray_discovery import connect_ray
 from baton.services.common.server import ServerConfig, ServiceServer
 from baton.services.engine.config import EngineConfig
@@ -159,7 +159,7 @@ class RayCluster(Cluster):
         deadline = time.monotonic() + up.startup_timeout_s
         model = str(resolve_model_path(self.engine))  # the router's tokenizer; workers resolve theirs
         gpus, engine = self.worker_options(ray.cluster_resources().get("GPU", 0))
-        worker = WorkerConfig(transfer=up.transfer)
+        worker = WorkerConfig(transfer=ray_transfer(up.transfer, gpus > 0))
         server = ServerConfig(port=0, metrics_port=0)
         remote = ray.remote(WorkerActor)
         for role, count in (("prefill", up.prefills), ("decode", up.decodes)):
@@ -233,8 +233,9 @@ class RayCluster(Cluster):
         http_port = up.port or free_port(up.host)
         ray_address = up.ray if up.ray.startswith("ray://") else gcs_address
         self._spawn("router", ["router", "--model", model, "--host", up.host, "--http-port", str(http_port),
-                               "--grpc-port", str(up.grpc_port), "--api-keys", up.api_keys,
+                               "--grpc-port", str(up.grpc_port), *self._key_flags(),
                                "--decode-only-threshold", str(up.decode_only_threshold),
+                               "--chat-template", up.chat_template, "--tool-call-parser", up.tool_call_parser,
                                "--max-queued-requests", str(up.router_max_queued_requests),
                                "--ray-address", ray_address, "--ray-namespace", cfg.ray_namespace,
                                "--ray-actor-prefix", cfg.ray_actor_prefix, "--ray-node-ip", cfg.ray_node_ip,

@@ -34,6 +34,8 @@ ORIGIN_METADATA_KEY = "baton-error-origin"
 """Trailing-metadata key carrying the `ErrorOrigin` value of a failed RPC."""
 RETRY_AFTER_METADATA_KEY = "baton-retry-after-s"
 """Trailing-metadata key: seconds after which an OVERLOADED request may be tried again."""
+PARAM_METADATA_KEY = "baton-error-param"
+"""Trailing-metadata key: the request field an INVALID_REQUEST is about (OpenAI's `param`)."""
 
 
 class ErrorOrigin(enum.Enum):
@@ -43,6 +45,8 @@ class ErrorOrigin(enum.Enum):
     """The worker that answered the call (or failed to)."""
     PREFILL = "prefill"
     """The prefill worker that a decode worker called for the request."""
+    ENCODER = "encoder"
+    """The encoders a worker asked for the request's image embeddings (none could deliver them)."""
 
 STATUS_BY_CODE: dict[int, grpc.StatusCode] = {
     ErrorCode.ERROR_CODE_UNSPECIFIED: grpc.StatusCode.UNKNOWN,
@@ -64,13 +68,14 @@ STATUS_BY_CODE: dict[int, grpc.StatusCode] = {
 CODE_BY_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: ErrorCode.INVALID_REQUEST,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorCode.OVERLOADED,
-    grpc.StatusCode.CANCELLED: ErrorCode.ABORTED,
     grpc.StatusCode.DEADLINE_EXCEEDED: ErrorCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.UNAUTHENTICATED: ErrorCode.UNAUTHENTICATED,
 }
 """Fallback when a failed RPC has no `baton-error-code`: statuses with one clear meaning.
 Every other status (UNAVAILABLE from a dead peer, UNKNOWN from a crash, INTERNAL, ...) maps
-to the caller's default code."""
+to the caller's default code. A bare CANCELLED is one of those: a peer that aborts a request
+on purpose says ABORTED in its metadata, while a server that stops (or a process that dies
+mid-call) cancels its calls without it, so that status means the peer went away."""
 
 
 class BatonError(Exception):
@@ -82,7 +87,7 @@ class BatonError(Exception):
     """
 
     def __init__(self, code: int, message: str = "", *, unreachable: bool = False,
-                 origin: ErrorOrigin = ErrorOrigin.WORKER, retry_after_s: float = 0.0) -> None:
+                 origin: ErrorOrigin = ErrorOrigin.WORKER, retry_after_s: float = 0.0, param: str = "") -> None:
         if code not in STATUS_BY_CODE:
             raise ValueError(f"unknown baton error code {code!r}")
         super().__init__(message)
@@ -91,11 +96,13 @@ class BatonError(Exception):
         self.unreachable = unreachable
         self.origin = origin
         self.retry_after_s = retry_after_s
+        self.param = param
+        """The request field at fault (OpenAI's error `param`, e.g. "response_format"); "" when none."""
 
     def with_origin(self, origin: ErrorOrigin) -> "BatonError":
         """The same error attributed to `origin` (a decode worker relaying its prefill's failure)."""
         return BatonError(self.code, self.message, unreachable=self.unreachable, origin=origin,
-                          retry_after_s=self.retry_after_s)
+                          retry_after_s=self.retry_after_s, param=self.param)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The trailing metadata that carries this error's typed fields."""
@@ -104,6 +111,8 @@ class BatonError(Exception):
             items.append((UNREACHABLE_METADATA_KEY, "1"))
         if self.retry_after_s > 0:
             items.append((RETRY_AFTER_METADATA_KEY, f"{self.retry_after_s:g}"))
+        if self.param:
+            items.append((PARAM_METADATA_KEY, self.param))
         return tuple(items)
 
     @property
@@ -167,7 +176,8 @@ def error_from_rpc(e: grpc.RpcError, default: int = ErrorCode.INTERNAL) -> Baton
     """The `BatonError` a failed RPC (sync `grpc.RpcError` or `grpc.aio.AioRpcError`) stands
     for: the code and typed fields from the trailing metadata when present, else the code
     from the status (see `CODE_BY_STATUS`), else `default`. Without Baton metadata, status
-    UNAVAILABLE means the peer gave no answer: `unreachable` is set. The message is the RPC's
+    UNAVAILABLE (or a bare CANCELLED: a server that stopped) means the peer gave no answer:
+    `unreachable` is set. The message is the RPC's
     details."""
     code_fn = getattr(e, "code", None)
     status = code_fn() if callable(code_fn) else None
@@ -176,7 +186,7 @@ def error_from_rpc(e: grpc.RpcError, default: int = ErrorCode.INTERNAL) -> Baton
     metadata = _trailing(e)
     code = _code_named(metadata.get(ERROR_CODE_METADATA_KEY))
     if code is None:
-        unreachable = status == grpc.StatusCode.UNAVAILABLE
+        unreachable = status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         origin, retry_after = ErrorOrigin.WORKER, 0.0
         code = CODE_BY_STATUS.get(status, default) if status is not None else default
         if status is not None and status not in CODE_BY_STATUS:
@@ -193,4 +203,5 @@ def error_from_rpc(e: grpc.RpcError, default: int = ErrorCode.INTERNAL) -> Baton
             retry_after = 0.0
     if not details:
         details = status.name if status is not None else type(e).__name__
-    return BatonError(code, details, unreachable=unreachable, origin=origin, retry_after_s=retry_after)
+    return BatonError(code, details, unreachable=unreachable, origin=origin, retry_after_s=retry_after,
+                      param=metadata.get(PARAM_METADATA_KEY, ""))

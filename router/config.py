@@ -1,8 +1,11 @@
 """Router configuration: one frozen dataclass, a doc line per field (the `baton router` flags)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from baton.protos.cluster_auth import ClusterCredentials
 
 
 @dataclass(frozen=True)
@@ -24,13 +27,33 @@ class RouterConfig:
     decode: str = ""
     """Comma-separated host:port of decode workers known at start."""
     prefill_policy: str = "cache_aware"
-    """How to pick a prefill worker: cache_aware, min_load, round_robin or power_of_two."""
+    """How to pick a prefill worker: cache_aware, min_load, round_robin, power_of_two, min_latency or weighted."""
     decode_policy: str = "min_load"
-    """How to pick a decode worker: min_load, round_robin, power_of_two or cache_aware."""
+    """How to pick a decode worker: min_load, round_robin, power_of_two, cache_aware, min_latency or weighted."""
+    worker_weights: str = ""
+    """host:port=weight pairs, comma-separated, for the weighted policy (mixed GPU types; unlisted workers weigh 1)."""
+    cache_threshold: float = 0.5
+    """cache_aware: matched fraction of the prompt needed to follow the cache rather than spread new prefixes."""
+    balance_abs_threshold: float = 4096.0
+    """cache_aware: load gap (tokens; 64 per request in flight) beyond which, with the relative gap too, load wins over affinity."""
+    balance_rel_threshold: float = 1.5
+    """cache_aware: relative load gap (max > min * this) that must also hold before load wins over affinity."""
+    router_peers: str = ""
+    """Comma-separated gRPC host:port of the other router replicas before the same workers: the router queue limit is shared among the live ones."""
+    kv_events: bool = True
+    """Subscribe to the workers' KV events: cache-aware scores from what each really caches (off: the approximate tree only)."""
+    kv_index_max_entries: int = 1_000_000
+    """Most (block, worker) pairs the KV-event index holds; least recently used blocks are dropped beyond it."""
     decode_only_threshold: int = 256
     """Prompts with at most this many uncached tokens are prefilled by the decode worker itself."""
+    prefill_backlog_limit: int = 16384
+    """Prompt tokens (queued + running) the least-loaded prefill worker may hold before requests are prefilled on their decode worker instead (conditional disaggregation); 0: never."""
     health_interval_s: float = 1.0
     """Seconds between health checks and load reports of each worker."""
+    health_check_interval: float = 0.0
+    """Alias of --health-interval-s (SGLang's name), in seconds; when > 0 it wins."""
+    max_unhealthy_workers: int = -1
+    """The router reports itself NOT_SERVING (health) once more workers than this are unhealthy (-1: never for that reason)."""
     health_timeout_s: float = 2.0
     """Deadline of one health check."""
     unhealthy_after_failures: int = 3
@@ -58,10 +81,32 @@ class RouterConfig:
     """Retry-After (seconds) sent with a 429 when the router's own queue is full."""
     max_request_bytes: int = 8 << 20
     """Largest HTTP request body or gRPC message accepted (larger: 413 / RESOURCE_EXHAUSTED)."""
+    chat_template: str = ""
+    """Jinja chat-template file used instead of the model's own (e.g. router/gateway/templates/smollm2_tool_hermes.jinja)."""
+    tool_call_parser: str = ""
+    """How model output is read as tool calls: hermes, llama3_json or mistral; empty: implied by the chat template, else none."""
+    trust_request_chat_template: bool = False
+    """Let requests supply their own Jinja chat template (`chat_template_kwargs.chat_template`); off: refused with 400."""
     api_keys: str = ""
-    """Comma-separated API keys; when set, every /v1 request and gRPC call needs one."""
+    """Comma-separated API keys; when set, every /v1 request and gRPC call needs one (visible in `ps`: prefer --api-keys-file or $BATON_API_KEYS)."""
     api_keys_file: str = ""
     """File of further API keys, comma- or newline-separated (a mounted Kubernetes Secret); read at start."""
+    api_keys_env: str = "BATON_API_KEYS"
+    """Environment variable holding further comma-separated API keys (empty: read none)."""
+    admin_api_keys_file: str = ""
+    """File of admin keys (comma- or newline-separated): registering / deregistering workers needs one (empty: only when no client keys are set either)."""
+    protect_admin_endpoints: bool = False
+    """Put /metrics, /workers, /docs and the dashboard behind an admin key (probes keep /health)."""
+    docs: bool = False
+    """Serve the interactive API docs at /docs (Swagger UI, served without external assets) and /openapi.json."""
+    cluster_secret_file: str = ""
+    """File holding the cluster secret; the router's calls to workers carry its token (empty: open cluster)."""
+    tls_cert_file: str = ""
+    """PEM client certificate for TLS to the workers (with --tls-key-file; mTLS when they require it)."""
+    tls_key_file: str = ""
+    """PEM private key of --tls-cert-file."""
+    tls_ca_file: str = ""
+    """PEM CA bundle the workers' certificates must chain to (TLS to the workers)."""
     discover_prefill: str = ""
     """host:port whose DNS name resolves to every prefill worker (a Kubernetes headless Service)."""
     discover_decode: str = ""
@@ -76,10 +121,23 @@ class RouterConfig:
     """Worker actors are named PREFIX-prefill-N and PREFIX-decode-N."""
     ray_node_ip: str = ""
     """This machine's address in the Ray cluster (127.0.0.1 for a loopback cluster); empty: Ray's guess."""
+    encoders: str = ""
+    """Comma-separated host:port of encoders (`baton serve encoder`); empty: workers run the vision tower."""
+    encoder_policy: str = "min_load"
+    """How to rank encoders for a request with images: min_load or cache_affinity (on the image hash)."""
+    allowed_local_media_path: str = ""
+    """A folder whose files image parts may name with file:// URLs; empty: no local files."""
+    max_images_per_request: int = 8
+    """Images one chat request may carry."""
+    max_image_bytes: int = 20 * 1024 * 1024
+    """Largest encoded image a request may carry (data URL, file or fetched)."""
+    image_fetch_timeout_s: float = 10.0
+    """Deadline of fetching one http(s) image URL."""
 
     def __post_init__(self) -> None:
         checks = [
             (self.decode_only_threshold >= 0, "decode_only_threshold must be non-negative"),
+            (self.prefill_backlog_limit >= 0, "prefill_backlog_limit must be non-negative"),
             (self.health_interval_s > 0 and self.health_timeout_s > 0, "health intervals must be positive"),
             (self.request_timeout_s > 0, "request_timeout_s must be positive"),
             (self.max_attempts >= 1, "max_attempts must be at least 1"),
@@ -94,18 +152,39 @@ class RouterConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.health_check_interval < 0 or self.max_unhealthy_workers < -1 or self.kv_index_max_entries < 1:
+            raise ValueError("health_check_interval must be >= 0, max_unhealthy_workers >= -1, "
+                             "kv_index_max_entries >= 1")
+        if self.health_check_interval > 0:
+            object.__setattr__(self, "health_interval_s", self.health_check_interval)
         if self.discovery_interval_s <= 0:
             raise ValueError("discovery_interval_s must be positive")
         if self.ray_address and (self.discover_prefill or self.discover_decode):
             raise ValueError("discover workers through DNS names or through Ray (--ray-address), not both")
         from_file = Path(self.api_keys_file).read_text().replace("\n", ",") if self.api_keys_file else ""
-        keys = tuple(k.strip() for k in f"{self.api_keys},{from_file}".split(",") if k.strip())
+        from_env = os.environ.get(self.api_keys_env, "") if self.api_keys_env else ""
+        keys = tuple(dict.fromkeys(k.strip() for k in f"{self.api_keys},{from_file},{from_env}".split(",")
+                                   if k.strip()))
         object.__setattr__(self, "_api_keys", keys)
+        admin = Path(self.admin_api_keys_file).read_text().replace("\n", ",") if self.admin_api_keys_file else ""
+        object.__setattr__(self, "_admin_keys", tuple(k.strip() for k in admin.split(",") if k.strip()))
+        object.__setattr__(self, "_cluster", ClusterCredentials.from_files(
+            self.cluster_secret_file, self.tls_cert_file, self.tls_key_file, self.tls_ca_file))
 
     @property
     def api_key_list(self) -> tuple[str, ...]:
-        """The configured API keys, from `api_keys` and `api_keys_file` (empty: no authentication)."""
+        """The configured API keys, from `api_keys`, `api_keys_file` and `$api_keys_env` (empty: no authentication)."""
         return self._api_keys
+
+    @property
+    def admin_key_list(self) -> tuple[str, ...]:
+        """The admin keys from `admin_api_keys_file` (router/gateway/auth.py says what they open)."""
+        return self._admin_keys
+
+    @property
+    def cluster_credentials(self) -> ClusterCredentials:
+        """The cluster secret and TLS files the router's channels to workers use."""
+        return self._cluster
 
     @staticmethod
     def addresses(text: str) -> list[str]:

@@ -73,6 +73,10 @@ async def serve_router(config: RouterConfig) -> int:
     """Run the router until a signal; returns the exit code."""
     from baton.router.gateway.server import serve_gateway
     tokenizer, context = await asyncio.to_thread(load_tokenizer_and_context, config.model)
+    if config.chat_template:
+        tokenizer.chat_template = Path(config.chat_template).read_text()
+    from baton.router.gateway.template_guard import guard_request_templates
+    tokenizer = guard_request_templates(tokenizer, config.trust_request_chat_template)
     core = RouterCore(config, tokenizer)
     core.max_model_len = context
     await core.start()

@@ -44,6 +44,9 @@ class RouterMetrics:
                                     ["role", "reason"], registry=r)
         self.failures = Counter("baton_router_failures", "Requests that ended with an error, by error code",
                                 ["reason"], registry=r)
+        self.stream_failures = Counter("baton_router_stream_failures", "Streams that failed after their first "
+                                       "chunk (HTTP: after the 200 header), by API and reason (error code or "
+                                       "client_closed)", ["api", "reason"], registry=r)
         self._export_zeros()
 
     def forget_worker(self, address: str, role) -> None:

@@ -7,8 +7,9 @@ A request's life (`Pipeline.run`, in the request's own task, see router/stream.p
    deadline); a full queue refuses it with OVERLOADED (429). With no healthy decode worker
    at all it fails at once with NO_WORKER.
 2. select: the policies pick among the workers with room; the decider sends the prompt
-   decode-only when its uncached part is short (or n > 1), else names the prefill worker in
-   the DecodeRequest (decode reserves its blocks and has prefill write into them).
+   decode-only when its uncached part is short (or n > 1, or the stream is resumed), else
+   names the prefill worker in the DecodeRequest (decode reserves its blocks and has prefill
+   write into them).
 3. execute: stream `Decode.Generate` with the request's remaining deadline; each chunk is
    handed to the client's stream the moment it arrives.
 4. recover:
@@ -16,9 +17,11 @@ A request's life (`Pipeline.run`, in the request's own task, see router/stream.p
      for `saturated_s`, the request goes back to step 1, and no breaker or attempt counts it;
    - a failure before the first token is retried on other workers (backoff, circuit
      breakers, up to `max_attempts`); a worker that could not be reached is marked unhealthy;
-   - a decode worker dying mid-stream is replaced by re-submitting prompt + tokens already
-     sent to another decode worker (up to `max_migrations`): the stream continues with no
-     token lost or repeated.
+   - a decode worker dying mid-stream is replaced by migrating the stream (up to
+     `max_migrations`): the prompt goes to another decode worker with, per completion, the
+     tokens already sent (`DecodeRequest.resume`; n > 1 moves every unfinished completion).
+     That worker replays them as output (grammar, penalties, seeded sampler, stop strings)
+     and continues: the stream equals an unbroken one, no token lost or repeated.
    Every retry, wait and failure is logged once, with the worker and the reason, and counted
    in a metric labelled by reason. Only when no worker can serve does the caller get an
    error, and it gets it fast.
@@ -46,6 +49,8 @@ RETRYABLE = {ErrorCode.NOT_READY, ErrorCode.DRAINING, ErrorCode.PREFILL_FAILED, 
              ErrorCode.LAYOUT_MISMATCH, ErrorCode.INTERNAL, ErrorCode.NO_WORKER}
 """Failures before the first token that another worker may not have."""
 PREFILL_FAULTS = {ErrorCode.PREFILL_FAILED, ErrorCode.TRANSFER_FAILED, ErrorCode.LAYOUT_MISMATCH}
+CLIENTS_OWN = {ErrorCode.INVALID_REQUEST, ErrorCode.ABORTED, ErrorCode.DEADLINE_EXCEEDED}
+"""Failures of the request itself: no worker is blamed and moving the stream would not help."""
 
 
 class Progress:
@@ -78,6 +83,8 @@ class Pipeline:
         self.failed: set[str] = set()
         self._trials: set[str] = set()
         """Workers whose half-open breaker trial this request holds."""
+        self._moves = 0
+        """Resumed attempts sent so far (names each one's request id on its worker)."""
 
     async def run(self) -> None:
         """Serve the request to the end; raises BatonError when no worker can."""
@@ -100,9 +107,11 @@ class Pipeline:
                     refused = True
                     self._backpressure(error, decode, prefill)
                     continue
+                if error.origin is ErrorOrigin.ENCODER:  # the worker tried every encoder: none to blame, none left
+                    raise BatonError(error.code, error.message) from None
                 blamed = self._blame(error, decode, prefill)
                 self.failed.add(blamed.address)
-                if self.progress.started and self.request.n == 1 and not all(self.progress.done):
+                if self.progress.started and not all(self.progress.done) and error.code != ErrorCode.INVALID_REQUEST:
                     migrations += 1
                     metrics.migrations.inc()
                     if migrations > config.max_migrations:
@@ -113,7 +122,7 @@ class Pipeline:
                     await self._sleep(config.retry_backoff_s)
                     continue
                 if resumed or error.code not in RETRYABLE:
-                    raise BatonError(error.code, error.message) from None
+                    raise BatonError(error.code, error.message, param=error.param) from None
                 attempts += 1
                 metrics.retries.labels(reason=error.code_name.lower()).inc()
                 if attempts >= config.max_attempts:
@@ -164,8 +173,11 @@ class Pipeline:
         decode = _pick(core.decode_policy, decodes, prompt)
         cached = core.decode_prefixes.matched_prefix_len(decode.address, prompt)
         prefill = None
-        if core.decider.decide(prompt, cached, have_prefill=bool(prefills), n=self.request.n,
-                               prompt_logprobs=self.request.params.HasField("prompt_logprobs")):
+        resuming = self.progress.started  # a resumed stream is served decode-only (resume.py)
+        backlog = min((e.load.queued_tokens + e.load.running_tokens for e in prefills), default=0)
+        if not resuming and core.decider.decide(prompt, cached, have_prefill=bool(prefills), n=self.request.n,
+                                                prompt_logprobs=self.request.params.HasField("prompt_logprobs"),
+                                                prefill_backlog_tokens=backlog):
             with_room = [e for e in prefills if e.has_room(now)]
             if not with_room:
                 return self._waits(Role.PREFILL, "full")
@@ -220,7 +232,7 @@ class Pipeline:
         A client error (INVALID_REQUEST) or the client's own abort counts against nobody."""
         from_prefill = error.origin is ErrorOrigin.PREFILL or error.code in PREFILL_FAULTS
         culprit = prefill if (prefill is not None and from_prefill) else decode
-        if error.code in (ErrorCode.INVALID_REQUEST, ErrorCode.ABORTED, ErrorCode.DEADLINE_EXCEEDED):
+        if error.code in CLIENTS_OWN:
             return culprit
         culprit.breaker.record_failure()
         if error.unreachable:
@@ -236,20 +248,21 @@ class Pipeline:
         request, progress = self.request, self.progress
         params = common_pb2.SamplingParams()
         params.CopyFrom(request.params)
-        prompt = list(request.prompt_token_ids)
-        if progress.started:  # migration: continue after what the client already has
-            sent = progress.tokens[0]
-            prompt += sent
-            if params.HasField("max_tokens"):
-                params.max_tokens = max(1, params.max_tokens - len(sent))
-            params.min_tokens = max(0, params.min_tokens - len(sent))
+        resume = []
+        if progress.started:  # migration: each completion continues after what the client already has
+            resume = [worker_pb2.ResumedCompletion(index=i, output_token_ids=[] if done else tokens, finished=done)
+                      for i, (tokens, done) in enumerate(zip(progress.tokens, progress.done))]
             params.ClearField("prompt_logprobs")  # sent with the first chunk already
             params.prompt_logprobs_start = 0
+            self._moves += 1
         left = max(0.001, self.deadline - time.monotonic())
+        encoders = self.core.encoders.ranked([h for _, h in request.images]) if request.images else []
         call = decode.decode_stub().Generate(worker_pb2.DecodeRequest(
-            request_id=f"{request.request_id}-{len(progress.tokens[0])}" if progress.started else request.request_id,
-            prompt_token_ids=prompt, params=params, prefill_address=prefill.address if prefill else "",
-            timeout_ms=int(left * 1000)), timeout=left)
+            request_id=f"{request.request_id}-m{self._moves}" if progress.started else request.request_id,
+            prompt_token_ids=request.prompt_token_ids, params=params,
+            prefill_address=prefill.address if prefill else "", timeout_ms=int(left * 1000), resume=resume,
+            images=[worker_pb2.ImageInput(data=d, content_hash=h) for d, h in request.images],
+            encoder_addresses=encoders), timeout=left)
         try:
             while (response := await self._next_response(call, decode)) is not None:
                 self._relay(response)
@@ -295,6 +308,8 @@ class Pipeline:
         usage = None
         prompt_len = len(self.request.prompt_token_ids)
         if finished and response.HasField("usage"):
+            if self.request.images:  # the worker expanded each image placeholder: its count includes them
+                prompt_len = max(prompt_len, response.usage.prompt_tokens)
             usage = common_pb2.Usage(prompt_tokens=prompt_len,
                                      completion_tokens=len(progress.tokens[response.index]),
                                      cached_tokens=min(prompt_len, response.usage.cached_tokens))

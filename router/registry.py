@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
+from baton.protos.cluster_auth import open_channel
 from baton.router.breaker import CircuitBreaker
 from baton.router.config import RouterConfig
 from baton.router.types import Role, WorkerView
@@ -50,6 +51,8 @@ class WorkerEntry:
     """Health checks in a row that timed out or errored without the worker being unreachable."""
     saturated_until: float = 0.0
     """monotonic time until which the worker counts as full (it answered OVERLOADED)."""
+    metrics_port: int = 0
+    """The worker's Prometheus port, from its Info (0: unknown or none)."""
 
     def has_room(self, now: float) -> bool:
         """True when one more request may be sent now (see the module doc)."""
@@ -68,7 +71,8 @@ class WorkerEntry:
         return WorkerView(address=self.address, role=self.role, healthy=self.healthy,
                           running_requests=load.running_requests, queued_requests=load.queued_requests,
                           running_tokens=load.running_tokens, queued_tokens=load.queued_tokens,
-                          kv_usage=load.kv_usage, in_flight=self.in_flight)
+                          kv_usage=load.kv_usage, in_flight=self.in_flight,
+                          recent_ttft_ms=load.recent_ttft_ms, recent_itl_ms=load.recent_itl_ms)
 
     def decode_stub(self) -> worker_pb2_grpc.DecodeStub:
         return worker_pb2_grpc.DecodeStub(self.channel)
@@ -91,7 +95,8 @@ class WorkerRegistry:
         if known is not None and known.role is role:
             return False
         breaker = CircuitBreaker(self.config.breaker_failures, self.config.breaker_cooldown_s)
-        self.workers[address] = WorkerEntry(address, role, breaker, grpc.aio.insecure_channel(address))
+        self.workers[address] = WorkerEntry(address, role, breaker,
+                                            open_channel(address, self.config.cluster_credentials))
         return True
 
     async def remove(self, address: str) -> bool:
@@ -169,6 +174,7 @@ class WorkerRegistry:
                 log.info("worker %s restarted (epoch %s -> %s)", entry.address, entry.epoch, info.epoch)
                 entry.breaker.record_success()
             entry.epoch = info.epoch
+            entry.metrics_port = info.metrics_port
         self._mark(entry, serving and info is not None and not info.draining, "" if serving else "not serving")
         if self.on_report is not None:
             self.on_report()

@@ -40,6 +40,10 @@ class WorkerView:
     kv_usage: float = 0.0
     in_flight: int = 0
     """Requests the router itself has sent there and not yet seen finish (fresher than reports)."""
+    recent_ttft_ms: float = 0.0
+    """The worker's recent time to first token, as it reports it (0: no sample)."""
+    recent_itl_ms: float = 0.0
+    """The worker's recent inter-token latency, as it reports it (0: no sample)."""
 
     @property
     def load(self) -> float:
@@ -57,6 +61,10 @@ class RouterRequest:
     timeout_s: float
     """The whole request's deadline, from arrival."""
     n: int = 1
+    owner: str = ""
+    """Fingerprint of the API key that started it (router/auth.py); only that key or an admin may abort it."""
+    images: list = field(default_factory=list)
+    """(encoded bytes, sha256 hex) of each image of the prompt, in placeholder order (docs/vision.md)."""
 
 
 @dataclass
@@ -109,3 +117,6 @@ class RouterCoreAPI(Protocol):
 
     async def refresh_worker_loads(self) -> None:
         """Fresh load reports before a metrics scrape."""
+
+    async def embed(self, inputs: list[list[int]], *, pooling: str = "last", normalize: bool = True) -> Any:
+        """The pooled embedding of every input (an `EmbedResult`: vectors, prompt tokens)."""

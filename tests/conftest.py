@@ -11,6 +11,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from pathlib import Path  # noqa: E402
 
+from grpc._cython import cygrpc  # noqa: E402
+
+# One reference to grpc.aio's process-wide state for the whole session. Tests run many event
+# loops (asyncio.run each); a grpc.aio server or channel object that outlives its loop is freed
+# later by the garbage collector, and when that drops grpc.aio's reference count to zero its
+# __dealloc__ shuts the poller down by joining the poller thread from inside gc, which can hang
+# for good (seen: a 600 s pytest-timeout inside a later test's gc.collect()). Serving processes
+# run one loop for their whole life and never reach that path.
+cygrpc.init_grpc_aio()
+
 import pytest  # noqa: E402
 
 from baton.services.engine.default_model import ensure_default_model  # noqa: E402

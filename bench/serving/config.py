@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional
 
-DATASETS = ("random", "sharegpt-like", "shared-prefix", "multi-turn", "file")
+DATASETS = ("random", "sharegpt-like", "shared-prefix", "multi-turn", "file", "images")
 SLO_KEYS = ("ttft", "tpot", "e2e")
 
 
@@ -26,8 +26,8 @@ class BenchConfig:
     """API key sent as a Bearer token."""
     endpoint: Literal["chat", "completions"] = "chat"
     """OpenAI API to call: /v1/chat/completions or /v1/completions (history is flattened to text)."""
-    dataset: Literal["random", "sharegpt-like", "shared-prefix", "multi-turn", "file"] = "random"
-    """Workload: random, sharegpt-like, shared-prefix, multi-turn or file (a JSONL of prompts)."""
+    dataset: Literal["random", "sharegpt-like", "shared-prefix", "multi-turn", "file", "images"] = "random"
+    """Workload: random, sharegpt-like, shared-prefix, multi-turn, file (a JSONL of prompts) or images (synthetic PNGs)."""
     dataset_path: str = ""
     """JSONL file for --dataset file: one object per line with "prompt", optional "system" and "output_len"."""
     num_prompts: int = 100
@@ -52,6 +52,12 @@ class BenchConfig:
     """shared-prefix: tokens of each group's system prompt (P)."""
     questions_per_group: int = 0
     """shared-prefix: questions per group (Q); 0: num_prompts / G."""
+    image_size: int = 224
+    """images: width and height of each synthetic image, in pixels."""
+    images_per_request: int = 1
+    """images: images attached to each request."""
+    image_repeat_share: float = 0.0
+    """images: share of images drawn from a small pool sent before (embedding-cache hits); the rest are new."""
     turns: int = 3
     """multi-turn: user turns per session; each turn resends the whole history with the server's replies."""
     sessions: int = 0
@@ -118,6 +124,10 @@ class BenchConfig:
             raise ValueError("--duration must be > 0")
         if self.warmup < 0 or self.request_timeout <= 0:
             raise ValueError("need --warmup >= 0 and --request-timeout > 0")
+        if self.image_size < 1 or self.images_per_request < 1 or not 0.0 <= self.image_repeat_share <= 1.0:
+            raise ValueError("need --image-size >= 1, --images-per-request >= 1, --image-repeat-share in [0, 1]")
+        if self.dataset == "images" and self.endpoint != "chat":
+            raise ValueError("--dataset images needs --endpoint chat (images are chat content parts)")
         if self.dataset == "file" and not self.dataset_path:
             raise ValueError("--dataset file needs --dataset-path")
         rates = self.rates()

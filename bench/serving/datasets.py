@@ -17,6 +17,9 @@ the text only (the chat template adds its own tokens).
 - `shared-prefix`: G groups, each a P-token system prompt, Q questions per group, shuffled
   (the case RadixAttention's prefix cache is for).
 - `multi-turn`: sessions of T user turns that each resend the growing history.
+- `images`: one turn of random text with `images_per_request` synthetic PNGs of
+  `image_size` pixels (random noise, so each is its own image); a share `image_repeat_share`
+  of them is drawn from a pool of 8 images that recur (the encoder's embedding-cache hits).
 - `file`: a JSONL the user brings: {"prompt": str, "system"?: str, "output_len"?: int} or
   {"turns": [str, ...], ...} per line; cycled when it has fewer lines than --num-prompts.
 """
@@ -74,6 +77,8 @@ class Session:
     system: str = ""
     group: Optional[int] = None
     """shared-prefix: the group whose system prompt this session uses."""
+    images: tuple[bytes, ...] = ()
+    """images: PNG files attached to the (first) user turn, as image_url parts."""
 
     @property
     def num_turns(self) -> int:
@@ -112,6 +117,10 @@ def turn_messages(session: Session, turn: int, replies: list[str]) -> list[dict[
     for i in range(turn):
         messages += [{"role": "user", "content": session.user_turns[i]},
                      {"role": "assistant", "content": replies[i] if i < len(replies) else ""}]
+    if session.images and turn == 0:
+        messages.append({"role": "user", "content": [{"type": "text", "text": session.user_turns[0]}] + [
+            {"type": "image_url", "image_url": {"url": png_data_url(image)}} for image in session.images]})
+        return messages
     messages.append({"role": "user", "content": session.user_turns[turn]})
     return messages
 
@@ -207,8 +216,41 @@ def file_dataset(config: BenchConfig, rng: np.random.Generator, prompts: Any) ->
     return [Session(i, *rows[i % len(rows)][:3], system=rows[i % len(rows)][3]) for i in range(config.num_prompts)]
 
 
+IMAGE_POOL = 8
+"""images: how many distinct images the repeated share is drawn from."""
+
+
+def synthetic_png(rng: np.random.Generator, size: int) -> bytes:
+    """A size x size PNG of random noise."""
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_data_url(image: bytes) -> str:
+    """An image_url part's data URL for PNG bytes."""
+    import base64
+    return "data:image/png;base64," + base64.b64encode(image).decode()
+
+
+def images_dataset(config: BenchConfig, rng: np.random.Generator, prompts: Any) -> list[Session]:
+    make = prompts.bind(rng)
+    pool = [synthetic_png(rng, config.image_size) for _ in range(IMAGE_POOL)]
+    sessions = []
+    for i in range(config.num_prompts):
+        text, n = make(config.input_len)
+        images = tuple(pool[int(rng.integers(0, IMAGE_POOL))] if rng.random() < config.image_repeat_share
+                       else synthetic_png(rng, config.image_size) for _ in range(config.images_per_request))
+        sessions.append(Session(i, (text,), (n,), (config.output_len,), images=images))
+    return sessions
+
+
 _BUILDERS = {"random": random_dataset, "sharegpt-like": sharegpt_like_dataset,
-             "shared-prefix": shared_prefix_dataset, "multi-turn": multi_turn_dataset, "file": file_dataset}
+             "shared-prefix": shared_prefix_dataset, "multi-turn": multi_turn_dataset, "file": file_dataset,
+             "images": images_dataset}
 
 
 def build_dataset(config: BenchConfig, seed: int, warmup: bool = False, prompts: Any = None) -> list[Session]:
@@ -233,4 +275,6 @@ def describe(sessions: list[Session], prompts: str = "words") -> dict:
     return {"sessions": len(sessions), "requests": len(ins),
             "input_len_mean": float(np.mean(ins)) if ins else 0.0,
             "output_len_mean": float(np.mean(outs)) if outs else 0.0,
-            "groups": len({s.group for s in sessions if s.group is not None}), "prompts": prompts}
+            "groups": len({s.group for s in sessions if s.group is not None}), "prompts": prompts,
+            "images": sum(len(s.images) for s in sessions),
+            "distinct_images": len({image for s in sessions for image in s.images})}

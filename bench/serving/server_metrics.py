@@ -118,6 +118,7 @@ def _workers_hit_rates(workers_json: Optional[str]) -> Optional[dict[str, float]
         return None
     try:
         rows = json.loads(workers_json)
-        return {f"{r['role']}@{r['address']}": float(r["load"]["prefix_hit_rate"]) for r in rows}
+        return {f"{r['role']}@{r['address']}": float(r["load"]["prefix_hit_rate"]) for r in rows
+                if r.get("load")}  # a down worker has no current load
     except (ValueError, KeyError, TypeError):
         return None

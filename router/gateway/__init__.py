@@ -4,7 +4,8 @@
   `responses` / `logprobs`: OpenAI response objects and stream chunks;
   `errors`: the OpenAI error body and status mapping; `relay`: core -> client streaming,
   disconnect and abort; `app`: `create_app(core)`; `server`: `serve_gateway(core, host, port)`;
-  `dashboard`: the live HTML page; `extensions` / `select`: the routes beyond the OpenAI API.
+  `dashboard`: the live HTML page; `extensions` / `select`: the routes beyond the OpenAI API;
+  `auth`: API / admin key dependencies, the cancel route, the self-contained /docs.
 """
 from baton.router.gateway.app import create_app
 from baton.router.gateway.server import GatewayServer, serve_gateway

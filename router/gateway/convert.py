@@ -14,6 +14,8 @@
   (`max_model_len - prompt length`); prompt + max_tokens beyond the context is a 400 with
   OpenAI's "maximum context length" wording (`code="context_length_exceeded"`).
 - `response_format` / `regex` / `ebnf` become the `StructuredOutput` oneof (at most one).
+- `tools` / `tool_choice`: planned in tools.py (the tools go to the template; `required` and a
+  named function constrain the output).
 Every problem raises `ApiError` (400) naming the field in `param`.
 
 The response side (OpenAI response objects and stream chunks) is in `responses.py`.
@@ -22,11 +24,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from baton.protos.baton.v1 import common_pb2
 from baton.router.gateway.errors import ApiError, invalid_request
 from baton.router.gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingBody
+from baton.router.gateway.media import has_images, template_content
+
+if TYPE_CHECKING:
+    from baton.router.gateway.tools import ToolPlan
 
 _UINT64_MASK = 2**64 - 1
 
@@ -79,7 +85,10 @@ def plain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     plain = []
     for i, message in enumerate(messages):
         item = message.model_dump(exclude_none=True)
-        item["content"] = _text_content(message.content, i)
+        if has_images(message.content):  # image parts stay parts: the model's template places them
+            item["content"] = template_content(message.content)
+        else:
+            item["content"] = _text_content(message.content, i)
         plain.append(item)
     return plain
 
@@ -129,13 +138,17 @@ def render_chat(messages: list[dict[str, Any]], tokenizer, *, add_generation_pro
     return _as_id_list(result)
 
 
-def chat_prompt_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
-    """Render and tokenize the chat with the model's template; a template error is a 400."""
-    if body.tools and body.tool_choice != "none":
-        raise invalid_request("tool calling is not supported by this server", param="tools")
-    return render_chat(chat_messages(body), tokenizer, add_generation_prompt=body.add_generation_prompt,
+def chat_prompt_ids(body: ChatCompletionRequest, tokenizer, plan: Optional["ToolPlan"] = None) -> list[int]:
+    """Render and tokenize the chat with the model's template (with the plan's tools, tools.py);
+    a template error is a 400."""
+    from baton.router.gateway.tools import tool_messages
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    tools = plan.template_tools() if plan is not None else None
+    if tools:
+        template_kwargs["tools"] = tools
+    return render_chat(tool_messages(chat_messages(body)), tokenizer, add_generation_prompt=body.add_generation_prompt,
                        continue_final_message=bool(body.continue_final_message),
-                       template_kwargs=body.chat_template_kwargs)
+                       template_kwargs=template_kwargs)
 
 
 def completion_prompt_ids(body: CompletionRequest, tokenizer) -> list[int]:
@@ -212,6 +225,16 @@ def structured_output(body: SamplingBody) -> Optional[common_pb2.StructuredOutpu
 def _check_unsupported(body: SamplingBody) -> None:
     if body.logit_bias:
         raise invalid_request("logit_bias is not supported", param="logit_bias")
+    if isinstance(body, ChatCompletionRequest):
+        for name, what in (("functions", "functions (deprecated) are not supported; give tools"),
+                           ("function_call", "function_call (deprecated) is not supported; give tool_choice"),
+                           ("audio", "audio output is not supported"),
+                           ("prediction", "predicted outputs (prediction) are not supported"),
+                           ("web_search_options", "web search is not supported")):
+            if getattr(body, name) is not None:
+                raise invalid_request(what, param=name)
+        if body.modalities is not None and set(body.modalities) - {"text"}:
+            raise invalid_request("only the text modality is served", param="modalities")
     if isinstance(body, CompletionRequest):
         if body.suffix:
             raise invalid_request("suffix is not supported", param="suffix")
@@ -263,11 +286,18 @@ def sampling_params(body: SamplingBody, max_tokens: int) -> common_pb2.SamplingP
     return msg
 
 
-def prepare_chat(body: ChatCompletionRequest, tokenizer, max_model_len: int) -> PreparedRequest:
-    """Tokenize a chat request and map its parameters; raises ApiError (400)."""
-    ids = chat_prompt_ids(body, tokenizer)
+def prepare_chat(body: ChatCompletionRequest, tokenizer, max_model_len: int,
+                 plan: Optional["ToolPlan"] = None) -> PreparedRequest:
+    """Tokenize a chat request and map its parameters; raises ApiError (400). `plan`: its tools
+    (tools.py; None: planned here with no tool-call parser)."""
+    if plan is None:
+        from baton.router.gateway.tools import plan_tools
+        plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, None)
+    ids = chat_prompt_ids(body, tokenizer, plan)
     max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), max_model_len, chat=True)
-    return PreparedRequest(ids, sampling_params(body, max_tokens))
+    params = sampling_params(body, max_tokens)
+    plan.constrain(params)
+    return PreparedRequest(ids, params)
 
 
 def prepare_completion(body: CompletionRequest, tokenizer, max_model_len: int) -> PreparedRequest:

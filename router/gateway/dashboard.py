@@ -1,9 +1,12 @@
 """The router's live dashboard: one self-contained HTML page (no external assets).
 
 Every 2 s it fetches `/health`, `/workers` and `/metrics` and shows the router's health, a
-table of workers (role, health, circuit breaker, every load field they report) and the
+table of workers (role, health, why a worker is down, circuit breaker, its metrics endpoint,
+every load field it reports: none for a down worker, whose last report is stale) and the
 gateway's request counts by API and HTTP status (any `*_total` sample with `api` and `status`
-labels), plus the router's other unlabelled `baton_` gauges and counters.
+labels), plus the router's other unlabelled `baton_` gauges and counters. With
+`--protect-admin-endpoints` those routes need an admin key: the page asks for it once and keeps
+it in the tab's session storage (sent as `Authorization: Bearer`).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ _PAGE = r"""<!doctype html>
 <header><h1>Baton router</h1><span>model <b>__MODEL__</b></span>
  <span id="health" class="pill warn">…</span><span id="updated"></span></header>
 <main>
+ <section id="keybox" hidden><h2>Admin key</h2><form id="keyform">This router protects its operator pages:
+  <input id="key" type="password" autocomplete="off" placeholder="admin key"> <button>Use</button></form></section>
  <section><h2>Workers</h2><table id="workers"><tr><td class="muted">loading…</td></tr></table></section>
  <section><h2>Requests (gateway)</h2><table id="requests"><tr><td class="muted">loading…</td></tr></table></section>
  <section><h2>Router metrics</h2><table id="metrics"><tr><td class="muted">loading…</td></tr></table></section>
@@ -54,16 +59,28 @@ function parseMetrics(text) {
   }
   return out;
 }
+function authed(path) {
+  const key = sessionStorage.getItem("batonAdminKey");
+  return fetch(path, key ? {headers: {Authorization: "Bearer " + key}} : {}).then(r => {
+    if (r.status === 401 || r.status === 403) { document.getElementById("keybox").hidden = false; throw new Error("key"); }
+    return r;
+  });
+}
+function workerCells(w, keys) {
+  const down = !w.healthy;
+  return [esc(w.address), esc(w.role),
+    '<span class="pill ' + (down ? "bad" : "ok") + '">' + (down ? "down" : "healthy") + "</span>",
+    down ? esc(w.error || "not checked yet") : "", esc(w.breaker ?? ""), esc(w.metrics || ""),
+    ...keys.map(k => down || !w.load ? '<span class="muted">–</span>' : fmt(w.load[k] ?? ""))];
+}
 async function refreshWorkers() {
-  const workers = await (await fetch("workers")).json();
+  const workers = await (await authed("workers")).json();
   const keys = [...new Set(workers.flatMap(w => Object.keys(w.load || {})))].sort();
-  table(document.getElementById("workers"), ["address", "role", "healthy", "breaker", ...keys],
-    workers.map(w => [esc(w.address), esc(w.role),
-      '<span class="pill ' + (w.healthy ? "ok" : "bad") + '">' + (w.healthy ? "healthy" : "down") + "</span>",
-      esc(w.breaker ?? ""), ...keys.map(k => fmt((w.load || {})[k] ?? ""))]));
+  table(document.getElementById("workers"), ["address", "role", "healthy", "why down", "breaker", "metrics", ...keys],
+    workers.map(w => workerCells(w, keys)));
 }
 async function refreshMetrics() {
-  const samples = parseMetrics(await (await fetch("metrics")).text());
+  const samples = parseMetrics(await (await authed("metrics")).text());
   const counts = {}, statuses = new Set();
   for (const s of samples) {
     if (!s.name.endsWith("_total") || !("api" in s.labels) || !("status" in s.labels)) continue;
@@ -90,6 +107,10 @@ async function refresh() {
   await Promise.allSettled([refreshHealth(), refreshWorkers(), refreshMetrics()]);
   document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
 }
+document.getElementById("keyform").addEventListener("submit", e => {
+  e.preventDefault(); sessionStorage.setItem("batonAdminKey", document.getElementById("key").value);
+  document.getElementById("keybox").hidden = true; refresh();
+});
 refresh(); setInterval(refresh, 2000);
 </script></body></html>
 """

@@ -50,6 +50,10 @@ _TYPE_BY_STATUS = {
 }
 
 
+CLIENT_CLOSED_STATUS = 499
+"""The status counted for a request whose client went away (nginx's)."""
+
+
 def status_for_code(code: int) -> int:
     """The HTTP status for a `common_pb2.ErrorCode` (500 for anything unlisted)."""
     return _STATUS_BY_CODE.get(code, 500)
@@ -101,7 +105,8 @@ def router_error_to_api(error: BatonError) -> ApiError:
         name = "internal"
     status = status_for_code(error.code)
     retry_after = max(1.0, error.retry_after_s) if status == 429 else 0.0
-    return ApiError(status, error.message or name, code=name, retry_after_s=retry_after)
+    return ApiError(status, error.message or name, code=name, retry_after_s=retry_after,
+                    param=getattr(error, "param", "") or None)
 
 
 def as_api_error(exc: BaseException) -> ApiError:
@@ -149,10 +154,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    async def on_http_exception(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         status = exc.status_code
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if status == 404 and message == "Not Found":  # no route: name it (and say what is not served)
+            from baton.router.gateway.refusals import unserved_error
+            return error_response(unserved_error(request.method, request.url.path))
+        if status == 405 and message == "Method Not Allowed":
+            message = f"{request.method} {request.url.path}: method not allowed"
         if status == 422:
             status = 400
         return JSONResponse(error_body(message, status), status_code=status, headers=exc.headers)

@@ -90,7 +90,7 @@ class SamplingBody(_Body):
     ebnf: Optional[str] = None
     top_k: Optional[int] = Field(default=None, ge=-1, lt=_INT32)
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False)
     ignore_eos: Optional[bool] = False
     min_tokens: Optional[int] = Field(default=0, ge=0, lt=_UINT32)
     stop_token_ids: Optional[list[NonNegativeTokenId]] = None
@@ -131,6 +131,19 @@ class ChatCompletionRequest(SamplingBody):
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
+    """With tool_choice `required`: false allows exactly one call (default: one or more)."""
+    functions: Optional[Any] = None
+    """Deprecated by OpenAI for `tools`: refused with a 400 saying so (as `function_call`)."""
+    function_call: Optional[Any] = None
+    audio: Optional[Any] = None
+    """Audio output is not served (400)."""
+    modalities: Optional[list[str]] = None
+    """Only `["text"]` is served."""
+    prediction: Optional[Any] = None
+    """Predicted outputs are not served (400)."""
+    web_search_options: Optional[Any] = None
+    """Web search is not served (400)."""
     chat_template_kwargs: Optional[dict[str, Any]] = None
     """Extra variables for the chat template (e.g. `{"enable_thinking": false}`)."""
     add_generation_prompt: Optional[bool] = None

@@ -8,6 +8,10 @@ directly. This module adds what only HTTP needs:
   disconnect listener cancels the SSE body, whose `finally` closes the stream.
 - `sse_body`: the SSE events of a streamed response. Each chunk the core hands over (the
   tokens of one engine step) is written as its own event at once, never batched.
+- `StreamOutcome`: what a response really ended as, for the request counter. A stream that
+  fails after its 200 header (an error event) counts with the status its error would have had
+  before the header (503 for no_worker, ...), the same labels the gRPC API uses, and as a
+  stream failure by reason; one whose client went away mid-way counts as 499, client_closed.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import json
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
-from baton.router.gateway.errors import as_api_error
+from baton.protos.errors import ErrorCode
+from baton.router.gateway.errors import CLIENT_CLOSED_STATUS, as_api_error, status_for_code
 from baton.router.gateway.responses import ChatStream, CompletionStream
 from baton.router.stream import StreamClosed
 from baton.router.types import Chunk, ChunkStream
@@ -81,3 +86,49 @@ async def sse_body(stream: ChunkStream, first: Optional[Chunk],
         yield sse(error.body())
     finally:
         stream.close()
+
+
+_ERROR_EVENT = b'data: {"error"'
+
+
+class StreamOutcome:
+    """Follows the ASGI messages of one response (`see`) and says how it really ended (`result`)."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self._sse = False
+        self._ended = False
+        self.reason = ""
+        """Why a started stream failed ("" when it did not): the error code, or client_closed."""
+        self._failed_status = 0
+
+    def see(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            headers = dict(message.get("headers") or ())
+            self._sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+        elif message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            if self._sse and body.startswith(_ERROR_EVENT) and not self.reason:
+                self.reason, self._failed_status = _error_event(body)
+            if not message.get("more_body", False):
+                self._ended = True
+
+    def result(self) -> tuple[int, str]:
+        """(status label, stream failure reason or "")."""
+        if self._sse and self.status == 200:
+            if self.reason:
+                return self._failed_status, self.reason
+            if not self._ended:
+                return CLIENT_CLOSED_STATUS, "client_closed"
+        return self.status, ""
+
+
+def _error_event(body: bytes) -> tuple[str, int]:
+    """(reason, status) of an SSE error event: the error code and the HTTP status it maps to."""
+    try:
+        code = str(json.loads(body[len(b"data: "):].split(b"\n\n", 1)[0])["error"].get("code") or "internal")
+    except (ValueError, KeyError, AttributeError):
+        return "internal", 500
+    number = ErrorCode.Value(code.upper()) if code.upper() in ErrorCode.keys() else None
+    return code, status_for_code(number) if number is not None else 500

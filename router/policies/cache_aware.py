@@ -21,6 +21,13 @@ Algorithm, for one prompt of ``n`` tokens over the candidate workers:
    the router has sent the fewest tokens lately, so unrelated prompts spread and cache
    space is used evenly; load is still guarded by step 1.
 
+Precise prefix scores: with a KV-event index attached (``attach_index``, router/kv_index.py),
+the match of every worker the index tracks comes from the blocks that worker really holds
+(its KV events), and step 3 compares the tokens it really caches; workers the index does
+not track (no events) keep the approximate tree. ``prefix_source(address)`` says which.
+A tracked worker has no tree (it is dropped at its next dispatch, so memory stays within
+the index's bound); should its events stop, its tree starts empty.
+
 The policy learns only in ``on_dispatch``, which inserts the prompt into the chosen
 worker's tree (whatever step chose it), and forgets a worker in ``on_worker_removed``.
 Selection reads the trees without refreshing their recency. An empty prompt has a
@@ -74,19 +81,41 @@ class CacheAwarePolicy(Policy):
         self.max_tree_tokens = max_tree_tokens
         self.chunk_size = chunk_size
         self._trees: dict[str, PrefixTree] = {}
+        self.index = None
+        """The KV-event index (router/kv_index.py) scoring the workers it tracks; None: trees only."""
+
+    def attach_index(self, index) -> None:
+        """Score the workers `index` tracks by their KV events instead of the approximate tree."""
+        self.index = index
+
+    def prefix_source(self, address: str) -> str:
+        """``kv_events`` when the worker is scored from the index, else ``approximate``."""
+        return "kv_events" if self.index is not None and self.index.tracks(address) else "approximate"
 
     def select(self, workers: list[WorkerView], prompt_token_ids: Sequence[int]) -> WorkerView:
         require_workers(workers)
         if self.is_imbalanced(workers):
             return least_loaded(workers)
-        matches = {w.address: self.matched_prefix_len(w.address, prompt_token_ids) for w in workers}
+        matches = self._matches(workers, prompt_token_ids)
         best = min(workers, key=lambda w: (-matches[w.address], w.load, w.address))
         n = len(prompt_token_ids)
         if n and matches[best.address] / n >= self.cache_threshold:
             return best
         return min(workers, key=lambda w: (self.tree_size(w.address), w.load, w.address))
 
+    def _matches(self, workers: Sequence[WorkerView], tokens: Sequence[int]) -> dict[str, int]:
+        index = self.index
+        tracked = [w.address for w in workers if index is not None and index.tracks(w.address)]
+        matches = index.matched_tokens(tokens, tracked) if tracked else {}
+        for w in workers:
+            if w.address not in matches:
+                matches[w.address] = self._tree_match(w.address, tokens)
+        return matches
+
     def on_dispatch(self, worker: WorkerView, prompt_token_ids: Sequence[int]) -> None:
+        if self.index is not None and self.index.tracks(worker.address):
+            self._trees.pop(worker.address, None)  # scored from its events: no tree (memory: the index's bound)
+            return
         tree = self._trees.get(worker.address)
         if tree is None:
             tree = self._trees[worker.address] = PrefixTree(self.max_tree_tokens, self.chunk_size)
@@ -102,12 +131,21 @@ class CacheAwarePolicy(Policy):
         return high - low > self.balance_abs_threshold and high > low * self.balance_rel_threshold
 
     def matched_prefix_len(self, address: str, tokens: Sequence[int]) -> int:
-        """Tokens of ``tokens`` the tree of ``address`` matches (0 for an unknown worker)."""
+        """Tokens of ``tokens`` cached on ``address``: from the KV-event index when it tracks the
+        worker, else what its tree matches (0 for an unknown worker)."""
+        if self.index is not None and self.index.tracks(address):
+            return self.index.matched_tokens(tokens, [address])[address]
+        return self._tree_match(address, tokens)
+
+    def _tree_match(self, address: str, tokens: Sequence[int]) -> int:
         tree = self._trees.get(address)
         return tree.match(tokens) if tree is not None else 0
 
     def tree_size(self, address: str) -> int:
-        """Tokens held in the tree of ``address`` (0 for an unknown worker)."""
+        """Tokens cached on ``address``: per the KV-event index when it tracks the worker, else
+        held in its tree (0 for an unknown worker)."""
+        if self.index is not None and self.index.tracks(address):
+            return self.index.cached_tokens(address)
         tree = self._trees.get(address)
         return tree.size if tree is not None else 0
 

@@ -3,7 +3,9 @@
 `ServiceServer` owns everything around the servicers: the `grpc.aio` server and its port,
 the standard health service (overall "" and one entry per service, NOT_SERVING until the
 service calls `set_serving(True)`), server reflection, a Prometheus `/metrics` endpoint on
-its own port serving the service's own `CollectorRegistry`, and graceful drain.
+its own port serving the service's own `CollectorRegistry`, and graceful drain. With a
+cluster secret (`--cluster-secret-file`) every call but health needs the cluster token, and
+with the TLS flags the port speaks TLS (mTLS with a CA): `baton.protos.cluster_auth`.
 
 Life of a service process:
 
@@ -35,6 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from baton.protos.cluster_auth import OPEN, ClusterCredentials, add_port, open_channel, server_interceptors
 from baton.protos.errors import BatonError, ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,14 @@ class ServerConfig:
     """On SIGTERM / SIGINT, most seconds to finish or hand back running requests before stopping."""
     max_message_mb: int = 64
     """Largest gRPC message this server sends or receives, in MiB."""
+    cluster_secret_file: str = ""
+    """File holding the cluster secret: every call but health needs its token, and this process's own calls carry it (empty: open)."""
+    tls_cert_file: str = ""
+    """PEM certificate this process presents on its gRPC port and to peers (with --tls-key-file; empty: plaintext)."""
+    tls_key_file: str = ""
+    """PEM private key of --tls-cert-file."""
+    tls_ca_file: str = ""
+    """PEM CA bundle peers' certificates must chain to; on the server it also requires client certificates (mTLS)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -101,6 +112,8 @@ class ServiceServer:
     def __init__(self, config: ServerConfig = ServerConfig(), registry: Optional[CollectorRegistry] = None,
                  on_drain: Optional[Callable[[], Awaitable[None]]] = None) -> None:
         self.config = config
+        self.credentials = credentials_from_config(config)
+        """The cluster secret and TLS files `config` names (calls are checked against them)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         self.on_drain = on_drain
         self.draining = False
@@ -169,13 +182,14 @@ class ServiceServer:
             raise RuntimeError("server already started")
         max_bytes = self.config.max_message_mb * 1024 * 1024
         server = grpc.aio.server(options=[("grpc.max_send_message_length", max_bytes),
-                                          ("grpc.max_receive_message_length", max_bytes)])
+                                          ("grpc.max_receive_message_length", max_bytes)],
+                                 interceptors=server_interceptors(self.credentials))
         for adder, servicer in self._servicers:
             adder(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        port = server.add_insecure_port(_bind_address(self.config.host, self.config.port))
+        port = add_port(server, _bind_address(self.config.host, self.config.port), self.credentials)
         if port == 0:
             raise RuntimeError(f"could not bind gRPC on {_bind_address(self.config.host, self.config.port)}")
         self._server = server
@@ -269,15 +283,23 @@ class ServiceServer:
         await self.wait_for_termination()
 
 
-async def wait_for_health(address: str, timeout: float, service: str = "") -> None:
+def credentials_from_config(config: ServerConfig) -> ClusterCredentials:
+    """The cluster credentials a server config's files hold."""
+    return ClusterCredentials.from_files(config.cluster_secret_file, config.tls_cert_file, config.tls_key_file,
+                                         config.tls_ca_file)
+
+
+async def wait_for_health(address: str, timeout: float, service: str = "",
+                          credentials: ClusterCredentials = OPEN) -> None:
     """Poll grpc.health.v1 Check on `address` until `service` is SERVING; TimeoutError (with
-    the last status seen) when it is not within `timeout` seconds."""
+    the last status seen) when it is not within `timeout` seconds. `credentials`: the TLS
+    files of a TLS server (health needs no cluster token)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     last = "no answer"
     options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                ("grpc.max_reconnect_backoff_ms", 500)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
+    async with open_channel(address, credentials, options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         delay = 0.02
         while True:

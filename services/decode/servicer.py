@@ -5,7 +5,10 @@ A request's life through decode (`Decode.Generate`):
    holds anything.
 2. Decode-only path (no `prefill_address`, n > 1, or prompt logprobs asked for: prefill
    hands over KV and one token, not the logits of every prompt position): the request joins
-   the local engine, which prefills it itself (chunked, with its own prefix cache).
+   the local engine, which prefills it itself (chunked, with its own prefix cache). A
+   migrated stream (`resume`: the tokens each completion already sent) takes this path too:
+   the engine replays those tokens as output (grammar, penalties, seed, stop strings) and
+   computes their KV with the prompt's.
 3. Disaggregated path: `reserve` matches the local prefix cache and allocates blocks for
    the rest of the prompt; decode calls `Prefill.Prefill` on the named prefill worker with
    a `KVDestination` (this worker's transfer descriptor, the first uncached token and the
@@ -22,17 +25,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Sequence
 
 import grpc
 
 from baton.protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
+from baton.protos.cluster_auth import open_channel
 from baton.protos.errors import BatonError, ErrorCode, ErrorOrigin, abort_with, error_from_rpc
+from baton.services.decode import images as decode_images
 from baton.services.engine.request import RequestDelta
 from baton.services.engine.sampling_params import SamplingParams
 from baton.services.transfer.base import TransferState
-from baton.services.worker.params_codec import sampling_params_from_proto
-from baton.services.worker.wire import delta_to_proto, logprob_from_proto
+from baton.services.worker.params_codec import invalid_request, sampling_params_from_proto
+from baton.services.worker.wire import delta_to_proto, logprob_from_proto, resume_from_proto
 from baton.services.worker.worker_main import WorkerService
 from baton.services.worker.worker_runtime import WorkerRuntime
 
@@ -52,18 +57,25 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         try:
             self.runtime.check_accepting()
             params = sampling_params_from_proto(request.params)
-            prompt = list(request.prompt_token_ids)
+            await self.runtime.grammars.prepare(params)  # compiled off the engine thread, within limits
+            prompt, images = await decode_images.expand(self.runtime, list(request.prompt_token_ids), request)
             deadline = time.monotonic() + request.timeout_ms / 1000 if request.timeout_ms else None
             thread = self.runtime.thread
             stream = thread.open_stream(rid)
             started = time.monotonic()
             counts = [0] * params.n
             done = [False] * params.n
-            if request.prefill_address and params.n == 1 and params.prompt_logprobs is None:
-                delta = await self._disaggregated(rid, prompt, params, request, deadline)
+            resume = resume_from_proto(request.resume)  # a migrated stream: served here, decode-only
+            for entry in resume:
+                if entry.index < params.n:
+                    counts[entry.index], done[entry.index] = len(entry.output_token_ids), entry.finished
+            if request.prefill_address and params.n == 1 and params.prompt_logprobs is None and not resume:
+                delta = await self._disaggregated(rid, prompt, params, request, deadline, images)
                 yield self._chunk(delta, counts, done, started)
+            elif images:
+                await decode_images.add_request(self.runtime, rid, prompt, params, images, request, deadline, resume)
             else:
-                await _engine_call(thread, lambda e: e.add_request(rid, prompt, params))
+                await _engine_call(thread, lambda e: e.add_request(rid, prompt, params, resume=resume))
             while not all(done):
                 delta = await _next(stream, deadline)
                 yield self._chunk(delta, counts, done, started)
@@ -87,17 +99,20 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         if delta.finish_reason is not None:
             done[delta.index] = True
             if delta.error:
-                raise BatonError(ErrorCode.INVALID_REQUEST, delta.error)
+                raise invalid_request(delta.error)
         return delta_to_proto(delta, completion_tokens=counts[delta.index])
 
     async def _disaggregated(self, rid: str, prompt: list[int], params: SamplingParams,
-                             request: worker_pb2.DecodeRequest, deadline: Optional[float]) -> RequestDelta:
+                             request: worker_pb2.DecodeRequest, deadline: Optional[float],
+                             images: Sequence[worker_pb2.ImageInput] = ()) -> RequestDelta:
         runtime = self.runtime
         thread, transfer = runtime.thread, runtime.transfer
-        reservation = await _engine_call(thread, lambda e: e.reserve(rid, prompt, params))
+        spans = decode_images.spans(runtime, images)
+        reservation = await _engine_call(thread, lambda e: e.reserve(rid, prompt, params, images=spans))
         if reservation is None:
             raise BatonError(ErrorCode.OVERLOADED, "no KV-cache room for the prompt on this decode worker")
         started = time.monotonic()
+        fetch = decode_images.start_fetch(runtime, rid, images, request, deadline)
         try:
             page = runtime.engine_config.page_size
             destination = kv_pb2.KVDestination(
@@ -106,22 +121,26 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             timeout = _remaining(deadline, runtime.config.prefill_timeout_s)
             response = await self._prefill(request.prefill_address, worker_pb2.PrefillRequest(
                 request_id=rid, prompt_token_ids=prompt, params=request.params, destination=destination,
-                timeout_ms=int(timeout * 1000)), timeout)
+                timeout_ms=int(timeout * 1000), images=images, encoder_addresses=request.encoder_addresses), timeout)
+            await decode_images.finish_fetch(fetch, spans)
+            prefilled = time.monotonic()
             state = await asyncio.to_thread(transfer.wait_received, rid, runtime.config.transfer_timeout_s)
             transfer.forget(rid)
             if state is not TransferState.SUCCESS:
                 raise BatonError(ErrorCode.TRANSFER_FAILED, f"KV for {rid} did not arrive (state {state.name})")
         except asyncio.CancelledError:  # the client went away: release without waiting
+            decode_images.cancel_fetch(fetch)
             thread.submit(lambda e: e.cancel_reservation(rid))
             raise
         except BaseException:
+            decode_images.cancel_fetch(fetch)
             # released before the error reaches the caller, so a retry finds the memory free
             await thread.call(lambda e: e.cancel_reservation(rid))
             runtime.metrics.transfer_failures.labels(role="decode", backend=runtime.config.transfer).inc()
             runtime.transfer_failures += 1
             raise
-        runtime.metrics.transfer_seconds.labels(role="decode", backend=runtime.config.transfer).observe(
-            time.monotonic() - started)
+        runtime.metrics.remote_prefill.labels(role="decode").observe(prefilled - started)  # the call; the
+        # transfer alone is the prefill worker's baton_kv_transfer_seconds
         runtime.metrics.transfer_bytes.labels(role="decode", backend=runtime.config.transfer,
                                               direction="in").inc(response.handoff.bytes_transferred)
         logprob, top = (logprob_from_proto(response.first_logprob) if response.HasField("first_logprob")
@@ -133,12 +152,43 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                        timeout: float) -> worker_pb2.PrefillResponse:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = open_channel(address, self.runtime.credentials)
         try:
             return await worker_pb2_grpc.PrefillStub(channel).Prefill(request, timeout=timeout)
         except grpc.RpcError as error:
             # the router must blame (or wait for) the prefill worker, not this one
-            raise error_from_rpc(error, default=ErrorCode.PREFILL_FAILED).with_origin(ErrorOrigin.PREFILL) from None
+            failure = error_from_rpc(error, default=ErrorCode.PREFILL_FAILED)
+            if failure.origin is ErrorOrigin.ENCODER:  # prefill's encoders failed, not prefill
+                raise failure from None
+            raise failure.with_origin(ErrorOrigin.PREFILL) from None
+
+    async def Embed(self, request: worker_pb2.EmbedRequest, context) -> worker_pb2.EmbedResponse:
+        """Pooled hidden states of each input (engine/pooling.py), on the engine thread between steps."""
+        from baton.services.engine.pooling import EmbedCapacityError
+        try:
+            self.runtime.check_accepting()
+            inputs = [list(item.token_ids) for item in request.inputs]
+            pooling, normalize = request.pooling or "last", not request.skip_normalize
+            deadline = time.monotonic() + request.timeout_ms / 1000 if request.timeout_ms else None
+            try:
+                await _engine_call(self.runtime.thread, lambda e: e.validate_embed(inputs, pooling))
+                vectors = []
+                for one in inputs:  # one engine call per input: generation steps run in between
+                    call = self.runtime.thread.call(lambda e, one=one: e.embed([one], pooling, normalize)[0])
+                    vectors.append(await asyncio.wait_for(call, _remaining(deadline, None)))
+            except EmbedCapacityError as error:
+                raise BatonError(ErrorCode.OVERLOADED, str(error)) from None
+            except ValueError as error:
+                raise BatonError(ErrorCode.INVALID_REQUEST, str(error)) from None
+            except asyncio.TimeoutError:
+                raise BatonError(ErrorCode.DEADLINE_EXCEEDED, "the embedding request's deadline passed") from None
+            self.runtime.metrics.requests.labels(role="decode", status="ok").inc()
+            return worker_pb2.EmbedResponse(
+                request_id=request.request_id, prompt_tokens=sum(len(i) for i in inputs),
+                embeddings=[worker_pb2.Embedding(values=v) for v in vectors])
+        except BatonError as error:
+            self.runtime.metrics.requests.labels(role="decode", status=error.code_name.lower()).inc()
+            await abort_with(context, error)
 
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
         return await self.runtime.abort(request.request_id)
@@ -161,7 +211,7 @@ async def _engine_call(thread, fn):
     try:
         return await thread.call(fn)
     except ValueError as error:
-        raise BatonError(ErrorCode.INVALID_REQUEST, str(error)) from None
+        raise invalid_request(str(error)) from None
 
 
 async def _next(stream: asyncio.Queue, deadline: Optional[float]) -> RequestDelta:
@@ -170,6 +220,8 @@ async def _next(stream: asyncio.Queue, deadline: Optional[float]) -> RequestDelt
         item = await asyncio.wait_for(stream.get(), _remaining(deadline, None))
     except asyncio.TimeoutError:
         raise BatonError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed") from None
+    if isinstance(item, BatonError):  # the worker hands the request back (a drain past its limit)
+        raise item
     if isinstance(item, BaseException):
         raise BatonError(ErrorCode.INTERNAL, f"the engine failed: {item}")
     return item

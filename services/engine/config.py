@@ -61,6 +61,8 @@ class EngineConfig:
     """Run every decode step eagerly on the GPU instead of replaying captured CUDA graphs."""
     cuda_graph_max_bs: Optional[int] = None
     """Largest decode batch captured as a CUDA graph; captured sizes are 1, 2, 4, 8, then every 8 up to it (capped by max_running_requests); default: by device (512 on a GPU of 70 GiB or more, else 256)."""
+    piecewise_cuda_graph_max_tokens: int = 512
+    """Prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs (everything but attention; CUDA only; 0 or disable_cuda_graph: eager)."""
     skip_tokenizer_init: bool = False
     """Return token ids only: outputs are not detokenized (text stays empty) and stop strings are refused (vLLM's name)."""
     disable_overlap_schedule: bool = False
@@ -85,6 +87,7 @@ class EngineConfig:
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be at least 2"),
             (self.num_threads >= 0, "num_threads must be non-negative"),
             (self.cuda_graph_max_bs is None or self.cuda_graph_max_bs >= 0, "cuda_graph_max_bs must be non-negative"),
+            (self.piecewise_cuda_graph_max_tokens >= 0, "piecewise_cuda_graph_max_tokens must be non-negative"),
         ]
         for ok, message in checks:
             if not ok:

@@ -45,11 +45,12 @@ class DisaggEngine(Engine):
 
     # --- prefill side ----------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                    hold_blocks: bool = False) -> None:
-        """Queue a prompt; with hold_blocks its blocks stay leased after it finishes."""
+                    hold_blocks: bool = False, resume=None) -> None:
+        """Queue a prompt; with hold_blocks its blocks stay leased after it finishes; `resume`:
+        see `Engine.add_request`."""
         if hold_blocks and params.n != 1:
             raise ValueError("held (prefill) requests must have n == 1")
-        super().add_request(request_id, prompt_token_ids, params)
+        super().add_request(request_id, prompt_token_ids, params, resume=resume)
         if hold_blocks:
             self._hold.add(request_id)
             for request in self._requests[request_id]:
@@ -74,11 +75,18 @@ class DisaggEngine(Engine):
 
     # --- decode side -----------------------------------------------------------------
     def reserve(self, request_id: str, prompt_token_ids: Sequence[int],
-                params: SamplingParams) -> Optional[Reservation]:
-        """Blocks for a prompt whose KV will be written from outside; None when memory is short."""
+                params: SamplingParams, images: Sequence = ()) -> Optional[Reservation]:
+        """Blocks for a prompt whose KV will be written from outside; None when memory is short.
+        `images`: the prompt's `multimodal.inputs.ImageSpan`s (their hashes key the prefix cache;
+        with their embeddings the request survives a preemption, which recomputes it here)."""
         if params.n != 1:
             raise ValueError("a disaggregated request must have n == 1")
+        state = None
+        if images:
+            from baton.services.engine.multimodal.inputs import build_state
+            state = build_state(self.model_config, [int(t) for t in prompt_token_ids], images)
         [request] = self._new_requests(request_id, prompt_token_ids, params)
+        request.multimodal = state
         if not self.scheduler.reserve_external(request):
             self._requests.pop(request_id, None)
             return None

@@ -171,6 +171,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         scheduler=Scheduler(config, pool, cache),
         runner=ModelRunner(model, backend, config.page_size, device, max_model_len=max_model_len,
                            cuda_graph_bs=config.cuda_graph_batch_sizes if device.type == "cuda" else (),
-                           max_rows=config.max_running_requests),
+                           max_rows=config.max_running_requests,
+                           piecewise_max_tokens=0 if config.disable_cuda_graph else config.piecewise_cuda_graph_max_tokens),
         max_model_len=max_model_len, eos_token_ids=tuple(eos),
     )

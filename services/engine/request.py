@@ -61,11 +61,20 @@ class Request:
     pending_row: int = -1
     """Row of this request in the last overlapped step's sampled tokens (still on the GPU): its last
     output token is the placeholder PENDING_TOKEN until the engine reads that step's tokens back."""
+    multimodal: Any = None
+    """The request's images (`multimodal.inputs.MultimodalState`): spans, prefix-cache key; None for text."""
 
     @property
     def all_token_ids(self) -> list[int]:
         """Prompt followed by the tokens generated so far."""
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def cache_token_ids(self) -> list[int]:
+        """The prefix-cache key of `all_token_ids`: image placeholders stand as their image's pseudo id."""
+        if self.multimodal is None:
+            return self.all_token_ids
+        return self.multimodal.cache_key + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:

@@ -23,6 +23,7 @@ import grpc
 
 from baton.protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 from baton.protos.errors import BatonError, ErrorCode, abort_with
+from baton.services.prefill import images as prefill_images
 from baton.services.transfer.base import LayoutMismatch, PeerDescriptor, TransferError, TransferState
 from baton.services.worker.params_codec import sampling_params_from_proto
 from baton.services.worker.wire import logprob_to_proto
@@ -55,6 +56,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         if params.n != 1:
             raise BatonError(ErrorCode.INVALID_REQUEST, "prefill serves one completion per request (n == 1)")
         first_only = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
+        await runtime.grammars.prepare(params)  # compiled off the engine thread, within limits
         timeout = request.timeout_ms / 1000 if request.timeout_ms else runtime.config.prefill_timeout_s
         deadline = time.monotonic() + timeout
         destination = request.destination
@@ -68,8 +70,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         stream = thread.open_stream(rid)
         try:
             try:
-                await thread.call(lambda e: e.add_request(rid, list(request.prompt_token_ids), first_only,
-                                                          hold_blocks=True))
+                await prefill_images.add_request(runtime, rid, request, first_only, deadline)
             except ValueError as error:
                 raise BatonError(ErrorCode.INVALID_REQUEST, str(error)) from None
             delta = await _first_delta(stream, deadline)
@@ -87,6 +88,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
                 raise BatonError(ErrorCode.TRANSFER_FAILED, f"KV write to {peer.worker_id} failed: {handle.error}")
             runtime.metrics.transfer_bytes.labels(role="prefill", backend=runtime.config.transfer,
                                                   direction="out").inc(handle.bytes)
+            runtime.metrics.transfer_seconds.labels(role="prefill", backend=runtime.config.transfer).observe(
+                handle.elapsed_s)  # the write alone, not the prompt's compute
         finally:
             thread.close_stream(rid)
             thread.submit(lambda e: e.abort(rid))  # ends the lease; a no-op for a finished request
@@ -119,6 +122,8 @@ async def _first_delta(stream: asyncio.Queue, deadline: float):
         item = await asyncio.wait_for(stream.get(), max(0.001, deadline - time.monotonic()))
     except asyncio.TimeoutError:
         raise BatonError(ErrorCode.DEADLINE_EXCEEDED, "prefill did not finish within the request's timeout") from None
+    if isinstance(item, BatonError):  # handed back by a drain past its limit
+        raise item
     if isinstance(item, BaseException):
         raise BatonError(ErrorCode.INTERNAL, f"the engine failed: {item}")
     if item.error:

@@ -4,7 +4,8 @@ What an engine moves is a `RegisteredMemory` (memory.py: named regions of tensor
 its block geometry; a worker describes its KV cache as the "kv" region). Backends: `tcp`
 (pyzmq, host memory; tcp.py) and `nixl` (NIXL over UCX; nixl.py, which loads the NIXL
 library only when such an engine is built). Build one with
-`create_transfer_engine(backend, worker_id, memory)` (factory.py).
+`create_transfer_engine(backend, worker_id, memory)` (factory.py). The tcp port authenticates
+its peers with a key derived from the cluster secret (`auth_key`, peer_auth.py).
 """
 from baton.services.transfer.base import (
     LayoutMismatch,

@@ -22,8 +22,8 @@ from baton.services.transfer.memory import (
     layout_mismatches,
 )
 
-BACKENDS = ("tcp", "nixl")
-_BACKEND_TO_PROTO = {"tcp": kv_pb2.TCP, "nixl": kv_pb2.NIXL}
+BACKENDS = ("tcp", "nixl", "cuda_ipc")
+_BACKEND_TO_PROTO = {"tcp": kv_pb2.TCP, "nixl": kv_pb2.NIXL, "cuda_ipc": kv_pb2.CUDA_IPC}
 _PROTO_TO_BACKEND = {v: k for k, v in _BACKEND_TO_PROTO.items()}
 
 
@@ -76,9 +76,9 @@ class PeerDescriptor:
     worker_id: str
     epoch: int
     backend: str
-    """"tcp" or "nixl"."""
+    """"tcp", "nixl" or "cuda_ipc"."""
     metadata: bytes
-    """Backend-specific: the zmq endpoint (tcp) or packed NIXL metadata (nixl)."""
+    """Backend-specific: the zmq endpoint (tcp, cuda_ipc) or packed NIXL metadata (nixl)."""
     layout: MemoryLayout
     """The peer's registered memory (what `connect` compares with its own)."""
 

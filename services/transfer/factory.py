@@ -7,17 +7,19 @@ The NIXL library itself is loaded only when a nixl engine is built (nixl.py's co
 from __future__ import annotations
 
 from baton.services.transfer.base import TransferEngine
+from baton.services.transfer.cuda_ipc import CudaIpcTransferEngine
 from baton.services.transfer.descriptor import BACKENDS
 from baton.services.transfer.memory import RegisteredMemory
 from baton.services.transfer.nixl import NixlTransferEngine
 from baton.services.transfer.tcp import TcpTransferEngine
 
-_ENGINES: dict[str, type[TransferEngine]] = {"tcp": TcpTransferEngine, "nixl": NixlTransferEngine}
+_ENGINES: dict[str, type[TransferEngine]] = {"tcp": TcpTransferEngine, "nixl": NixlTransferEngine,
+                                             "cuda_ipc": CudaIpcTransferEngine}
 """One engine class per name in `BACKENDS`."""
 
 
 def create_transfer_engine(backend: str, worker_id: str, memory: RegisteredMemory, **options) -> TransferEngine:
-    """Build the engine for `backend` ("tcp" or "nixl") over `memory`; `options` go to its constructor."""
+    """Build the engine for `backend` ("tcp", "nixl" or "cuda_ipc") over `memory`; `options` go to its constructor."""
     engine = _ENGINES.get(backend)
     if engine is None:
         raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -16,12 +16,18 @@ Block b of tensor r lives at [addr_r + b * block_bytes_r, addr_r + (b + 1) * blo
 
 A write posts one WRITE request covering every (tensor, run) range, where a run is
 a stretch of pairs with consecutive src and consecutive dst blocks (coalesced into one
-descriptor), with notification message b"<bytes> <transfer_id>"; NIXL delivers the
+descriptor), with notification message b"<bytes> <transfer_id> <mac>"; NIXL delivers the
 notification only after the data has landed, so the receiver marks the transfer SUCCESS
-when it reads the notification (`received` polls get_new_notifs).
+when it reads the notification (`received` polls get_new_notifs). The MAC
+(peer_auth.notif_mac: the key derived from the cluster secret over the receiving agent's
+name, so its epoch, the byte count and the transfer id) must verify: a notification from
+anyone else is dropped and logged, so it can neither complete nor fail a transfer. The
+memory itself is reachable only by an agent that loaded this engine's metadata, which
+travels in authenticated gRPC calls alone (docs/security.md).
 """
 from __future__ import annotations
 
+import hmac
 import struct
 import threading
 import time
@@ -33,6 +39,7 @@ import numpy as np
 from baton.services.transfer.base import TransferEngine
 from baton.services.transfer.descriptor import PeerDescriptor, TransferError
 from baton.services.transfer.memory import RegisteredMemory
+from baton.services.transfer.peer_auth import SessionTable, notif_mac
 
 _MAGIC = b"BXNX"
 _VERSION = 2
@@ -98,8 +105,10 @@ class NixlTransferEngine(TransferEngine):
 
     backend = "nixl"
 
-    def __init__(self, worker_id: str, memory: RegisteredMemory, num_threads: int = 0) -> None:
+    def __init__(self, worker_id: str, memory: RegisteredMemory, num_threads: int = 0, auth_key: bytes = b"") -> None:
         super().__init__(worker_id, memory)
+        self._auth_key = auth_key
+        self._refusals = SessionTable(auth_key)  # only its refusal count and rate-limited log
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
         self.agent_name = f"{worker_id}-{self.epoch}"
@@ -159,7 +168,7 @@ class NixlTransferEngine(TransferEngine):
         if remote is None:
             return "not connected"
         agent = self._agent
-        message = f"{nbytes} {transfer_id}".encode()
+        message = f"{nbytes} {transfer_id} {notif_mac(self._auth_key, remote.agent_name, nbytes, transfer_id)}".encode()
         if not src:
             agent.send_notif(remote.agent_name, message)
             return None
@@ -210,9 +219,13 @@ class NixlTransferEngine(TransferEngine):
             notifs = agent.get_new_notifs()
         for messages in notifs.values():
             for raw in messages:
-                nbytes, _, transfer_id = bytes(raw).decode().partition(" ")
-                if nbytes.isdigit():
+                nbytes, _, rest = bytes(raw).decode(errors="replace").partition(" ")
+                transfer_id, _, presented = rest.rpartition(" ")
+                expected = notif_mac(self._auth_key, self.agent_name, int(nbytes), transfer_id) if nbytes.isdigit() else ""
+                if expected and hmac.compare_digest(presented.encode(), expected.encode()):
                     self._landed(transfer_id, int(nbytes))
+                else:
+                    self._refusals.note_refused("nixl notification")
 
     def _close(self) -> None:
         try:

@@ -6,22 +6,28 @@ by a background receiver thread, and one DEALER socket per peer for writing (eac
 guarded by a lock, since zmq sockets are not thread-safe). The portable fallback and
 the easiest backend to debug.
 
-Wire protocol (multipart messages, DEALER -> ROUTER; replies mirror the request id):
-  hello:  [b"hello", req_id, TransferPeer bytes of the sender]
-          -> [b"ok", req_id, TransferPeer bytes of the receiver]
+Wire protocol (multipart messages, DEALER -> ROUTER; replies mirror the request id; every
+request carries an auth frame after its request id, peer_auth.py says what it holds):
+  challenge: [b"challenge", req_id, b"", client nonce] -> [b"ok", req_id, server nonce]
+  hello:  [b"hello", req_id, b"", TransferPeer bytes of the sender, server nonce, hello MAC]
+          -> [b"ok", req_id, TransferPeer bytes of the receiver, (subclass frames), welcome MAC]
            | [b"layout", req_id, message] | [b"error", req_id, message]
-  data:   [b"data", req_id, JSON header, T_0, T_1, ...]
+  data:   [b"data", req_id, auth frame, JSON header, T_0, T_1, ...]
           header = {"transfer_id", "target_epoch", "source", "dst": [block ids]}
           T_i = registered tensor i's blocks for `dst`, in order, as raw bytes (tensors in
           the memory's order: for the KV region K_0, V_0, K_1, V_1, ...)
           -> [b"ok", req_id] | [b"error", req_id, message]
-The receiver refuses data addressed to another epoch ("stale epoch"), so a sender that
-still holds a restarted peer's old descriptor gets FAILED instead of writing blindly.
+A message whose auth frame does not verify is dropped (answered b"unauthenticated", which
+also names this engine's epoch); the receiver socket refuses any frame larger than its
+largest region (or `max_frame_bytes`): zmq disconnects that sender. A sender that still
+holds a restarted peer's old descriptor has no session there ("stale epoch or unknown
+session") and gets FAILED instead of writing blindly; it handshakes anew on its next connect.
 A link whose request timed out is closed and reopened on next use, so late replies and
 queued messages never leak into a later request.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import threading
@@ -34,6 +40,8 @@ import zmq
 from baton.services.transfer.base import TransferEngine
 from baton.services.transfer.descriptor import LayoutMismatch, PeerDescriptor, TransferError, mismatch_message
 from baton.services.transfer.memory import RegisteredMemory, layout_mismatches
+from baton.services.transfer import peer_auth
+from baton.services.transfer.peer_auth import ClientSession, SessionTable
 
 
 class _Link:
@@ -45,6 +53,8 @@ class _Link:
         self.lock = threading.Lock()
         self.sock: Optional[zmq.Socket] = None
         self.closed = False
+        self.session: Optional[ClientSession] = None
+        """Set once the handshake authenticated; every later request carries its auth frame."""
 
     def _reset(self) -> None:
         if self.sock is not None:
@@ -67,7 +77,9 @@ class _Link:
             if not self.sock.poll(_ms_left(deadline), zmq.POLLOUT):
                 self._reset()
                 raise TimeoutError(f"could not reach {self.endpoint}")
-            self.sock.send_multipart([kind, req_id, *frames], copy=False)
+            first = bytes(frames[0]) if frames and self.session is not None else b""
+            auth = self.session.auth_frame(kind, first) if self.session is not None else b""
+            self.sock.send_multipart([kind, req_id, auth, *frames], copy=False)
             while True:
                 if not self.sock.poll(_ms_left(deadline), zmq.POLLIN):
                     self._reset()
@@ -98,13 +110,19 @@ class TcpTransferEngine(TransferEngine):
 
     def __init__(self, worker_id: str, memory: RegisteredMemory, host: str = "127.0.0.1",
                  port: Optional[int] = None, advertise_host: Optional[str] = None,
-                 poll_interval: float = 0.05) -> None:
+                 poll_interval: float = 0.05, auth_key: bytes = b"", max_frame_bytes: int = 0) -> None:
         """Bind on `host` (`port`, or a random free one); peers are told `advertise_host`
-        (default: `host`), which must be an address they can reach."""
+        (default: `host`), which must be an address they can reach. `auth_key`: the key peers
+        must prove (derived from the cluster secret; b"" for an open cluster). `max_frame_bytes`:
+        largest frame accepted (0: the largest region, the most one write can carry)."""
         super().__init__(worker_id, memory)
+        self._auth_key = auth_key
+        self._sessions = SessionTable(auth_key)
+        self.max_frame_bytes = max_frame_bytes or self._largest_frame()
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)  # zmq drops a sender of a bigger frame
         try:
             if port:
                 self._router.bind(f"tcp://{host}:{port}")
@@ -126,27 +144,59 @@ class TcpTransferEngine(TransferEngine):
     def descriptor(self) -> PeerDescriptor:
         return PeerDescriptor(self.worker_id, self.epoch, self.backend, self.endpoint.encode(), self.layout)
 
+    def _largest_frame(self) -> int:
+        """The largest frame a legitimate peer sends: one tensor's every block (or a header
+        naming every block), whichever is bigger."""
+        tensors = self.memory.tensor_blocks()
+        largest = max((region.geometry.num_blocks * region.geometry.block_bytes for _, region in tensors), default=0)
+        return max(largest, 16 * self.layout.num_blocks + 65536)
+
     # -- sending ----------------------------------------------------------------------
     def _handshake(self, peer: PeerDescriptor, timeout: float) -> None:
         endpoint = peer.metadata.decode()
         link = _Link(self._ctx, endpoint)
+        deadline = time.monotonic() + timeout
+        mine = self.descriptor().to_bytes()
+        client_nonce = peer_auth.new_nonce()
         try:
-            kind, body = link.request(b"hello", [self.descriptor().to_bytes()], time.monotonic() + timeout)
+            kind, body = link.request(b"challenge", [client_nonce], deadline)
+            if kind == b"ok" and body:
+                server_nonce = body[0]
+                proof = peer_auth.hello_mac(self._auth_key, server_nonce, client_nonce, peer.epoch, mine)
+                kind, body = link.request(b"hello", [mine, server_nonce, proof], deadline)
         except TimeoutError as exc:
             link.close()
             raise TransferError(f"handshake with {peer.worker_id!r} at {endpoint} timed out: {exc}") from exc
-        if kind != b"ok":
+        if kind != b"ok" or len(body) < 2:
             link.close()
-            message = body[0].decode() if body else "no message"
+            message = body[0].decode(errors="replace") if body else "no message"
             raise (LayoutMismatch if kind == b"layout" else TransferError)(message)
+        welcome, body = body[-1], body[:-1]
+        if not hmac.compare_digest(
+                welcome, peer_auth.welcome_mac(self._auth_key, server_nonce, client_nonce, body[0])):
+            link.close()
+            raise TransferError(f"{endpoint} did not prove this cluster's secret: refusing to write to it")
+        link.session = ClientSession(server_nonce, peer_auth.session_key(self._auth_key, server_nonce, client_nonce))
         there = PeerDescriptor.from_bytes(body[0])
         if there.worker_id != peer.worker_id or there.epoch != peer.epoch:
             link.close()
             raise TransferError(
                 f"stale descriptor: {endpoint} is served by {there.worker_id!r} epoch {there.epoch}, "
                 f"descriptor says {peer.worker_id!r} epoch {peer.epoch}")
+        try:
+            self._accept_peer(peer, body[1:])
+        except BaseException:
+            link.close()
+            raise
         with self._links_lock:
             self._links[peer.worker_id] = link
+
+    def _hello_extra(self) -> list[bytes]:
+        """Frames after the descriptor in this engine's hello reply (a subclass's hook)."""
+        return []
+
+    def _accept_peer(self, peer: PeerDescriptor, extra: list[bytes]) -> None:
+        """Take the frames after the descriptor in the peer's hello reply (a subclass's hook)."""
 
     def _drop_peer(self, peer: PeerDescriptor) -> None:
         with self._links_lock:
@@ -167,6 +217,10 @@ class TcpTransferEngine(TransferEngine):
             kind, body = link.request(b"data", [header, *frames], deadline)
         except (TimeoutError, TransferError) as exc:
             return str(exc)
+        if kind == b"unauthenticated":  # the receiver lost our session (or restarted): handshake anew next time
+            with self._peers_lock:
+                self._peers.pop(peer.worker_id, None)
+            self._drop_peer(peer)
         if kind != b"ok":
             return body[0].decode() if body else f"peer replied {kind!r}"
         return None
@@ -190,24 +244,50 @@ class TcpTransferEngine(TransferEngine):
                 if not router.poll(self._interval_ms, zmq.POLLIN):
                     continue
                 frames = router.recv_multipart(copy=False)
-                if len(frames) < 3:
+                if len(frames) < 4:
                     continue
-                ident, kind, req_id = frames[0].bytes, frames[1].bytes, frames[2].bytes
+                ident, kind, req_id, auth = frames[0].bytes, frames[1].bytes, frames[2].bytes, frames[3].bytes
                 try:
-                    reply = self._handle(kind, frames[3:])
+                    reply = self._authenticated(kind, auth, frames[4:])
                 except Exception as exc:  # never let one bad message kill the receiver
                     reply = [b"error", f"receiver error: {type(exc).__name__}: {exc}".encode()]
                 router.send_multipart([ident, reply[0], req_id, *reply[1:]])
         finally:
             router.close(linger=0)
 
-    def _handle(self, kind: bytes, body: list) -> list[bytes]:
+    def _authenticated(self, kind: bytes, auth: bytes, body: list) -> list[bytes]:
+        """Run the handshake steps, and `_handle` for messages of an authenticated session."""
+        sessions = self._sessions
+        if kind == b"challenge":
+            nonce = sessions.challenge(body[0].bytes) if body else None
+            return [b"ok", nonce] if nonce is not None else [b"error", b"malformed challenge"]
         if kind == b"hello":
-            sender = PeerDescriptor.from_bytes(body[0].bytes)
-            diffs = layout_mismatches(sender.layout, self.layout)  # "local" = the sender's
-            if diffs:
-                return [b"layout", mismatch_message(self.worker_id, diffs).encode()]
-            return [b"ok", self.descriptor().to_bytes()]
+            if len(body) != 3:
+                return [b"error", b"malformed hello"]
+            descriptor, server_nonce, proof = (f.bytes for f in body)
+            client_nonce = sessions.hello(server_nonce, proof, self.epoch, descriptor, "peer")
+            if client_nonce is None:
+                sessions.note_refused("hello")
+                return [b"error", (f"authentication failed: the sender does not hold the cluster secret of "
+                                   f"{self.worker_id!r} (or targets another epoch than {self.epoch})").encode()]
+            reply = self._hello(descriptor)
+            if reply[0] == b"ok":
+                reply.append(peer_auth.welcome_mac(self._auth_key, server_nonce, client_nonce, reply[1]))
+            return reply
+        if sessions.verify(auth, kind, body[0].bytes if body else b"") is None:
+            sessions.note_refused(f"{kind[:16]!r} message")
+            return [b"unauthenticated", (f"stale epoch or unknown session: this engine is {self.worker_id!r} epoch "
+                                         f"{self.epoch} (peer restarted, or not authenticated); reconnect").encode()]
+        return self._handle(kind, body)
+
+    def _hello(self, descriptor: bytes) -> list[bytes]:
+        sender = PeerDescriptor.from_bytes(descriptor)
+        diffs = layout_mismatches(sender.layout, self.layout)  # "local" = the sender's
+        if diffs:
+            return [b"layout", mismatch_message(self.worker_id, diffs).encode()]
+        return [b"ok", self.descriptor().to_bytes(), *self._hello_extra()]
+
+    def _handle(self, kind: bytes, body: list) -> list[bytes]:
         if kind == b"data":
             return self._receive_data(json.loads(body[0].bytes), body[1:])
         return [b"error", f"unknown request kind {kind!r}".encode()]

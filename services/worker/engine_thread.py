@@ -81,6 +81,15 @@ class EngineThread:
         """True while any request stream is open."""
         return bool(self._streams)
 
+    @property
+    def open_streams(self) -> int:
+        """How many request streams are open."""
+        return len(self._streams)
+
+    def fail_streams(self, error: BaseException) -> None:
+        """Deliver `error` into every open stream (a drain handing its requests back)."""
+        self._fail_streams(error)
+
     # --- the thread ----------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopped.is_set():

@@ -11,16 +11,41 @@ Owns the field-by-field mapping and its conventions:
 - floats travel as float32; they are read back as the shortest decimal that has the same
   float32 value (0.7 stays 0.7, not 0.699999988).
 - `SamplingParams.extra` is process-local and does not travel.
-A value the engine refuses (its `ValueError`) becomes `BatonError(INVALID_REQUEST, message)`.
+A value the engine refuses (its `ValueError`) becomes `BatonError(INVALID_REQUEST, message)`
+whose `param` names the field (`param_for`), as the HTTP front door's 400s do.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import Optional
 
 from baton.protos.baton.v1 import common_pb2
 from baton.protos.errors import BatonError, ErrorCode
 from baton.services.engine.sampling_params import SamplingParams, StructuredOutputParams
+
+
+_FIELDS = tuple(sorted((f.name for f in dataclasses.fields(SamplingParams)), key=len, reverse=True))
+_PARAM_ALIASES = (("structured_output", "response_format"), ("structured-output", "response_format"),
+                  ("stop strings", "stop"), ("resume", "resume"), ("prompt", "prompt"))
+
+
+def param_for(message: str) -> str:
+    """The request field an engine refusal is about, from its message ("max_tokens must be at
+    least 1" -> "max_tokens"; "the prompt has ..." -> "prompt"); "" when it names none."""
+    lowered = message.lower()
+    for name in _FIELDS:
+        if lowered.startswith(name + " ") or lowered.startswith(name + ":"):
+            return "response_format" if name == "structured_output" else name
+    for phrase, param in _PARAM_ALIASES:
+        if phrase in lowered:
+            return param
+    return ""
+
+
+def invalid_request(message: str) -> BatonError:
+    """INVALID_REQUEST for an engine refusal, naming the field when the message does."""
+    return BatonError(ErrorCode.INVALID_REQUEST, message, param=param_for(message))
 
 
 def _from_f32(value: float) -> float:
@@ -93,7 +118,7 @@ def sampling_params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams
             priority=msg.priority,
         )
     except ValueError as e:
-        raise BatonError(ErrorCode.INVALID_REQUEST, str(e)) from e
+        raise invalid_request(str(e)) from e
 
 
 def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:

@@ -5,6 +5,7 @@ from typing import Any, Optional
 
 from baton.protos.baton.v1 import common_pb2, worker_pb2
 from baton.services.engine.request import RequestDelta
+from baton.services.engine.resume import ResumedCompletion
 
 
 def logprob_to_proto(entry: dict[str, Any]) -> common_pb2.TokenLogprob:
@@ -50,3 +51,9 @@ def worker_load(engine: Any, transfer: Any = None, transfer_failures: int = 0,
         prefix_tokens_matched=stats.prefix_tokens_matched, prefix_tokens_looked_up=stats.prefix_tokens_looked_up,
         kv_bytes_received=transfer.bytes_received if transfer else 0,
         kv_bytes_sent=transfer.bytes_sent if transfer else 0, kv_transfer_failures=transfer_failures)
+
+
+def resume_from_proto(entries) -> list[ResumedCompletion]:
+    """A DecodeRequest's `resume` entries as the engine's `ResumedCompletion`s."""
+    return [ResumedCompletion(index=e.index, output_token_ids=tuple(e.output_token_ids), finished=e.finished)
+            for e in entries]

@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
-from baton.protos.baton.v1 import worker_pb2
+from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
 from baton.services.common.server import ServerConfig, ServiceServer
+from baton.services.worker.kv_events import KVEventPublisher, KVEventsServicer, attach_to_engine
 from baton.services.worker.worker_config import WorkerConfig
 from baton.services.worker.worker_runtime import WorkerRuntime
 from baton.services.engine.config import EngineConfig
@@ -73,12 +74,18 @@ async def serve_worker(service: WorkerService, engine_config: EngineConfig, serv
     """Run one worker until it is drained; returns the exit code. `signals`: SIGTERM / SIGINT
     drain it (main thread only); `on_serving` is called with the server once health is SERVING."""
     role = service.name
+    if worker_config.gil_switch_interval_s > 0:  # the gRPC loop waits at most this long for the engine thread's GIL
+        sys.setswitchinterval(worker_config.gil_switch_interval_s)
     runtime = WorkerRuntime(service.role, engine_config, worker_config)
     servicer = service.make_servicer(runtime)
     server = ServiceServer(server_config, registry=runtime.metrics.registry,
                            on_drain=lambda: runtime.drain(server_config.drain_timeout_s))
     server.add_servicer(service.add_to_server, servicer)
+    kv_events = KVEventPublisher(engine_config.page_size, asyncio.get_running_loop())
+    server.add_servicer(worker_pb2_grpc.add_KVEventsServicer_to_server, KVEventsServicer(kv_events))
+    runtime.credentials, runtime.server_host = server.credentials, server_config.host  # peers' channels, KV port
     await server.start()
+    runtime.metrics_port = server.metrics_port or 0  # Info lists it (the router's /workers shows it)
     if signals:
         server.install_signal_handlers()
     try:
@@ -87,6 +94,8 @@ async def serve_worker(service: WorkerService, engine_config: EngineConfig, serv
         print(f"baton {role}: failed to load the model: {error}", file=sys.stderr, flush=True)
         await server.stop(0)
         return 1
+    kv_events.worker_id, kv_events.epoch = runtime.worker_id, runtime.transfer.epoch
+    attach_to_engine(runtime.thread.engine, kv_events)  # the router's precise cache-aware routing
     await server.set_serving(True)
     watchdog = asyncio.create_task(watch_engine(runtime, server, worker_config.engine_stall_timeout_s))
     print(f"baton {role} worker serving on {server.address} (metrics :{server.metrics_port}, "

@@ -1,5 +1,6 @@
 """KV blocks move VRAM to VRAM between two processes on one GPU: nixl directly (UCX cuda_ipc),
-tcp through host memory (the portable fallback).
+cuda_ipc (the sender's own device copies into the receiver's IPC-mapped tensors), tcp through
+host memory (the portable fallback).
 
 Two spawned processes, as in tests/unit/transfer/test_multiprocess.py, each with an engine
 `KVCache` on cuda:0 (seeded random contents) registered by `register_kv_cache`: the prefill
@@ -30,7 +31,7 @@ from typing import Any, Optional  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-BACKENDS = ["nixl", "tcp"]
+BACKENDS = ["nixl", "tcp", "cuda_ipc"]
 LAYOUT = dict(num_layers=3, page_size=16, num_kv_heads=4, head_dim=64, dtype=torch.bfloat16)
 SENDER_BLOCKS, RECEIVER_BLOCKS = 24, 32
 PAIRS = [(0, 31), (3, 30), (9, 2), (10, 3), (11, 4), (23, 0), (17, 17)]  # 9..11 -> 2..4 is one run

@@ -4,7 +4,8 @@ FAULT serve ROLE ...` patches this process, then runs the normal `baton` CLI.
 Faults:
 - slow_transfer: every KV write sleeps 3 s before moving bytes (to kill a prefill mid-transfer);
 - slow_start: the model loads 3 s late (to watch health stay NOT_SERVING while loading);
-- wedge_engine: the engine's 3rd step after start hangs for 8 s (a wedged engine thread).
+- wedge_engine: the engine's 3rd step after start hangs for 8 s (a wedged engine thread);
+- slow_steps: every engine step takes 20 ms longer (a slow model: streams that outlast a drain limit).
 """
 from __future__ import annotations
 
@@ -49,7 +50,19 @@ def _wedge_engine() -> None:
     Engine.step = wedged_step
 
 
-FAULTS = {"slow_transfer": _slow_transfer, "slow_start": _slow_start, "wedge_engine": _wedge_engine}
+def _slow_steps() -> None:
+    from baton.services.engine.engine import Engine
+
+    original = Engine.step
+
+    def slow_step(self):
+        time.sleep(0.02)
+        return original(self)
+    Engine.step = slow_step
+
+
+FAULTS = {"slow_transfer": _slow_transfer, "slow_start": _slow_start, "wedge_engine": _wedge_engine,
+          "slow_steps": _slow_steps}
 
 if __name__ == "__main__":
     FAULTS[sys.argv[1]]()

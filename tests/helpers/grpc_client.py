@@ -4,9 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import grpc
-
 from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
+from baton.protos.cluster_auth import OPEN, ClusterCredentials, open_channel
 from baton.services.worker.params_codec import sampling_params_to_proto
 from baton.services.engine.sampling_params import SamplingParams
 
@@ -22,9 +21,10 @@ class Completion:
 
 
 async def decode_generate(address: str, prompt: list[int], params: SamplingParams, prefill: str = "",
-                          request_id: str = "", timeout: float = 60.0) -> list[Completion]:
+                          request_id: str = "", timeout: float = 60.0,
+                          credentials: ClusterCredentials = OPEN) -> list[Completion]:
     """Stream one request through a decode worker; returns one Completion per index."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, credentials) as channel:
         stub = worker_pb2_grpc.DecodeStub(channel)
         request = worker_pb2.DecodeRequest(request_id=request_id, prompt_token_ids=prompt,
                                            params=sampling_params_to_proto(params), prefill_address=prefill)
@@ -39,7 +39,7 @@ async def decode_generate(address: str, prompt: list[int], params: SamplingParam
         return completions
 
 
-async def worker_info(address: str) -> worker_pb2.WorkerInfo:
+async def worker_info(address: str, credentials: ClusterCredentials = OPEN) -> worker_pb2.WorkerInfo:
     """The Info of a decode worker."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, credentials) as channel:
         return await worker_pb2_grpc.DecodeStub(channel).Info(worker_pb2.WorkerInfoRequest(), timeout=10)

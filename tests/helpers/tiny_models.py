@@ -81,3 +81,93 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, ignore_eos: bool = 
         out = model.generate(torch.tensor([prompt]), generation_config=config,
                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     return out[0, len(prompt):].tolist()
+
+
+# --- vision-language models -------------------------------------------------------------
+IMAGE_TOKEN = {"llava": VOCAB - 1, "qwen2_5_vl": VOCAB - 4}
+"""The image placeholder id of each tiny VLM (a word of the tokenizer: w383 / w380)."""
+
+
+def make_tiny_vlm(name: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny random-weight LLaVA-1.5 (CLIP tower 56 px / 14 px patches: 16 image tokens) or
+    Qwen2.5-VL (window attention, 2x2 merge; 28 px per image token), saved with its image
+    processor and word tokenizer."""
+    import transformers
+    text = {k: v for k, v in BASE.items() if k not in ("initializer_range",)}
+    if name == "llava":
+        config = transformers.LlavaConfig(
+            vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                        num_attention_heads=4, image_size=56, patch_size=14),
+            text_config=transformers.LlamaConfig(**text, tie_word_embeddings=False),
+            image_token_id=IMAGE_TOKEN[name], image_seq_length=16)
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+        model_class = transformers.LlavaForConditionalGeneration
+    elif name == "qwen2_5_vl":
+        config = transformers.Qwen2_5_VLConfig(
+            text_config=dict(text, num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+            vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                               fullatt_block_indexes=[1]),
+            image_token_id=IMAGE_TOKEN[name], video_token_id=VOCAB - 3, vision_start_token_id=VOCAB - 6,
+            vision_end_token_id=VOCAB - 5, tie_word_embeddings=False)
+        processor = transformers.Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16,
+                                                       patch_size=14, merge_size=2, temporal_patch_size=2)
+        model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"no tiny VLM {name!r}")
+    torch.manual_seed(seed)
+    model = model_class(config).to(torch.float32)
+    with torch.no_grad():  # random weights of a visible scale, so images move the logits
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.2)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    tokenizer = word_tokenizer(VOCAB)
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE.replace("IMAGE", f"w{IMAGE_TOKEN[name]}")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+VLM_CHAT_TEMPLATE = ("{% for m in messages %}{% if m.content is string %}{{ m.content }} {% else %}"
+                     "{% for p in m.content %}{% if p.type == 'image' %}IMAGE {% else %}{{ p.text }} {% endif %}"
+                     "{% endfor %}{% endif %}{% endfor %}")
+"""The tiny VLMs' chat template: every message's text and image parts in order, space-separated
+(an image part is the placeholder word)."""
+
+
+def load_hf_vlm(folder: Path):
+    """The transformers reference VLM for a folder, in float32."""
+    import transformers
+    return transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_vlm_greedy(model, prompt: list[int], images: list, max_new_tokens: int) -> list[int]:
+    """Reference: transformers' greedy `generate` on one expanded prompt with its PIL images."""
+    import transformers
+    processor = transformers.AutoImageProcessor.from_pretrained(model.name_or_path)
+    inputs = processor(images=images, return_tensors="pt") if images else {}
+    ids = torch.tensor([prompt])
+    kwargs = dict(attention_mask=torch.ones_like(ids), **inputs)
+    if model.config.model_type == "qwen2_5_vl":
+        kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+    config = copy.deepcopy(model.generation_config)
+    config.do_sample, config.max_new_tokens, config.pad_token_id = False, max_new_tokens, 0
+    config.temperature = config.top_p = config.top_k = None
+    config.eos_token_id = [10**9]
+    with torch.no_grad():
+        out = model.generate(ids, generation_config=config, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def tiny_image(seed: int, width: int = 56, height: int = 56, fmt: str = "PNG") -> bytes:
+    """A random-noise image's encoded bytes (deterministic per seed)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -122,10 +122,14 @@ def start_router(model: Path | str, tmp: Path, prefill: list[str], decode: list[
     http_port, grpc_port = free_port(), free_port()
     args = ["router", "--model", str(model), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
             "--prefill", ",".join(prefill), "--decode", ",".join(decode)]
+    env_overrides = flags.pop("env", {})
     for key, value in {"health_interval_s": 0.2, "health_timeout_s": 1.0, **flags}.items():
+        if isinstance(value, bool):  # a --flag / --no-flag switch
+            args.append(f"--{'' if value else 'no-'}{key.replace('_', '-')}")
+            continue
         args += [f"--{key.replace('_', '-')}", str(value)]
     log_path = tmp / f"router-{http_port}.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **env_overrides)
     proc = subprocess.Popen([sys.executable, "-m", "baton.deploy.cli", *args], stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT, env=env, cwd=REPO)
     router = RouterProcess(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log_path)

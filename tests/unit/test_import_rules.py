@@ -3,8 +3,10 @@
 - `router` never imports `services` (they meet only on the wire);
 - the engine imports neither `protos` nor `transfer` (nor anything above it);
 - `transfer` never imports the engine;
-- nothing imports upwards into a role package (prefill / decode / encoder): only the CLI
-  (`deploy`) picks a role;
+- nothing imports upwards into a role package (prefill / decode / encoder / sim): only the
+  CLI (`deploy`) picks a role;
+- the simulated workers (`services/sim`) import no engine (no torch), transfer, router or
+  other role: they speak the protocol with a timing model;
 - `services/common` knows no engine, worker or transfer;
 - the frontend language (`baton/lang`) is a client: it meets the cluster only over HTTP and
   imports no other baton package (so `import baton.lang` never pulls in torch or grpc);
@@ -27,8 +29,9 @@ PACKAGES = {
     "baton.services.transfer": "services/transfer", "baton.services.worker": "services/worker",
     "baton.services.prefill": "services/prefill", "baton.services.decode": "services/decode",
     "baton.services.encoder": "services/encoder", "baton.lang": "baton/lang",
+    "baton.services.sim": "services/sim",
 }
-ROLES = ("baton.services.prefill", "baton.services.decode", "baton.services.encoder")
+ROLES = ("baton.services.prefill", "baton.services.decode", "baton.services.encoder", "baton.services.sim")
 
 
 def _package_of(module: str) -> str | None:
@@ -44,6 +47,8 @@ def _package_of(module: str) -> str | None:
                          "baton.router", *ROLES)),
     ("services/worker", ("baton.router", "baton.deploy", *ROLES)),
     ("protos", ("baton.services", "baton.router", "baton.deploy")),
+    ("services/sim", ("baton.services.engine", "baton.services.transfer", "baton.router", "baton.deploy",
+                      "baton.services.prefill", "baton.services.decode", "baton.services.encoder")),
     ("baton/lang", ("baton.services", "baton.router", "baton.protos", "baton.deploy", "baton.bench")),
 ])
 def test_forbidden_imports(folder: str, forbidden: tuple[str, ...]) -> None:

@@ -13,10 +13,12 @@ class TransferBackend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TCP: _ClassVar[TransferBackend]
     NIXL: _ClassVar[TransferBackend]
     NCCL: _ClassVar[TransferBackend]
+    CUDA_IPC: _ClassVar[TransferBackend]
 TRANSFER_BACKEND_UNSPECIFIED: TransferBackend
 TCP: TransferBackend
 NIXL: TransferBackend
 NCCL: TransferBackend
+CUDA_IPC: TransferBackend
 
 class KVLayout(_message.Message):
     __slots__ = ("num_layers", "page_size", "num_kv_heads", "head_dim", "dtype", "num_blocks")

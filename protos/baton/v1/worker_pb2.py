@@ -26,41 +26,67 @@ from baton.protos.baton.v1 import common_pb2 as baton_dot_protos_dot_baton_dot_v
 from baton.protos.baton.v1 import kv_pb2 as baton_dot_protos_dot_baton_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"baton/protos/baton/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\"baton/protos/baton/v1/common.proto\x1a\x1e\x62\x61ton/protos/baton/v1/kv.proto\"\x8b\x03\n\nWorkerLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\r\x12\x16\n\x0erunning_tokens\x18\x03 \x01(\x04\x12\x15\n\rqueued_tokens\x18\x04 \x01(\x04\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\x12\x17\n\x0fprefix_hit_rate\x18\x06 \x01(\x02\x12\x1d\n\x15prefix_tokens_matched\x18\x07 \x01(\x04\x12\x1f\n\x17prefix_tokens_looked_up\x18\x08 \x01(\x04\x12\x19\n\x11kv_bytes_received\x18\t \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\n \x01(\x04\x12\x1c\n\x14kv_transfer_failures\x18\x0b \x01(\x04\x12\x14\n\x0cmax_requests\x18\x0c \x01(\r\x12\x19\n\x11reserved_requests\x18\r \x01(\r\x12\x17\n\x0freserved_tokens\x18\x0e \x01(\x04\x12\x16\n\x0e\x66ree_kv_tokens\x18\x0f \x01(\r\"\x13\n\x11WorkerInfoRequest\"\xd0\x01\n\nWorkerInfo\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.baton.v1.WorkerRole\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12(\n\x08transfer\x18\x05 \x01(\x0b\x32\x16.baton.v1.TransferPeer\x12\"\n\x04load\x18\x06 \x01(\x0b\x32\x14.baton.v1.WorkerLoad\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\"\xaa\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12,\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x17.baton.v1.KVDestination\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"\xa9\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12-\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12$\n\x07handoff\x18\x05 \x01(\x0b\x32\x13.baton.v1.KVHandoff\"\x94\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"\xfb\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x1e\n\x05usage\x18\x08 \x01(\x0b\x32\x0f.baton.v1.Usage\x12/\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x16.baton.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"3\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\"B\n\x0e\x45ncodeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1c\n\x14num_embedding_tokens\x18\x02 \x03(\r*O\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\x0b\n\x07\x45NCODER\x10\x03\x32\xbe\x01\n\x07Prefill\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfo2\xbe\x01\n\x06\x44\x65\x63ode\x12?\n\x08Generate\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfo2\x81\x01\n\x07\x45ncoder\x12;\n\x06\x45ncode\x12\x17.baton.v1.EncodeRequest\x1a\x18.baton.v1.EncodeResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"baton/protos/baton/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\"baton/protos/baton/v1/common.proto\x1a\x1e\x62\x61ton/protos/baton/v1/kv.proto\"\xba\x03\n\nWorkerLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\r\x12\x16\n\x0erunning_tokens\x18\x03 \x01(\x04\x12\x15\n\rqueued_tokens\x18\x04 \x01(\x04\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\x12\x17\n\x0fprefix_hit_rate\x18\x06 \x01(\x02\x12\x1d\n\x15prefix_tokens_matched\x18\x07 \x01(\x04\x12\x1f\n\x17prefix_tokens_looked_up\x18\x08 \x01(\x04\x12\x19\n\x11kv_bytes_received\x18\t \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\n \x01(\x04\x12\x1c\n\x14kv_transfer_failures\x18\x0b \x01(\x04\x12\x14\n\x0cmax_requests\x18\x0c \x01(\r\x12\x19\n\x11reserved_requests\x18\r \x01(\r\x12\x17\n\x0freserved_tokens\x18\x0e \x01(\x04\x12\x16\n\x0e\x66ree_kv_tokens\x18\x0f \x01(\r\x12\x16\n\x0erecent_ttft_ms\x18\x10 \x01(\x02\x12\x15\n\rrecent_itl_ms\x18\x11 \x01(\x02\"\x13\n\x11WorkerInfoRequest\"\xe6\x01\n\nWorkerInfo\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.baton.v1.WorkerRole\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12(\n\x08transfer\x18\x05 \x01(\x0b\x32\x16.baton.v1.TransferPeer\x12\"\n\x04load\x18\x06 \x01(\x0b\x32\x14.baton.v1.WorkerLoad\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x14\n\x0cmetrics_port\x18\t \x01(\r\"\xeb\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12,\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x17.baton.v1.KVDestination\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\x12$\n\x06images\x18\x06 \x03(\x0b\x32\x14.baton.v1.ImageInput\x12\x19\n\x11\x65ncoder_addresses\x18\x07 \x03(\t\"\xa9\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12-\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12$\n\x07handoff\x18\x05 \x01(\x0b\x32\x13.baton.v1.KVHandoff\"\x82\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\x12+\n\x06resume\x18\x06 \x03(\x0b\x32\x1b.baton.v1.ResumedCompletion\x12$\n\x06images\x18\x07 \x03(\x0b\x32\x14.baton.v1.ImageInput\x12\x19\n\x11\x65ncoder_addresses\x18\x08 \x03(\t\"b\n\nImageInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x0c\n\x04grid\x18\x05 \x03(\r\"N\n\x11ResumedCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x18\n\x10output_token_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"\xfb\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x1e\n\x05usage\x18\x08 \x01(\x0b\x32\x0f.baton.v1.Usage\x12/\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x16.baton.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x1f\n\nEmbedInput\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x85\x01\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06inputs\x18\x02 \x03(\x0b\x32\x14.baton.v1.EmbedInput\x12\x0f\n\x07pooling\x18\x03 \x01(\t\x12\x16\n\x0eskip_normalize\x18\x04 \x01(\x08\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"c\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\nembeddings\x18\x02 \x03(\x0b\x32\x13.baton.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\"u\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12,\n\x0b\x64\x65stination\x18\x03 \x01(\x0b\x32\x17.baton.v1.KVDestination\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"\x97\x01\n\x0e\x45ncodeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1c\n\x14num_embedding_tokens\x18\x02 \x03(\r\x12$\n\x06images\x18\x03 \x03(\x0b\x32\x14.baton.v1.ImageInput\x12\x19\n\x11\x62ytes_transferred\x18\x04 \x01(\x04\x12\x12\n\ncache_hits\x18\x05 \x01(\r\"\x11\n\x0fKVEventsRequest\"A\n\x0eKVBlocksStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x19\n\x11parent_block_hash\x18\x02 \x01(\x04\"\'\n\x0fKVBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x0e\n\x0cKVAllCleared\"\x96\x01\n\x07KVEvent\x12*\n\x06stored\x18\x01 \x01(\x0b\x32\x18.baton.v1.KVBlocksStoredH\x00\x12,\n\x07removed\x18\x02 \x01(\x0b\x32\x19.baton.v1.KVBlocksRemovedH\x00\x12)\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x16.baton.v1.KVAllClearedH\x00\x42\x06\n\x04kind\"\x8b\x01\n\x0cKVEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\x12!\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x11.baton.v1.KVEvent*O\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\x0b\n\x07\x45NCODER\x10\x03\x32\xbe\x01\n\x07Prefill\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfo2\xf8\x01\n\x06\x44\x65\x63ode\x12?\n\x08Generate\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfo\x12\x38\n\x05\x45mbed\x12\x16.baton.v1.EmbedRequest\x1a\x17.baton.v1.EmbedResponse2\x81\x01\n\x07\x45ncoder\x12;\n\x06\x45ncode\x12\x17.baton.v1.EncodeRequest\x1a\x18.baton.v1.EncodeResponse\x12\x39\n\x04Info\x12\x1b.baton.v1.WorkerInfoRequest\x1a\x14.baton.v1.WorkerInfo2L\n\x08KVEvents\x12@\n\tSubscribe\x12\x19.baton.v1.KVEventsRequest\x1a\x16.baton.v1.KVEventBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.protos.baton.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=1685
-  _globals['_WORKERROLE']._serialized_end=1764
+  _globals['_WORKERROLE']._serialized_start=2998
+  _globals['_WORKERROLE']._serialized_end=3077
   _globals['_WORKERLOAD']._serialized_start=117
-  _globals['_WORKERLOAD']._serialized_end=512
-  _globals['_WORKERINFOREQUEST']._serialized_start=514
-  _globals['_WORKERINFOREQUEST']._serialized_end=533
-  _globals['_WORKERINFO']._serialized_start=536
-  _globals['_WORKERINFO']._serialized_end=744
-  _globals['_PREFILLREQUEST']._serialized_start=747
-  _globals['_PREFILLREQUEST']._serialized_end=917
-  _globals['_PREFILLRESPONSE']._serialized_start=920
-  _globals['_PREFILLRESPONSE']._serialized_end=1089
-  _globals['_DECODEREQUEST']._serialized_start=1092
-  _globals['_DECODEREQUEST']._serialized_end=1240
-  _globals['_DECODERESPONSE']._serialized_start=1243
-  _globals['_DECODERESPONSE']._serialized_end=1494
-  _globals['_ABORTREQUEST']._serialized_start=1496
-  _globals['_ABORTREQUEST']._serialized_end=1530
-  _globals['_ABORTRESPONSE']._serialized_start=1532
-  _globals['_ABORTRESPONSE']._serialized_end=1562
-  _globals['_ENCODEREQUEST']._serialized_start=1564
-  _globals['_ENCODEREQUEST']._serialized_end=1615
-  _globals['_ENCODERESPONSE']._serialized_start=1617
-  _globals['_ENCODERESPONSE']._serialized_end=1683
-  _globals['_PREFILL']._serialized_start=1767
-  _globals['_PREFILL']._serialized_end=1957
-  _globals['_DECODE']._serialized_start=1960
-  _globals['_DECODE']._serialized_end=2150
-  _globals['_ENCODER']._serialized_start=2153
-  _globals['_ENCODER']._serialized_end=2282
+  _globals['_WORKERLOAD']._serialized_end=559
+  _globals['_WORKERINFOREQUEST']._serialized_start=561
+  _globals['_WORKERINFOREQUEST']._serialized_end=580
+  _globals['_WORKERINFO']._serialized_start=583
+  _globals['_WORKERINFO']._serialized_end=813
+  _globals['_PREFILLREQUEST']._serialized_start=816
+  _globals['_PREFILLREQUEST']._serialized_end=1051
+  _globals['_PREFILLRESPONSE']._serialized_start=1054
+  _globals['_PREFILLRESPONSE']._serialized_end=1223
+  _globals['_DECODEREQUEST']._serialized_start=1226
+  _globals['_DECODEREQUEST']._serialized_end=1484
+  _globals['_IMAGEINPUT']._serialized_start=1486
+  _globals['_IMAGEINPUT']._serialized_end=1584
+  _globals['_RESUMEDCOMPLETION']._serialized_start=1586
+  _globals['_RESUMEDCOMPLETION']._serialized_end=1664
+  _globals['_DECODERESPONSE']._serialized_start=1667
+  _globals['_DECODERESPONSE']._serialized_end=1918
+  _globals['_ABORTREQUEST']._serialized_start=1920
+  _globals['_ABORTREQUEST']._serialized_end=1954
+  _globals['_ABORTRESPONSE']._serialized_start=1956
+  _globals['_ABORTRESPONSE']._serialized_end=1986
+  _globals['_EMBEDINPUT']._serialized_start=1988
+  _globals['_EMBEDINPUT']._serialized_end=2019
+  _globals['_EMBEDREQUEST']._serialized_start=2022
+  _globals['_EMBEDREQUEST']._serialized_end=2155
+  _globals['_EMBEDDING']._serialized_start=2157
+  _globals['_EMBEDDING']._serialized_end=2184
+  _globals['_EMBEDRESPONSE']._serialized_start=2186
+  _globals['_EMBEDRESPONSE']._serialized_end=2285
+  _globals['_ENCODEREQUEST']._serialized_start=2287
+  _globals['_ENCODEREQUEST']._serialized_end=2404
+  _globals['_ENCODERESPONSE']._serialized_start=2407
+  _globals['_ENCODERESPONSE']._serialized_end=2558
+  _globals['_KVEVENTSREQUEST']._serialized_start=2560
+  _globals['_KVEVENTSREQUEST']._serialized_end=2577
+  _globals['_KVBLOCKSSTORED']._serialized_start=2579
+  _globals['_KVBLOCKSSTORED']._serialized_end=2644
+  _globals['_KVBLOCKSREMOVED']._serialized_start=2646
+  _globals['_KVBLOCKSREMOVED']._serialized_end=2685
+  _globals['_KVALLCLEARED']._serialized_start=2687
+  _globals['_KVALLCLEARED']._serialized_end=2701
+  _globals['_KVEVENT']._serialized_start=2704
+  _globals['_KVEVENT']._serialized_end=2854
+  _globals['_KVEVENTBATCH']._serialized_start=2857
+  _globals['_KVEVENTBATCH']._serialized_end=2996
+  _globals['_PREFILL']._serialized_start=3080
+  _globals['_PREFILL']._serialized_end=3270
+  _globals['_DECODE']._serialized_start=3273
+  _globals['_DECODE']._serialized_end=3521
+  _globals['_ENCODER']._serialized_start=3524
+  _globals['_ENCODER']._serialized_end=3653
+  _globals['_KVEVENTS']._serialized_start=3655
+  _globals['_KVEVENTS']._serialized_end=3731
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,7 @@ DECODE: WorkerRole
 ENCODER: WorkerRole
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running_requests", "queued_requests", "running_tokens", "queued_tokens", "kv_usage", "prefix_hit_rate", "prefix_tokens_matched", "prefix_tokens_looked_up", "kv_bytes_received", "kv_bytes_sent", "kv_transfer_failures", "max_requests", "reserved_requests", "reserved_tokens", "free_kv_tokens")
+    __slots__ = ("running_requests", "queued_requests", "running_tokens", "queued_tokens", "kv_usage", "prefix_hit_rate", "prefix_tokens_matched", "prefix_tokens_looked_up", "kv_bytes_received", "kv_bytes_sent", "kv_transfer_failures", "max_requests", "reserved_requests", "reserved_tokens", "free_kv_tokens", "recent_ttft_ms", "recent_itl_ms")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class WorkerLoad(_message.Message):
     RESERVED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RESERVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ITL_MS_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     queued_requests: int
     running_tokens: int
@@ -52,14 +54,16 @@ class WorkerLoad(_message.Message):
     reserved_requests: int
     reserved_tokens: int
     free_kv_tokens: int
-    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., running_tokens: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_tokens_matched: _Optional[int] = ..., prefix_tokens_looked_up: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ..., max_requests: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., reserved_tokens: _Optional[int] = ..., free_kv_tokens: _Optional[int] = ...) -> None: ...
+    recent_ttft_ms: float
+    recent_itl_ms: float
+    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., running_tokens: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_tokens_matched: _Optional[int] = ..., prefix_tokens_looked_up: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ..., max_requests: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., reserved_tokens: _Optional[int] = ..., free_kv_tokens: _Optional[int] = ..., recent_ttft_ms: _Optional[float] = ..., recent_itl_ms: _Optional[float] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("role", "worker_id", "model", "epoch", "transfer", "load", "ready", "draining")
+    __slots__ = ("role", "worker_id", "model", "epoch", "transfer", "load", "ready", "draining", "metrics_port")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +72,7 @@ class WorkerInfo(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
     role: WorkerRole
     worker_id: str
     model: str
@@ -76,21 +81,26 @@ class WorkerInfo(_message.Message):
     load: WorkerLoad
     ready: bool
     draining: bool
-    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., worker_id: _Optional[str] = ..., model: _Optional[str] = ..., epoch: _Optional[int] = ..., transfer: _Optional[_Union[_kv_pb2.TransferPeer, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ...) -> None: ...
+    metrics_port: int
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., worker_id: _Optional[str] = ..., model: _Optional[str] = ..., epoch: _Optional[int] = ..., transfer: _Optional[_Union[_kv_pb2.TransferPeer, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., metrics_port: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "destination", "timeout_ms")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "destination", "timeout_ms", "images", "encoder_addresses")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.SamplingParams
     destination: _kv_pb2.KVDestination
     timeout_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[_kv_pb2.KVDestination, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[ImageInput]
+    encoder_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[_kv_pb2.KVDestination, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., encoder_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token_id", "first_logprob", "cached_tokens", "handoff")
@@ -107,18 +117,48 @@ class PrefillResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., handoff: _Optional[_Union[_kv_pb2.KVHandoff, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "prefill_address", "timeout_ms")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "prefill_address", "timeout_ms", "resume", "images", "encoder_addresses")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.SamplingParams
     prefill_address: str
     timeout_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_address: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    resume: _containers.RepeatedCompositeFieldContainer[ResumedCompletion]
+    images: _containers.RepeatedCompositeFieldContainer[ImageInput]
+    encoder_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_address: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., resume: _Optional[_Iterable[_Union[ResumedCompletion, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., encoder_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ImageInput(_message.Message):
+    __slots__ = ("data", "content_hash", "offset", "num_tokens", "grid")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    content_hash: str
+    offset: int
+    num_tokens: int
+    grid: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, data: _Optional[bytes] = ..., content_hash: _Optional[str] = ..., offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., grid: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ResumedCompletion(_message.Message):
+    __slots__ = ("index", "output_token_ids", "finished")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finished: bool
+    def __init__(self, index: _Optional[int] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("request_id", "index", "token_ids", "text", "logprobs", "finish_reason", "stop_reason", "usage", "prompt_logprobs")
@@ -154,18 +194,112 @@ class AbortResponse(_message.Message):
     found: bool
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
+class EmbedInput(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("request_id", "inputs", "pooling", "skip_normalize", "timeout_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    SKIP_NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    inputs: _containers.RepeatedCompositeFieldContainer[EmbedInput]
+    pooling: str
+    skip_normalize: bool
+    timeout_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[EmbedInput, _Mapping]]] = ..., pooling: _Optional[str] = ..., skip_normalize: _Optional[bool] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("request_id", "embeddings", "prompt_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    prompt_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "images")
+    __slots__ = ("request_id", "images", "destination", "timeout_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    destination: _kv_pb2.KVDestination
+    timeout_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., destination: _Optional[_Union[_kv_pb2.KVDestination, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("request_id", "num_embedding_tokens")
+    __slots__ = ("request_id", "num_embedding_tokens", "images", "bytes_transferred", "cache_hits")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_EMBEDDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_embedding_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., num_embedding_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[ImageInput]
+    bytes_transferred: int
+    cache_hits: int
+    def __init__(self, request_id: _Optional[str] = ..., num_embedding_tokens: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., bytes_transferred: _Optional[int] = ..., cache_hits: _Optional[int] = ...) -> None: ...
+
+class KVEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KVBlocksStored(_message.Message):
+    __slots__ = ("block_hashes", "parent_block_hash")
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PARENT_BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    parent_block_hash: int
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., parent_block_hash: _Optional[int] = ...) -> None: ...
+
+class KVBlocksRemoved(_message.Message):
+    __slots__ = ("block_hashes",)
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KVAllCleared(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KVEvent(_message.Message):
+    __slots__ = ("stored", "removed", "cleared")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    stored: KVBlocksStored
+    removed: KVBlocksRemoved
+    cleared: KVAllCleared
+    def __init__(self, stored: _Optional[_Union[KVBlocksStored, _Mapping]] = ..., removed: _Optional[_Union[KVBlocksRemoved, _Mapping]] = ..., cleared: _Optional[_Union[KVAllCleared, _Mapping]] = ...) -> None: ...
+
+class KVEventBatch(_message.Message):
+    __slots__ = ("worker_id", "epoch", "sequence", "block_size", "snapshot", "events")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    epoch: int
+    sequence: int
+    block_size: int
+    snapshot: bool
+    events: _containers.RepeatedCompositeFieldContainer[KVEvent]
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., sequence: _Optional[int] = ..., block_size: _Optional[int] = ..., snapshot: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[KVEvent, _Mapping]]] = ...) -> None: ...

@@ -207,6 +207,11 @@ class DecodeStub:
                 request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
                 response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/baton.v1.Decode/Embed',
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -230,6 +235,12 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +258,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
                     response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EmbedRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -330,6 +346,33 @@ class Decode:
             '/baton.v1.Decode/Info',
             baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
             baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Decode/Embed',
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EmbedRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -445,6 +488,78 @@ class Encoder:
             '/baton.v1.Encoder/Info',
             baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
             baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class KVEventsStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Subscribe = channel.unary_stream(
+                '/baton.v1.KVEvents/Subscribe',
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.KVEventBatch.FromString,
+                _registered_method=True)
+
+
+class KVEventsServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Subscribe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KVEventsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.KVEventsRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.KVEventBatch.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'baton.v1.KVEvents', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('baton.v1.KVEvents', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KVEvents:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.KVEvents/Subscribe',
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.KVEventsRequest.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.KVEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -75,7 +75,9 @@ class AttentionBackend(ABC):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens -> attention output [T, Hq * D]."""
 
-    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """As `forward`, with the step's new K/V already stored in the cache by the caller
-        (the fused GPU decoder stores them together with RoPE). Optional for a backend."""
+        (the fused GPU decoder stores them together with RoPE); written into `out` [T, Hq * D]
+        when given. Optional for a backend."""
         raise NotImplementedError(f"{type(self).__name__} cannot attend over K/V stored by the model")

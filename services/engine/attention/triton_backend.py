@@ -12,6 +12,7 @@ into the cache first (`KVCache.write`), so the kernels read every key from the c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,6 +20,7 @@ from baton.services.engine.attention.base import AttentionBackend, AttentionMeta
 from baton.services.engine.attention.triton_kernels import (decode_attention, decode_workspace, extend_attention,
                                                             extend_blocks, extend_tiles, num_decode_splits)
 from baton.services.engine.kv.kv_cache import KVCache
+from baton.services.engine.host_copy import to_device_async
 
 
 @dataclass
@@ -100,7 +102,7 @@ class TritonAttentionBackend(AttentionBackend):
                                         [meta.seqs[i].prefix_len for i in extends]), (-1,))
         host = torch.tensor(packed, dtype=torch.int32)
         if self.device.type == "cuda":
-            device_buf = host.pin_memory().to(self.device, non_blocking=True)
+            device_buf = to_device_async(host, self.device)
         else:
             device_buf = host
         views: dict[str, torch.Tensor] = {}
@@ -138,7 +140,8 @@ class TritonAttentionBackend(AttentionBackend):
         self.kv_cache.write(layer, meta.slot_mapping, k, v)
         return self.attend(layer, q, meta)
 
-    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention over the cache, which already holds the step's new K/V."""
         if not isinstance(meta.plan, TritonPlan):
             self.prepare(meta)
@@ -146,7 +149,8 @@ class TritonAttentionBackend(AttentionBackend):
         if q.stride(2) != 1:
             q = q.contiguous()
         keys, values = self.kv_cache.keys[layer], self.kv_cache.values[layer]
-        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+        if out is None:
+            out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
         if plan.extend is not None:
             e = plan.extend
             extend_attention(q, keys, values, e.block_table, e.q_start, e.q_lens, e.prefix_lens, self.page_size,

@@ -8,6 +8,10 @@ Invariants (checked by `check_integrity`):
 - `lock_ref` of a node counts the requests using it or a descendant; locked nodes are
   never evicted, and `locked_blocks` counts the blocks of nodes with lock_ref > 0;
 - eviction removes least-recently-used unlocked leaves first.
+
+Events: when `events` holds a `KVEventSink` (kv_events.py), every page that enters the
+tree is reported as stored and every evicted page as removed (with the token path before
+it), and `reset` ends with `cleared`; with no sink (the default) nothing is computed.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from baton.services.engine.kv.block_pool import BlockPool
+from baton.services.engine.kv.kv_events import KVEventSink
 
 
 @dataclass(eq=False)
@@ -58,6 +63,8 @@ class RadixCache:
         self.tokens_looked_up = 0
         self.tokens_matched = 0
         self._clock = itertools.count(1)
+        self.events: Optional[KVEventSink] = None
+        """Told of every page stored and evicted (None: nobody listens)."""
 
     # --- queries -------------------------------------------------------------------
     @property
@@ -114,6 +121,8 @@ class RadixCache:
                 leaf = RadixNode(key=tuple(tokens[pos:usable]), blocks=new_blocks, parent=node, last_access=now)
                 node.children[leaf.key[:page]] = leaf
                 self.cached_blocks += len(new_blocks)
+                if self.events is not None:
+                    self.events.stored(tokens[:pos], leaf.key)
                 return present
             common = self._common_pages(child.key, tokens[:usable], pos)
             if common < len(child.key):
@@ -150,6 +159,8 @@ class RadixCache:
             _, _, leaf = heapq.heappop(heap)
             parent = leaf.parent
             del parent.children[leaf.key[:self.page_size]]
+            if self.events is not None:
+                self.events.removed(self._path(parent), leaf.key)
             self.pool.release(leaf.blocks)
             self.cached_blocks -= len(leaf.blocks)
             evicted += len(leaf.blocks)
@@ -162,6 +173,8 @@ class RadixCache:
         if self.locked_blocks:
             raise ValueError("cannot reset the prefix cache while requests hold locked nodes")
         self.evict(self.cached_blocks)
+        if self.events is not None:
+            self.events.cleared()
 
     # --- internals -----------------------------------------------------------------
     def _common_pages(self, key: tuple[int, ...], tokens: Sequence[int], pos: int) -> int:
@@ -181,6 +194,14 @@ class RadixCache:
         child.key, child.blocks, child.parent = child.key[at:], child.blocks[at // page:], upper
         upper.children[child.key[:page]] = child
         return upper
+
+    def _path(self, node: RadixNode) -> list[int]:
+        """The token ids from the root down to the end of `node`."""
+        keys = []
+        while node is not None and node is not self.root:
+            keys.append(node.key)
+            node = node.parent
+        return [t for key in reversed(keys) for t in key]
 
     def _leaves(self) -> list[RadixNode]:
         leaves, stack = [], [self.root]

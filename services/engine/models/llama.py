@@ -22,7 +22,7 @@ from torch import nn
 
 from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata
 from baton.services.engine.models.model_config import ModelConfig
-from baton.services.engine.models.rotary import RotaryEmbedding, apply_rotary
+from baton.services.engine.models.rotary import MRotaryEmbedding, RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -75,6 +75,14 @@ class Attention(nn.Module):
     def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
         from baton.services.engine.models.gemv import linear
+        q = self.project_rope_store(x, cos, sin, meta.slot_mapping, backend)
+        return linear(backend.attend(self.layer, q, meta), self.o_proj)
+
+    def project_rope_store(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                           backend: AttentionBackend) -> torch.Tensor:
+        """QKV projection (+ q/k norms), RoPE, K/V stored at `slots` of the cache; returns q
+        [T, Hq, D] (the attention-free half of the fused attention, which piecewise graphs capture)."""
+        from baton.services.engine.models.gemv import linear
         from baton.services.engine.models.triton_ops import rope_and_store
         tokens = x.shape[0]
         qkv = linear(x, self.qkv_proj)
@@ -85,9 +93,8 @@ class Attention(nn.Module):
             qkv[:, :self.q_width] = q.view(tokens, -1)
             qkv[:, self.q_width:self.q_width + self.kv_width] = k.view(tokens, -1)
         cache = backend.kv_cache
-        q = rope_and_store(qkv, cos, sin, meta.slot_mapping, cache.keys[self.layer], cache.values[self.layer],
-                           self.num_heads, self.num_kv_heads, self.head_dim)
-        return linear(backend.attend(self.layer, q, meta), self.o_proj)
+        return rope_and_store(qkv, cos, sin, slots, cache.keys[self.layer], cache.values[self.layer],
+                              self.num_heads, self.num_kv_heads, self.head_dim)
 
 
 class MLP(nn.Module):
@@ -159,16 +166,27 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.fused = fused
         self.model = DecoderModel(cfg, fused)
-        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
+        self.rotary = MRotaryEmbedding(cfg.rope, cfg.head_dim, cfg.mrope_section) if cfg.mrope_section \
+            else RotaryEmbedding(cfg.rope, cfg.head_dim)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
-        """Final-norm hidden states [tokens, hidden] for every new token of the step."""
+                backend: AttentionBackend, meta: AttentionMetadata,
+                input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mrope_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [tokens, hidden] for every new token of the step.
+
+        `input_embeds` (rows, embeddings): those rows take the given embeddings instead of their
+        token's (image placeholders); `mrope_positions` [3, tokens]: multimodal rope positions."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        if input_embeds is not None:
+            x = x.index_copy(0, input_embeds[0], input_embeds[1].to(x.dtype))
+        if mrope_positions is not None:
+            cos, sin = self.rotary.cos_sin_3d(mrope_positions, x.dtype)
+        else:
+            cos, sin = self.rotary.cos_sin(positions, x.dtype)
         if self.fused:
             from baton.services.engine.models.triton_ops import rms_norm
             residual = None

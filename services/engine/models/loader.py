@@ -15,6 +15,7 @@ from safetensors import safe_open
 from baton.services.engine.models.llama import LlamaForCausalLM
 from baton.services.engine.models.model_config import ModelConfig
 from baton.services.engine.models.rotary import inverse_frequencies
+from baton.services.engine.models.vlm import language_tensor_name
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -61,14 +62,15 @@ def load_model(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, device:
     loaded: set[str] = set()
     for path in weight_files(folder):
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name.endswith(IGNORED_SUFFIXES):
+            for stored in f.keys():
+                name = language_tensor_name(stored) if cfg.multimodal else stored
+                if name is None or name.endswith(IGNORED_SUFFIXES):
                     continue
                 if name not in params:
                     if name == "lm_head.weight" and cfg.tie_word_embeddings:
                         continue
                     raise ValueError(f"unexpected tensor {name!r} in {path.name}")
-                _copy_into(params[name], f.get_tensor(name), name)
+                _copy_into(params[name], f.get_tensor(stored), name)
                 loaded.add(name)
     if cfg.tie_word_embeddings:
         loaded.add("lm_head.weight")

@@ -18,6 +18,12 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
+MULTIMODAL_ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "llava",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+}
+"""Vision-language architectures: their language model is read from `text_config` (models/vlm.py)."""
+
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -75,6 +81,12 @@ class ModelConfig:
     """The dtype the weights were saved in."""
     eos_token_ids: tuple[int, ...] = ()
     """End-of-sequence ids from config.json / generation_config.json."""
+    multimodal: Optional[str] = None
+    """The vision-language family (llava, qwen2_5_vl) whose language model this is; None for text-only."""
+    image_token_id: Optional[int] = None
+    """The image placeholder token a vision-language model's prompt repeats once per image embedding."""
+    mrope_section: tuple[int, ...] = ()
+    """Multimodal rope (Qwen2.5-VL): rotary pairs given to the temporal, height and width positions."""
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelConfig":
@@ -92,6 +104,10 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], generation: Optional[dict[str, Any]] = None) -> "ModelConfig":
         """Build from config.json contents; raises ValueError for unsupported architectures."""
         archs = raw.get("architectures") or []
+        multimodal = next((MULTIMODAL_ARCHITECTURES[a] for a in archs if a in MULTIMODAL_ARCHITECTURES), None)
+        if multimodal is not None:
+            from baton.services.engine.models.vlm import language_config
+            return language_config(cls, multimodal, raw, generation)
         family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if family is None:
             family = raw.get("model_type") if raw.get("model_type") in SUPPORTED_ARCHITECTURES.values() else None

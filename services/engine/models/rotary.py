@@ -60,3 +60,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos = cos[:, None, :]
     sin = sin[:, None, :]
     return (x * cos) + (rotate_half(x) * sin)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2.5-VL's multimodal rope: rotary pairs split in sections read the temporal, row and
+    column positions in turn; with all three equal it is the ordinary rope."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, sections: tuple[int, ...]) -> None:
+        super().__init__(rope, head_dim)
+        self.sections = list(sections)
+
+    def cos_sin_3d(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [tokens, head_dim] for positions [3, tokens] (temporal, row, column)."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        freqs = torch.cat([part[i % 3] for i, part in enumerate(freqs.split(self.sections, dim=-1))], dim=-1)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)

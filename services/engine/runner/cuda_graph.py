@@ -28,6 +28,7 @@ from baton.services.engine.models.llama import LlamaForCausalLM
 from baton.services.engine.request import PENDING_TOKEN
 from baton.services.engine.runner.positions import token_at
 from baton.services.engine.scheduling.scheduler import ScheduledItem
+from baton.services.engine.host_copy import to_device_async
 
 
 class CudaGraphRunner:
@@ -200,5 +201,5 @@ class CudaGraphRunner:
         logits = self._s_logits[:len(items)]
         if not samples:
             rows = torch.tensor([i for i, item in enumerate(items) if item.samples], dtype=torch.long)
-            logits = logits.index_select(0, rows.pin_memory().to(self.device, non_blocking=True))
+            logits = logits.index_select(0, to_device_async(rows, self.device))
         return logits.float()

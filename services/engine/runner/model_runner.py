@@ -35,8 +35,11 @@ from baton.services.engine.request import PENDING_TOKEN
 from baton.services.engine.runner import prompt_logprobs
 from baton.services.engine.runner.prompt_logprobs import PromptRows
 from baton.services.engine.runner.cuda_graph import CudaGraphRunner
+from baton.services.engine.runner.piecewise_graph import capture_piecewise
+from baton.services.engine.runner.multimodal_step import MultimodalStep
 from baton.services.engine.runner.positions import slot_range, token_at, token_slice
 from baton.services.engine.scheduling.scheduler import ScheduledItem
+from baton.services.engine.host_copy import to_device_async
 
 
 @dataclass
@@ -52,6 +55,8 @@ class StepInputs:
     """True when every token samples (a decode-only step): logits need no row selection."""
     prompt_rows: PromptRows = field(default_factory=PromptRows)
     """The rows whose logits give prompt logprobs (none unless a request asked for them)."""
+    model_kwargs: dict = field(default_factory=dict)
+    """Image inputs of the step (`multimodal_step`): input_embeds, mrope_positions; empty for text."""
 
 
 class ModelRunner:
@@ -59,7 +64,7 @@ class ModelRunner:
 
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, page_size: int,
                  device: torch.device, max_model_len: Optional[int] = None,
-                 cuda_graph_bs: Sequence[int] = (), max_rows: int = 1024) -> None:
+                 cuda_graph_bs: Sequence[int] = (), max_rows: int = 1024, piecewise_max_tokens: int = 0) -> None:
         self.model = model
         self.backend = backend
         self.page_size = page_size
@@ -77,6 +82,8 @@ class ModelRunner:
         """The captured decode graphs (none until `capture_cuda_graphs`)."""
         if cuda_graph_bs and self.graphs_supported():
             self.capture_cuda_graphs(cuda_graph_bs)
+        self.piecewise = capture_piecewise(model, backend, device, piecewise_max_tokens)
+        """Piecewise graphs for prefill and mixed steps of up to `piecewise_max_tokens` tokens (None: eager)."""
 
     # --- eager steps -----------------------------------------------------------------
     def prepare(self, items: list[ScheduledItem]) -> StepInputs:
@@ -90,6 +97,7 @@ class ModelRunner:
         gather_dst: list[int] = []
         gather_src: list[int] = []
         prompt_rows = PromptRows()
+        images: Optional[MultimodalStep] = None
         page = self.page_size
         want_context = self.backend.uses_context_slots
         for item in items:
@@ -121,10 +129,13 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
             if req.params.prompt_logprobs is not None:
                 prompt_rows.add(item, first)
+            if req.multimodal is not None:
+                images = images or MultimodalStep(bool(self.model.config.mrope_section))
+                images.add(req.multimodal, start, end, first, len(req.prompt_token_ids))
         count = len(ids)
         host = torch.tensor(ids + positions + slots + sample_rows + gather_dst + gather_src, dtype=torch.long)
         if self.device.type == "cuda":
-            dev = host.pin_memory().to(self.device, non_blocking=True)
+            dev = to_device_async(host, self.device)
         else:
             dev = host
         if gather_dst:
@@ -135,7 +146,8 @@ class ModelRunner:
         meta = AttentionMetadata(seqs=seqs, slot_mapping=dev[2 * count:3 * count], sliding_window=self.sliding_window,
                                  block_tables=tables, page_size=page)
         return StepInputs(input_ids=dev[:count], positions=dev[count:2 * count], meta=meta,
-                          sample_rows=dev_rows, all_rows_sample=len(sample_rows) == count, prompt_rows=prompt_rows)
+                          sample_rows=dev_rows, all_rows_sample=len(sample_rows) == count, prompt_rows=prompt_rows,
+                          model_kwargs=images.model_kwargs(dev[count:2 * count], self.device) if images else {})
 
     @torch.inference_mode()
     def execute(self, items: list[ScheduledItem]) -> torch.Tensor:
@@ -146,7 +158,10 @@ class ModelRunner:
         inputs = self.prepare(items)
         self.backend.prepare(inputs.meta)
         start = self._event()
-        hidden = self.model(inputs.input_ids, inputs.positions, self.backend, inputs.meta)
+        if self.piecewise is not None and not inputs.model_kwargs and self.piecewise.can_run(len(inputs.input_ids)):
+            hidden = self.piecewise.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.backend, inputs.meta, **inputs.model_kwargs)
         if inputs.prompt_rows.rows:
             inputs.prompt_rows.compute(self.model.compute_logits, hidden)
         if inputs.sample_rows.numel() == 0:
@@ -194,8 +209,9 @@ class ModelRunner:
         return self.cuda_graphs.graphs
 
     def graphs_supported(self) -> bool:
-        """CUDA graphs need the GPU, the fused model and a backend with static decode plans."""
-        return CudaGraphRunner.supported(self.model, self.backend, self.device)
+        """CUDA graphs need the GPU, the fused model and a backend with static decode plans (and no
+        multimodal rope: an image request's decode positions add its delta, which graphs do not)."""
+        return not self.model.config.mrope_section and CudaGraphRunner.supported(self.model, self.backend, self.device)
 
     def capture_cuda_graphs(self, batch_sizes: Sequence[int]) -> None:
         """Capture one decode graph per batch size and replay them from now on."""

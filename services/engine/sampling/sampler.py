@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from baton.services.engine.sampling_params import SamplingParams
+from baton.services.engine.host_copy import to_device_async
 
 MaskFn = Callable[[torch.Tensor], None]
 
@@ -53,6 +54,9 @@ class SampledToken:
     """Log-probability of `token_id` under the raw logits; set when params.logprobs is not None."""
     top_logprobs: Optional[list[tuple[int, float]]]
     """The params.logprobs most likely (token_id, logprob) pairs of the raw logits, best first."""
+    empty: bool = False
+    """True when the row had no token left (every one banned or masked; `sample(mark_empty_rows=True)`):
+    `token_id` means nothing and the request cannot go on."""
 
 
 def make_generator(params: SamplingParams) -> Optional[torch.Generator]:
@@ -68,7 +72,7 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list (or CPU tensor) on `device`; to CUDA through pinned memory, never blocking the host."""
     tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
-        return tensor.to(dtype).pin_memory().to(device, non_blocking=True)
+        return to_device_async(tensor.to(dtype), device)
     return tensor.to(device=device, dtype=dtype)
 
 
@@ -178,10 +182,13 @@ class Sampler:
         logits: torch.Tensor,
         rows: list[SamplingRow],
         mask_fn: Optional[MaskFn] = None,
+        mark_empty_rows: bool = False,
     ) -> list[SampledToken]:
         """One token per row of `logits` [B, V] (any float dtype, CPU or CUDA).
 
-        Raises ValueError when a row has no token left (all banned or masked).
+        A row with no token left (all banned or masked) raises ValueError, or with
+        `mark_empty_rows` comes back `empty` while the other rows sample normally (one
+        request's impossible constraint must not fail its batch).
         """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows), V]; got {tuple(logits.shape)} for {len(rows)} rows")
@@ -192,14 +199,20 @@ class Sampler:
             mask_fn(processed)
         tokens = self._choose(processed, rows)
         token_list = tokens.tolist()
+        empty: set[int] = set()
         if not plain:  # only bans and masks can leave a row without a token
             for i, ok in enumerate((processed.amax(dim=-1) > float("-inf")).tolist()):
                 if not ok:
-                    raise ValueError(f"row {i}: every token is banned or masked; nothing can be sampled")
+                    if not mark_empty_rows:
+                        raise ValueError(f"row {i}: every token is banned or masked; nothing can be sampled")
+                    empty.add(i)
+        if empty:  # an empty row's "token" may be -1; keep the logprob gather in range
+            tokens = tokens.clamp(min=0)
+            token_list = tokens.tolist()
         logprobs = self._logprobs(raw, rows, tokens)
         return [
-            SampledToken(token_id=token, logprob=lp[0], top_logprobs=lp[1])
-            for token, lp in zip(token_list, logprobs)
+            SampledToken(token_id=token, logprob=lp[0], top_logprobs=lp[1], empty=i in empty)
+            for i, (token, lp) in enumerate(zip(token_list, logprobs))
         ]
 
     def sample_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

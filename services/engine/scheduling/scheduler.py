@@ -289,7 +289,7 @@ class Scheduler:
     def release(self, request: Request, cache_tokens: bool) -> None:
         """Give back a request's blocks (caching its computed whole pages first) and radix lock."""
         if cache_tokens and request.block_table:
-            computed = request.all_token_ids[:request.num_computed_tokens]
+            computed = request.cache_token_ids[:request.num_computed_tokens]
             self.cache.insert(computed, request.block_table)
         if request.cache_node is not None:
             self.cache.unlock(request.cache_node)
@@ -311,6 +311,6 @@ class Scheduler:
 def _matchable(request: Request) -> list[int]:
     """The tokens the prefix cache may supply: all but the last (its logits sample the next token),
     and none of the positions whose logits give prompt logprobs still missing."""
-    tokens = request.all_token_ids[:-1]
+    tokens = request.cache_token_ids[:-1]
     limit = prompt_logprobs.cache_limit(request)
     return tokens if limit is None else tokens[:limit]

@@ -118,3 +118,25 @@ def test_config_flags_and_validation():
         with pytest.raises(ValueError):
             BenchConfig(**bad)
     BenchConfig(duration=5.0, max_concurrency=2)  # a closed loop is fine
+
+
+def test_images_dataset_attaches_pngs_with_the_asked_repeat_share():
+    import io
+
+    from PIL import Image
+
+    from baton.bench.serving.datasets import IMAGE_POOL, turn_messages
+    config = BenchConfig(dataset="images", num_prompts=40, input_len=5, output_len=3, image_size=32,
+                         images_per_request=2, image_repeat_share=0.5)
+    sessions = build_dataset(config, seed=3)
+    images = [image for s in sessions for image in s.images]
+    assert len(images) == 80 and Image.open(io.BytesIO(images[0])).size == (32, 32)
+    distinct = len(set(images))
+    assert IMAGE_POOL < distinct < 80  # about half recur from the pool, the rest are new
+    parts = turn_messages(sessions[0], 0, [])[-1]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url", "image_url"]
+    assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert len({i for s in build_dataset(BenchConfig(dataset="images", num_prompts=10, image_size=8,
+                                                     image_repeat_share=1.0), seed=0) for i in s.images}) <= IMAGE_POOL
+    with pytest.raises(ValueError, match="endpoint chat"):
+        BenchConfig(dataset="images", endpoint="completions")

@@ -86,3 +86,11 @@ def test_unavailable_without_metadata_is_unreachable() -> None:
     back = error_from_rpc(FakeRpcError(refused.status_code, "loading", refused.metadata()))
     assert back.code == ErrorCode.NOT_READY and not back.unreachable
     assert not error_from_rpc(FakeRpcError(grpc.StatusCode.INTERNAL, "boom")).unreachable
+
+
+def test_a_bare_cancelled_is_a_peer_that_went_away_not_a_client_abort() -> None:
+    stopped = error_from_rpc(FakeRpcError(grpc.StatusCode.CANCELLED, "server shutting down"), ErrorCode.PREFILL_FAILED)
+    assert stopped.code == ErrorCode.PREFILL_FAILED and stopped.unreachable
+    aborted = BatonError(ErrorCode.ABORTED, "the client aborted")
+    back = error_from_rpc(FakeRpcError(aborted.status_code, "the client aborted", aborted.metadata()))
+    assert back.code == ErrorCode.ABORTED and not back.unreachable

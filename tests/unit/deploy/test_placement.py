@@ -50,3 +50,26 @@ def test_worker_flags_carry_the_share_not_the_global_fraction() -> None:
     assert cluster._placed(Placement(1, 0.4)) == ["--device", "cuda", "--mem-fraction-static", "0.4"]
     assert Cluster(UpConfig(), EngineConfig(device="cpu"))._placed(Placement(None, None)) == ["--device", "cpu"]
     assert set(MULTICAST_OFF) == {"NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"}
+
+
+def test_auto_transfer_follows_the_placement(monkeypatch) -> None:
+    from baton.deploy.placement import choose_transfer, ray_transfer
+
+    one_gpu, two_gpus, cpu = place_workers(2, [0], 0.85), place_workers(2, [0, 1], 0.85), place_workers(2, [], 0.85)
+    assert choose_transfer("auto", one_gpu) == "cuda_ipc"
+    assert choose_transfer("auto", cpu) == "tcp" and ray_transfer("auto", on_gpu=False) == "tcp"
+    assert choose_transfer("tcp", one_gpu) == "tcp" and choose_transfer("nixl", cpu) == "nixl"
+    assert ray_transfer("cuda_ipc", on_gpu=True) == "cuda_ipc"
+    import importlib.util
+    across = "nixl" if importlib.util.find_spec("nixl") is not None else "tcp"
+    assert choose_transfer("auto", two_gpus) == across and ray_transfer("auto", on_gpu=True) == across
+    monkeypatch.setitem(__import__("sys").modules, "nixl", None)  # NIXL not installed: tcp across GPUs
+    assert choose_transfer("auto", two_gpus) == "tcp" and ray_transfer("auto", on_gpu=True) == "tcp"
+
+
+def test_up_config_names_the_transfer_backends() -> None:
+    assert UpConfig().transfer == "auto"
+    for name in ("auto", "tcp", "nixl", "cuda_ipc"):
+        UpConfig(transfer=name)
+    with pytest.raises(ValueError, match="auto, tcp, nixl or cuda_ipc"):
+        UpConfig(transfer="rdma")

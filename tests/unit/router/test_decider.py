@@ -35,6 +35,18 @@ def test_prompt_logprobs_mean_decode_only() -> None:
     assert decider.decide([1] * 5000, 0, have_prefill=True, prompt_logprobs=False)
 
 
+def test_a_backed_up_prefill_tier_means_decode_only() -> None:
+    decider = DisaggDecider(decode_only_threshold=10, prefill_backlog_limit=1000)
+    prompt = [1] * 5000
+    assert decider.decide(prompt, 0, have_prefill=True, prefill_backlog_tokens=1000)
+    assert not decider.decide(prompt, 0, have_prefill=True, prefill_backlog_tokens=1001)
+    never = DisaggDecider(decode_only_threshold=10, prefill_backlog_limit=0)
+    assert never.decide(prompt, 0, have_prefill=True, prefill_backlog_tokens=10**9)
+    assert DisaggDecider().prefill_backlog_limit == 16384
+    with pytest.raises(ValueError, match="prefill_backlog_limit"):
+        DisaggDecider(prefill_backlog_limit=-1)
+
+
 def test_cached_estimate_is_clamped() -> None:
     decider = DisaggDecider(decode_only_threshold=0)
     assert DisaggDecider.uncached_tokens([1] * 10, 50) == 0

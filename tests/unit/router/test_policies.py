@@ -101,7 +101,7 @@ def test_power_of_two_covers_all_equal_workers_and_is_seeded() -> None:
 
 
 def test_registry_holds_the_builtin_policies() -> None:
-    assert set(POLICIES) == {"round_robin", "min_load", "power_of_two", "cache_aware"}
+    assert set(POLICIES) == {"round_robin", "min_load", "power_of_two", "cache_aware", "min_latency", "weighted"}
     for name, cls in POLICIES.items():
         assert cls.name == name
         assert isinstance(make_policy(name), cls)
@@ -112,8 +112,8 @@ def test_registry_holds_the_builtin_policies() -> None:
 
 
 def test_make_policy_errors_are_clear() -> None:
-    with pytest.raises(ValueError, match=r"unknown routing policy 'fastest'.*cache_aware, min_load, "
-                                         r"power_of_two, round_robin"):
+    with pytest.raises(ValueError, match=r"unknown routing policy 'fastest'.*cache_aware, min_latency, "
+                                         r"min_load, power_of_two, round_robin, weighted"):
         make_policy("fastest")
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) seed.*accepted: \(none\)"):
         make_policy("min_load", seed=1)

@@ -37,6 +37,8 @@ class FakeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("baton_router_requests", "requests", ["api", "status"], registry=self.registry)
+        self.stream_failures = Counter("baton_router_stream_failures", "streams failed after their first chunk",
+                                       ["api", "reason"], registry=self.registry)
 
 
 class FakeCore:
@@ -93,7 +95,7 @@ class FakeCore:
                            logprobs=logprobs, finish_reason="stop" if last else None, usage=usage))
                 sent += 1
 
-    async def abort(self, request_id: str) -> bool:
+    async def abort(self, request_id: str, caller=None) -> bool:
         return False
 
     async def refresh_worker_loads(self) -> None:

@@ -42,8 +42,10 @@ def test_errors_before_and_during_the_stream(fake_core) -> None:
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     metrics = call(fake_core, "GET", "/metrics").text
     assert 'baton_router_requests_total{api="chat",status="429"} 1.0' in metrics
-    assert 'baton_router_requests_total{api="completions",status="200"} 1.0' in metrics
-    assert 'baton_router_requests_total{api="completions",status="503"} 1.0' in metrics
+    # the stream that failed after its 200 header counts as the 503 its error is (issue 18)
+    assert 'baton_router_requests_total{api="completions",status="503"} 2.0' in metrics
+    assert 'api="completions",status="200"' not in metrics
+    assert 'baton_router_stream_failures_total{api="completions",reason="no_worker"} 1.0' in metrics
 
 
 def test_continuous_usage_counts_every_chunk(fake_core) -> None:

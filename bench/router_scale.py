@@ -1,0 +1,255 @@
+"""The router at scale, against simulated workers (services/sim) on this machine.
+
+    .venv/bin/python -m baton.bench.router_scale --results bench/RESULTS.md
+
+Two parts (`--part overhead|prefix|all`):
+
+- overhead: one simulated decode worker answering at once (a timing model of zeros, one
+  token per request), called directly (`Decode.Generate`) and through a `baton router`
+  process (`Router.Generate`, decode-only, round robin); the reference is the direct call,
+  measured in the same run. Sequential requests give the added latency (p50 / p99);
+  `--concurrency` clients for `--overhead-s` give requests per second each way.
+- prefix: the shared-prefix workload of bench/router_scale_prefix.py with 16, 64 and 256
+  simulated decode workers (`--sizes`), under round-robin, min-load, approximate
+  cache-aware and precise (KV events) cache-aware (with the default and a wider load guard,
+  and with two router replicas), each run on freshly started workers; the reference is
+  round-robin in the same run (throughput ratio) and the best possible hit rate.
+
+The simulated workers run in a child process (`--serve-sim`, one asyncio loop for all);
+the router core and the clients share the bench process. Everything shares this machine's
+cores, so client, router and workers compete for CPU: the figures are those of the whole
+loop on this machine, not of the router alone.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import grpc
+
+from baton.bench.router_scale_prefix import POLICIES, WIDE_GUARD, PrefixWorkload, RunResult, run_policy
+from baton.protos.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from baton.services.common.server import free_port, wait_for_health
+
+ZERO = dict(prefill_base_s=0, prefill_token_s=0, prefill_attention_s=0, decode_step_s=0, decode_seq_s=0,
+            decode_ctx_token_s=0, transfer_base_s=0)
+PREFIX_TIMING = dict(prefill_base_s=0.002, prefill_token_s=4e-4, prefill_attention_s=1e-8, decode_step_s=0.02,
+                     decode_seq_s=2e-4, decode_ctx_token_s=1e-8)
+"""A slow-GPU shape: 1 000 uncached prompt tokens cost about 0.4 s of prefill, a cached page nothing; slow
+enough that the workers, not this machine's CPU (clients and router share it), bound the throughput."""
+
+
+# --- the simulated workers' child process ------------------------------------------------------------
+def serve_sim_child(spec: str) -> int:
+    from baton.services.common.server import ServerConfig
+    from baton.services.sim.cluster import run_sim
+    from baton.services.sim.config import SimConfig, SimFaults, SimTiming
+    options = json.loads(spec)
+    return run_sim(SimConfig(**options["config"]), SimTiming(**options["timing"]), SimFaults(),
+                   ServerConfig(metrics_port=-1))
+
+
+class SimProcess:
+    """`--serve-sim` in a child process; its workers' addresses once they serve."""
+
+    def __init__(self, config: dict, timing: dict) -> None:
+        self.dir = tempfile.mkdtemp(prefix="baton-sim-")
+        path = Path(self.dir) / "addresses.json"
+        spec = json.dumps({"config": {**config, "sim_address_file": str(path)}, "timing": timing})
+        self.proc = subprocess.Popen([sys.executable, "-m", "baton.bench.router_scale", "--serve-sim", spec])
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the simulated workers did not start")
+            time.sleep(0.1)
+        self.addresses = json.loads(path.read_text())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --- overhead ------------------------------------------------------------------------------------------
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _measure(call, sequential: int, concurrency: int, seconds: float) -> dict:
+    for _ in range(50):
+        await call()
+    latencies = []
+    for _ in range(sequential):
+        started = time.perf_counter()
+        await call()
+        latencies.append(time.perf_counter() - started)
+    done = [0]
+    stop_at = time.monotonic() + seconds
+
+    async def client():
+        while time.monotonic() < stop_at:
+            await call()
+            done[0] += 1
+    started = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return {"p50_ms": statistics.median(latencies) * 1000, "p99_ms": _percentile(latencies, 0.99) * 1000,
+            "req_per_s": done[0] / (time.monotonic() - started)}
+
+
+async def _overhead(worker: str, router: str, sequential: int, concurrency: int, seconds: float) -> dict:
+    prompt = list(range(64))
+    params = common_pb2.SamplingParams(max_tokens=1)
+    async with grpc.aio.insecure_channel(worker) as wch, grpc.aio.insecure_channel(router) as rch:
+        decode, route = worker_pb2_grpc.DecodeStub(wch), router_pb2_grpc.RouterStub(rch)
+        counter = [0]
+
+        async def direct():
+            counter[0] += 1
+            async for _ in decode.Generate(worker_pb2.DecodeRequest(request_id=f"d{counter[0]}",
+                                                                    prompt_token_ids=prompt, params=params)):
+                pass
+
+        async def routed():
+            async for _ in route.Generate(router_pb2.GenerateRequest(token_ids=router_pb2.TokenIds(ids=prompt),
+                                                                     params=params)):
+                pass
+        return {"direct": await _measure(direct, sequential, concurrency, seconds),
+                "router": await _measure(routed, sequential, concurrency, seconds)}
+
+
+def run_overhead(args) -> dict:
+    from baton.services.engine.default_model import ensure_default_model
+    sim = SimProcess({"sim_decodes": 1, "sim_max_running": 1024, "sim_max_queued": 4096}, ZERO)
+    router = None
+    try:
+        worker = sim.addresses["decode"][0]
+        port = free_port()
+        router = subprocess.Popen([sys.executable, "-m", "baton.deploy.cli", "router", "--model",
+                                   str(ensure_default_model()), "--decode", worker, "--grpc-port", str(port),
+                                   "--decode-policy", "round_robin", "--decode-only-threshold", "1000000000"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        address = f"127.0.0.1:{port}"
+        asyncio.run(wait_for_health(address, 120))
+        return asyncio.run(_overhead(worker, address, args.sequential, args.concurrency, args.overhead_s))
+    finally:
+        if router is not None:
+            router.terminate()
+            router.wait(20)
+        sim.stop()
+
+
+# --- shared prefix ---------------------------------------------------------------------------------------
+def run_prefix(args) -> list[RunResult]:
+    results = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        load = PrefixWorkload(groups=args.groups, concurrency=min(args.max_concurrency, 2 * size),
+                              duration_s=args.prefix_s)
+        for policy in [p for p in POLICIES if not args.policies or p in args.policies.split(";")]:
+            sim = SimProcess({"sim_decodes": size, "sim_blocks": args.blocks, "sim_max_running": 64}, PREFIX_TIMING)
+            try:
+                result = asyncio.run(run_policy(policy, sim.addresses["decode"], load))
+            finally:
+                sim.stop()
+            print(f"{size} workers, {policy}: {result.req_per_s:.1f} req/s, TTFT p50 {result.ttft_p50_ms:.1f} ms, "
+                  f"hit {result.hit_rate:.3f} / best {result.best_hit_rate:.3f}", flush=True)
+            results.append(result)
+    return results
+
+
+# --- report -------------------------------------------------------------------------------------------------
+def machine() -> str:
+    try:
+        from baton.bench.machine import describe_machine
+        return describe_machine("shared with other jobs (4 other agents' tests and builds ran at the same time)")
+    except ImportError:
+        return f"{os.cpu_count()} cores"
+
+
+def section(args, overhead: dict | None, prefix: list[RunResult]) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## Router at scale: overhead and cache-aware routing over simulated workers ({now})", "",
+             f"- Command: `.venv/bin/python -m baton.bench.router_scale {shlex.join(args.argv)}`",
+             f"- Machine: {machine()}", f"- Date: {now}"]
+    if overhead:
+        d, r = overhead["direct"], overhead["router"]
+        lines += ["- Overhead workload: one simulated decode worker with a zero timing model, 64-token prompt, "
+                  f"1 output token; {args.sequential} sequential requests (latency), then {args.concurrency} "
+                  f"concurrent clients for {args.overhead_s:g} s (req/s); client, router process and worker "
+                  "process on the same cores", "",
+                  "| path | p50 ms | p99 ms | req/s | x direct req/s |", "|---|---:|---:|---:|---:|",
+                  f"| direct `Decode.Generate` (reference) | {d['p50_ms']:.2f} | {d['p99_ms']:.2f} | "
+                  f"{d['req_per_s']:.0f} | 1.00 |",
+                  f"| through `baton router` (`Router.Generate`) | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                  f"{r['req_per_s']:.0f} | {r['req_per_s'] / d['req_per_s']:.2f} |", "",
+                  f"Added by the router: p50 **{r['p50_ms'] - d['p50_ms']:.2f} ms**, p99 "
+                  f"**{r['p99_ms'] - d['p99_ms']:.2f} ms**; **{r['req_per_s']:.0f} req/s** through it "
+                  f"(targets: p50 < 1 ms added, >= 2,000 req/s: "
+                  f"{'met' if r['p50_ms'] - d['p50_ms'] < 1 else 'missed'} / "
+                  f"{'met' if r['req_per_s'] >= 2000 else 'missed'}).", ""]
+    if prefix:
+        load = PrefixWorkload()
+        lines += [f"- Prefix workload (bench/router_scale_prefix.py): {args.groups} groups, {load.users} users each, "
+                  f"{load.turns} turns, system prompt {load.system_len} tokens, user turns {load.user_len} tokens, "
+                  f"{load.output_len} output tokens; closed loop, min(2 x workers, {args.max_concurrency}) clients, "
+                  f"{args.prefix_s:g} s per run; simulated workers: {args.blocks} blocks of 16 tokens each, "
+                  f"timing {PREFIX_TIMING}; fresh workers for every run; router core(s) and clients in one process, "
+                  f"workers in another; cache-aware default guard = balance_abs_threshold 4096, otherwise "
+                  f"{WIDE_GUARD:g}", "",
+                  "| workers | policy | requests | req/s | x round-robin | TTFT p50 ms | TTFT p99 ms | hit rate | "
+                  "best possible | hit / best |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        base = {r.workers: r.req_per_s for r in prefix if r.policy == "round_robin"}
+        for r in prefix:
+            lines.append(f"| {r.workers} | {r.policy} | {r.requests} | {r.req_per_s:.1f} | "
+                         f"{r.req_per_s / base[r.workers]:.2f} | {r.ttft_p50_ms:.1f} | {r.ttft_p99_ms:.1f} | "
+                         f"{r.hit_rate:.3f} | {r.best_hit_rate:.3f} | {r.hit_rate / max(r.best_hit_rate, 1e-9):.2f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["overhead", "prefix", "all"], default="all")
+    parser.add_argument("--results", default="", help="append a section to this RESULTS.md")
+    parser.add_argument("--sequential", type=int, default=500, help="sequential requests for the latency figures")
+    parser.add_argument("--concurrency", type=int, default=32, help="clients for the req/s figures")
+    parser.add_argument("--overhead-s", type=float, default=8.0, help="seconds of each req/s measurement")
+    parser.add_argument("--sizes", default="16,64,256", help="simulated decode workers per prefix run")
+    parser.add_argument("--groups", type=int, default=64, help="prefix groups of the shared-prefix workload")
+    parser.add_argument("--prefix-s", type=float, default=8.0, help="seconds of each prefix run")
+    parser.add_argument("--max-concurrency", type=int, default=64, help="most clients of a prefix run")
+    parser.add_argument("--policies", default="", help="';'-separated subset of the policies (default: all)")
+    parser.add_argument("--blocks", type=int, default=768, help="KV blocks per simulated worker")
+    parser.add_argument("--serve-sim", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_sim:
+        return serve_sim_child(args.serve_sim)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    overhead = run_overhead(args) if args.part in ("overhead", "all") else None
+    if overhead:
+        print(json.dumps(overhead, indent=1), flush=True)
+    prefix = run_prefix(args) if args.part in ("prefix", "all") else []
+    text = section(args, overhead, prefix)
+    print(text)
+    if args.results:
+        with open(args.results, "a") as out:
+            out.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
