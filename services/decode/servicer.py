@@ -23,6 +23,7 @@ A request's life through decode (`Decode.Generate`):
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import uuid
 from typing import AsyncIterator, Optional, Sequence
@@ -112,11 +113,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         if reservation is None:
             raise BatonError(ErrorCode.OVERLOADED, "no KV-cache room for the prompt on this decode worker")
         started = time.monotonic()
+        rendezvous = f"{rid}@{secrets.token_hex(4)}"  # per attempt: a retry here is not fenced by this one's forget
         fetch = decode_images.start_fetch(runtime, rid, images, request, deadline)
         try:
             page = runtime.engine_config.page_size
             destination = kv_pb2.KVDestination(
-                rendezvous_id=rid, peer=transfer.descriptor().to_proto(), start_token=reservation.cached_tokens,
+                rendezvous_id=rendezvous, peer=transfer.descriptor().to_proto(), start_token=reservation.cached_tokens,
                 block_ids=reservation.block_ids[reservation.cached_tokens // page:])
             timeout = _remaining(deadline, runtime.config.prefill_timeout_s)
             response = await self._prefill(request.prefill_address, worker_pb2.PrefillRequest(
@@ -124,16 +126,18 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 timeout_ms=int(timeout * 1000), images=images, encoder_addresses=request.encoder_addresses), timeout)
             await decode_images.finish_fetch(fetch, spans)
             prefilled = time.monotonic()
-            state = await asyncio.to_thread(transfer.wait_received, rid, runtime.config.transfer_timeout_s)
-            transfer.forget(rid)
+            state = await asyncio.to_thread(transfer.wait_received, rendezvous, runtime.config.transfer_timeout_s)
+            transfer.forget(rendezvous)
             if state is not TransferState.SUCCESS:
                 raise BatonError(ErrorCode.TRANSFER_FAILED, f"KV for {rid} did not arrive (state {state.name})")
         except asyncio.CancelledError:  # the client went away: release without waiting
             decode_images.cancel_fetch(fetch)
+            transfer.forget(rendezvous)  # fenced first: a late write of the prefill worker's must not land in freed blocks
             thread.submit(lambda e: e.cancel_reservation(rid))
             raise
         except BaseException:
             decode_images.cancel_fetch(fetch)
+            transfer.forget(rendezvous)  # fenced before the blocks are freed (see TransferEngine.forget)
             # released before the error reaches the caller, so a retry finds the memory free
             await thread.call(lambda e: e.cancel_reservation(rid))
             runtime.metrics.transfer_failures.labels(role="decode", backend=runtime.config.transfer).inc()

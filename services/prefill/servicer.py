@@ -79,7 +79,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             if len(source) != len(destination.block_ids):
                 raise BatonError(ErrorCode.INVALID_REQUEST, f"decode offered {len(destination.block_ids)} blocks "
                                  f"for {len(source)} pages")
-            handle = await asyncio.to_thread(transfer.write, peer.worker_id, rid,
+            handle = await asyncio.to_thread(transfer.write, peer.worker_id, destination.rendezvous_id or rid,
                                              list(zip(source, destination.block_ids)),
                                              max(0.001, deadline - time.monotonic()))
             if handle.state is not TransferState.SUCCESS:
@@ -96,7 +96,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         response = worker_pb2.PrefillResponse(
             request_id=rid, first_token_id=delta.new_token_ids[0], cached_tokens=delta.num_cached_tokens,
             handoff=kv_pb2.KVHandoff(
-                rendezvous_id=rid, source_worker=runtime.worker_id, destination_worker=peer.worker_id,
+                rendezvous_id=destination.rendezvous_id or rid, source_worker=runtime.worker_id, destination_worker=peer.worker_id,
                 source_epoch=transfer.epoch, destination_epoch=peer.epoch, block_ids=destination.block_ids,
                 layout=destination.peer.layout, backend=destination.peer.backend, bytes_transferred=handle.bytes))
         if delta.new_logprobs:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import secrets
 import threading
+from collections import OrderedDict
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ from baton.services.transfer.descriptor import (  # noqa: F401  (re-exported: th
     check_layout,
 )
 from baton.services.transfer.memory import MemoryLayout, RegisteredMemory
+
+
+FENCE_LIMIT = 65536
+"""Most given-up transfer ids a receiver remembers (oldest forgotten first)."""
 
 
 class TransferState(enum.Enum):
@@ -94,6 +99,8 @@ class TransferEngine(ABC):
         self._connect_lock = threading.Lock()
         self._inbound: dict[str, _Inbound] = {}
         self._inbound_cond = threading.Condition()
+        self._fenced: OrderedDict[str, None] = OrderedDict()
+        """Transfer ids the receiver gave up on (`forget`): their late writes are refused (two-sided backends)."""
         self._closed = False
 
     # -- public API -------------------------------------------------------------------
@@ -176,9 +183,20 @@ class TransferEngine(ABC):
             interval = min(interval * 2, self._poll_interval())
 
     def forget(self, transfer_id: str) -> None:
-        """Drop the receive-side bookkeeping of `transfer_id`."""
+        """Drop the receive-side bookkeeping of `transfer_id` and fence it: a write of it that
+        arrives later is refused instead of landing in blocks the caller may have freed and
+        handed to another request. Once this returns, no write of it lands (tcp; the
+        one-sided backends, nixl and cuda_ipc, write without the receiver's say)."""
         with self._inbound_cond:
             self._inbound.pop(transfer_id, None)
+            self._fenced[transfer_id] = None
+            self._fenced.move_to_end(transfer_id)
+            while len(self._fenced) > FENCE_LIMIT:
+                self._fenced.popitem(last=False)
+
+    def _fenced_off(self, transfer_id: str) -> bool:
+        """True when the receiver gave up on `transfer_id` (call with `_inbound_cond` held)."""
+        return transfer_id in self._fenced
 
     def close(self) -> None:
         """Stop serving and release sockets / registrations. Idempotent."""

@@ -309,15 +309,18 @@ class TcpTransferEngine(TransferEngine):
         if error is not None:
             self._landed(transfer_id, 0, error)
             return [b"error", error.encode()]
-        if n:
-            device = self.memory.device
-            idx = torch.tensor(dst, dtype=torch.long, device=device)
-            for frame, (blocks, region) in zip(payload, tensors):
-                staging = torch.frombuffer(frame.buffer, dtype=region.geometry.dtype)
-                blocks.index_copy_(0, idx, staging.view(n, -1).to(device))
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()
-        self._landed(transfer_id, sum(expected))
+        with self._inbound_cond:  # `forget` takes it too: once it returns, nothing of this id lands
+            if self._fenced_off(transfer_id):
+                return [b"error", f"transfer {transfer_id!r} was given up by the receiver: not written".encode()]
+            if n:
+                device = self.memory.device
+                idx = torch.tensor(dst, dtype=torch.long, device=device)
+                for frame, (blocks, region) in zip(payload, tensors):
+                    staging = torch.frombuffer(frame.buffer, dtype=region.geometry.dtype)
+                    blocks.index_copy_(0, idx, staging.view(n, -1).to(device))
+                if device.type == "cuda":
+                    torch.cuda.current_stream(device).synchronize()
+            self._landed(transfer_id, sum(expected))
         return [b"ok"]
 
     def _close(self) -> None:

@@ -148,3 +148,18 @@ def test_many_writes_sequential_and_concurrent(backend, make_engine):
     assert all(receiver.wait_received(tid, 5.0) is TransferState.SUCCESS for tid in results)
     assert_landed(sender, receiver, plan[0] + plan[1], before)
     assert sender.bytes_sent == receiver.bytes_received == (20 * 3 + 32) * PER_BLOCK
+
+
+def test_a_write_the_receiver_gave_up_on_does_not_land(backend, make_engine):
+    if backend != "tcp":
+        pytest.skip("nixl writes one-sided: the receiver cannot refuse a late write (TransferEngine.forget)")
+    sender = make_engine(backend, "prefill-0", seed=1)
+    receiver = make_engine(backend, "decode-0", seed=2)
+    sender.connect(receiver.descriptor())
+    before = snapshot(receiver)
+    receiver.forget("late")  # the decode side timed out and is about to free these blocks
+    handle = sender.write("decode-0", "late", [(1, 2), (3, 4)], timeout=5.0)
+    assert handle.state is TransferState.FAILED and "given up by the receiver" in handle.error
+    assert all(map(torch.equal, before, receiver.memory.tensors))
+    assert receiver.received("late") is TransferState.WAITING_FOR_INPUT
+    assert sender.write("decode-0", "fresh", [(1, 2)], timeout=5.0).state is TransferState.SUCCESS
