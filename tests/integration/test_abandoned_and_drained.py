@@ -10,6 +10,7 @@ slowed, so a long prompt's prefill and a long stream take seconds there):
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import urllib.request
@@ -31,6 +32,21 @@ SHORT_PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13], [14, 15, 16, 17, 18, 19], [2
 LENGTHS = [30, 30, 400, 400]  # at <= 50 tokens/s on A, two streams end within the drain limit, two do not
 
 
+def router_sees_healthy(router, count: int, timeout: float = 60.0) -> None:
+    """Wait until the router's /workers lists `count` workers, every one healthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(router.http_url + "/workers", timeout=5) as reply:
+                rows = json.loads(reply.read())
+            if len(rows) >= count and all(row["healthy"] for row in rows):
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the router never saw {count} healthy workers")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("abandoned")
@@ -44,6 +60,7 @@ def cluster(tmp_path_factory):
         router = start_router(model, tmp, [prefill.address], [first.address], decode_only_threshold=8)
         for worker in (prefill, first, second):
             wait_serving(worker)
+        router_sees_healthy(router, 2)  # else a first request may find no prefill worker and go decode-only
         yield model, router, prefill, first, second
     finally:
         if router is not None:
