@@ -69,7 +69,7 @@ for step in "$@"; do
     probe)
       unpack_vllm || exit 1
       python3 -m baton.deploy.cli up --model $MODEL --prefills 0 --mem-fraction-static 0.4 --port 18100 \
-        --grpc-port 18101 > "$OUT/probe_baton.log" 2>&1 &
+        --grpc-port 18101 --open-cluster > "$OUT/probe_baton.log" 2>&1 &  # the probe calls the worker directly
       BATON=$!
       wait_http http://127.0.0.1:18100/health 300
       env PYTHONPATH=/tmp/vsite VLLM_USE_FLASHINFER_SAMPLER=0 python3 -m vllm.entrypoints.cli.main serve $MODEL \

@@ -60,7 +60,8 @@ class PiecewiseGraphs:
     @staticmethod
     def supported(model: LlamaForCausalLM, backend: AttentionBackend, device: torch.device) -> bool:
         """The fused model on CUDA with a backend whose attention runs on its own (`attend`)."""
-        return (device.type == "cuda" and getattr(model, "fused", False) and hasattr(backend, "attend")
+        return (device.type == "cuda" and getattr(model, "fused", False)
+                and type(backend).attend is not AttentionBackend.attend  # the base class only raises
                 and not model.config.mrope_section)
 
     def can_run(self, num_tokens: int) -> bool:
