@@ -7,4 +7,4 @@ up: install
 	.venv/bin/baton up --port $(or $(PORT),8000)
 
 test: install
-	.venv/bin/python -m pytest -q -p no:cacheprovider tests
+	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 tests

@@ -17,6 +17,8 @@ normal loader). Sections (`--sections`, in this order):
 - b: offline throughput on the ShareGPT-like workload of ../shared/peer/peer_bench.py
   (1,000 prompts, log-normal lengths, fixed outputs, EOS ignored; the same numpy seed, so
   the same prompts) and its 300 x 128 workload;
+- l, p (`gpu_long_context.py`): decode attention at 8k / 32k contexts against the KV-read
+  limit (kernel level, before the model loads), and a 32k-token prefill against vLLM;
 - hf (a separate invocation, `--hf`, after the engine's process has freed the GPU):
   transformers' continuous batching (`generate_batch`, paged|sdpa) on the 300 x 128 workload.
 
@@ -50,6 +52,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from baton.bench.gpu_long_context import long_context_table, section_l, section_p  # noqa: E402
 from baton.bench.gpu_report import overlap_table, report, vllm_reference  # noqa: E402
 
 
@@ -58,7 +61,7 @@ def make_model(out: str) -> dict[str, Any]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
@@ -337,6 +340,16 @@ def main(argv: list[str] | None = None) -> dict:
         res["ceil"] = ceilings()
         print("ceil", json.dumps(res["ceil"]), flush=True)
         save()
+    if "l" in sections:
+        try:
+            res["l"] = section_l(res)
+        except Exception as error:  # noqa: BLE001 - reported in the table
+            res["l"] = {"error": repr(error)}
+        save()
+    table = {"a": section_a, "d": section_d, "c": section_c, "b": section_b, "p": section_p}
+    if not any(name in table for name in sections):
+        print(report(res) + "\n" + long_context_table(res))
+        return res
     from baton.services.engine import LLM
     options = dict(device="cuda", skip_tokenizer_init=True)
     options.update(json.loads(args.engine or "{}"))
@@ -348,7 +361,6 @@ def main(argv: list[str] | None = None) -> dict:
                      "gemv_choices": getattr(llm.engine.runner.model, "gemv_choices", None)}
     print("engine", json.dumps(res["engine" + args.tag]), flush=True)
     save()
-    table = {"a": section_a, "d": section_d, "c": section_c, "b": section_b}
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.overlap]
     plan = [(r, name, overlap) for r in range(args.rounds) for name in sections if name in table
             for overlap in (modes if r % 2 == 0 else modes[::-1])]  # odd rounds: the other mode first
@@ -376,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     del llm
     gc.collect()
     print(report(res))
+    print(long_context_table(res))
     if args.overlap == "both":
         print(overlap_table(res, args.tag))
     return res

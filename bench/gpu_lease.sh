@@ -12,11 +12,16 @@
 #             HTTP, and `vllm serve` HTTP, each server at 0.4 of the GPU (baton first, then vLLM)
 #   probe-gil the decode-worker layer of the probe with Python's 5 ms switch interval and with the workers' 0.5 ms
 #   gputests  pytest tests/gpu
+#   long      issue 17's long-context figures: vLLM's 32k-token prefill (bench/vllm_long_prefill.py), then Baton's
+#             (gpu_engine sections ceil,l,p: decode attention at 8k / 32k contexts vs the KV-read limit, 32k prefill)
 #   transfer  nixl VRAM vs a device-to-device copy (bench/kv_transfer.py --device cuda)
 #
 # Results go to $OUT (summary.md, NAME.json/.md per server). Files outside $OUT survive only
 # while the machine stays warm (30 s after a call): send the next call at once.
-# Environment: RATES (default 4,8,16,24), PROMPTS (requests per rate, default 160), WORKLOADS (default: both).
+# Environment: RATES (default 4,8,16,24), PROMPTS (requests per rate, default 160), WORKLOADS (default: both),
+# BATON_ARGS (extra `baton up` flags for colocated / 1p1d, e.g. "--prefill-backlog-limit 4096") and TAG (a suffix
+# for those servers' names, so two settings in one lease keep separate files); BATON_ENGINE (EngineConfig options as
+# JSON for `long`, e.g. {"chunked_prefill_size":16384}).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 RATES=${RATES:-4,8,16,24}
@@ -61,9 +66,9 @@ for step in "$@"; do
       unpack_vllm || exit 1
       serve vllm "env PYTHONPATH=/tmp/vsite VLLM_USE_FLASHINFER_SAMPLER=0 python3 -m vllm.entrypoints.cli.main serve $MODEL --attention-backend FLASH_ATTN --gpu-memory-utilization 0.85 --port {port}" ;;
     colocated)
-      serve baton-colocated "python3 -m baton.deploy.cli up --model $MODEL --prefills 0 --port {port}" ;;
+      serve baton-colocated${TAG:-} "python3 -m baton.deploy.cli up --model $MODEL --prefills 0 ${BATON_ARGS:-} --port {port}" ;;
     1p1d)
-      serve baton-1p1d "python3 -m baton.deploy.cli up --model $MODEL --prefills 1 --decodes 1 --port {port}" ;;
+      serve baton-1p1d${TAG:-} "python3 -m baton.deploy.cli up --model $MODEL --prefills 1 --decodes 1 ${BATON_ARGS:-} --port {port}" ;;
     1p1d-tcp)
       serve baton-1p1d-tcp "python3 -m baton.deploy.cli up --model $MODEL --prefills 1 --decodes 1 --transfer tcp --port {port}" ;;
     probe)
@@ -93,6 +98,11 @@ for step in "$@"; do
           --json "$OUT/ttft_probe_gil_$gil.json" | tee "$OUT/ttft_probe_gil_$gil.md"
         kill -INT $WORKER; sleep 6; kill -9 $WORKER 2>/dev/null
       done ;;
+    long)
+      unpack_vllm || exit 1
+      env PYTHONPATH=/tmp/vsite VLLM_USE_FLASHINFER_SAMPLER=0 python3 bench/vllm_long_prefill.py $MODEL 2>&1 | tail -3
+      python3 -m baton.bench.gpu_engine --model $MODEL --sections ceil,l,p --json "$OUT/gpu_long.json" \
+        ${BATON_ENGINE:+--engine "$BATON_ENGINE"} 2>&1 | tail -24 ;;
     gputests)
       python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
     transfer)

@@ -31,6 +31,12 @@ needs pyzmq; nixl its wheels) is skipped with a note.
     .venv/bin/python -m baton.bench.kv_transfer --quick          # smoke run: 2 sizes, small totals
     .venv/bin/python -m baton.bench.kv_transfer --results bench/RESULTS.md
     python3 -m baton.bench.kv_transfer --device cuda --json $OUT/kv_transfer_cuda.json
+
+`--backends nccl` runs on the CPU over gloo here; on CUDA it needs two GPUs: `--two-gpus` measures one
+8B-shaped request (2k and 8k tokens) GPU 0 -> GPU 1 per backend against `copy_` of the same bytes
+(bench/kv_transfer_gpus.py):
+
+    python3 -m baton.bench.kv_transfer --two-gpus --backends nccl --tokens 2048,8192 --json $OUT/kv_nccl.json
 """
 from __future__ import annotations
 
@@ -65,7 +71,11 @@ TOKEN_BYTES = 2 * 8 * 128 * 2  # K+V bytes of one token of the 1-layer layout (8
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m baton.bench.kv_transfer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backends", default="tcp,nixl", help="comma-separated transfer backends (tcp, nixl, cuda_ipc)")
+    p.add_argument("--backends", default="tcp,nixl", help="comma-separated transfer backends (tcp, nixl, cuda_ipc, nccl)")
+    p.add_argument("--two-gpus", action="store_true", help="one 8B-shaped request GPU 0 -> GPU 1 per backend vs copy_ "
+                   "between the GPUs (bench/kv_transfer_gpus.py; --tokens, --samples, --warmup apply)")
+    p.add_argument("--tokens", default="2048,8192", help="--two-gpus: request lengths in tokens (multiples of 16)")
+    p.add_argument("--chunk-mib", type=float, default=64.0, help="--two-gpus: the nccl backend's chunk (MiB per message)")
     p.add_argument("--device", choices=sorted(REFERENCE), default="cpu",
                    help="where both KV caches live: cpu (host memory) or cuda (VRAM of GPU 0)")
     p.add_argument("--sizes", default="16K,64K,256K,1M,4M", help="block sizes (K+V of one page, one layer)")
@@ -88,6 +98,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.size_list = [int(s[:-1]) * units[s[-1].upper()] if s[-1].upper() in units else int(s)
                       for s in args.sizes.split(",")]
     args.backend_list = [b for b in args.backends.split(",") if b]
+    args.token_list = [int(t) for t in args.tokens.split(",") if t]
+    if args.two_gpus:
+        gpus = 2 if os.environ.get("BATON_BENCH_DRY_RUN") == "1" else torch.cuda.device_count()
+        if gpus < 2 or any(t <= 0 or t % 16 for t in args.token_list):
+            p.error("--two-gpus needs two CUDA GPUs and --tokens in positive multiples of 16")
+        return args
     if any(s <= 0 or s % TOKEN_BYTES for s in args.size_list) or min(args.blocks, args.samples, args.warmup,
                                                                      args.threads) < 1:
         p.error(f"need block sizes in multiples of {TOKEN_BYTES} bytes and positive counts")
@@ -114,6 +130,8 @@ def unavailable(backend: str, device: str = "cpu") -> Optional[str]:
     """Why `backend` cannot run here (a module it needs is not installed, or cuda_ipc off CUDA), or None."""
     if backend == "cuda_ipc" and device != "cuda":
         return "cuda_ipc: moves CUDA memory only (run with --device cuda)"
+    if backend == "nccl" and device == "cuda":
+        return "nccl: NCCL cannot connect two processes on one GPU (run with --two-gpus)"
     need = {"zmq": "pyzmq (the transfer package imports it)", "nixl": "nixl (the nixl and nixl-cu13 wheels)"}
     missing = [why for module, why in need.items()
                if (module == "zmq" or backend == "nixl") and importlib.util.find_spec(module) is None]
@@ -292,6 +310,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.two_gpus:
+        from baton.bench.kv_transfer_gpus import run
+        rows = run(args)
+        gpus = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
+                if torch.cuda.is_available() else "dry run on the CPU")
+        result = {"command": f"python3 -m baton.bench.kv_transfer {shlex.join(argv)}", "machine": describe_machine(gpus),
+                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rows": rows}
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return result
     rows = [reference_row(size, args) for size in args.size_list]
     skipped = [why for backend in args.backend_list if (why := unavailable(backend, args.device))]
     for why in skipped:

@@ -51,7 +51,7 @@ class UpConfig:
     allowed_local_media_path: str = ""
     """A folder whose files image parts may name with file:// URLs (the router's flag)."""
     transfer: str = "auto"
-    """KV transfer backend between them: tcp, nixl, cuda_ipc, or auto (cuda_ipc when every worker is on one GPU, nixl across GPUs when installed, tcp on CPU)."""
+    """KV transfer backend between them: tcp, nixl, cuda_ipc, nccl (opt-in: NCCL between GPUs, gloo on CPU), or auto (cuda_ipc when every worker is on one GPU, nixl across GPUs when installed, tcp on CPU)."""
     host: str = "127.0.0.1"
     """Address everything binds."""
     port: int = 0
@@ -116,8 +116,8 @@ class UpConfig:
     def __post_init__(self) -> None:
         if self.prefills < 0 or self.decodes < 1 or self.encoders < 0:
             raise ValueError("need prefills >= 0, decodes >= 1 and encoders >= 0")
-        if self.transfer not in ("auto", "tcp", "nixl", "cuda_ipc"):
-            raise ValueError("transfer must be auto, tcp, nixl or cuda_ipc")
+        if self.transfer not in ("auto", "tcp", "nixl", "cuda_ipc", "nccl"):
+            raise ValueError("transfer must be auto, tcp, nixl, cuda_ipc or nccl")
         parse_gpus(self.gpus)
         if self.router_max_queued_requests < 1:
             raise ValueError("router_max_queued_requests must be at least 1")
@@ -180,11 +180,14 @@ class Cluster:
 
     def start(self) -> str:
         """Start every process and wait until the gateway serves; returns its URL."""
+        if self.engine.tp_size > 1 and self.up.prefills:
+            raise ValueError(f"--tp {self.engine.tp_size}: a prefill worker cannot hand off a tensor-parallel KV cache "
+                             "yet, so tensor parallelism runs decode workers only: add --prefills 0 (docs/parallel.md)")
         model = str(resolve_model_path(self.engine))
         roles = [(role, i) for role, count in (("prefill", self.up.prefills), ("decode", self.up.decodes),
                                                ("encoder", self.up.encoders)) for i in range(count)]
         gpus = parse_gpus(self.up.gpus) or visible_gpus(self.engine.device)
-        placements = place_workers(len(roles), gpus, self.engine.mem_fraction_static)
+        placements = place_workers(len(roles), gpus, self.engine.mem_fraction_static, self.engine.tp_size)
         self.transfer = choose_transfer(self.up.transfer, placements)
         common = ["--model", model, "--host", self.up.host, "--transfer", self.transfer,
                   "--num-threads", str(self.up.worker_threads), "--drain-timeout-s", str(self.up.drain_timeout_s),
@@ -193,7 +196,7 @@ class Cluster:
         for n, ((role, i), placement) in enumerate(zip(roles, placements)):
             port = free_port(self.up.host)
             metrics_port = self.up.worker_metrics_port + n if self.up.worker_metrics_port else free_port(self.up.host)
-            encoder_transfer = ["--transfer", "tcp"] if role == "encoder" and self.transfer == "cuda_ipc" else []
+            encoder_transfer = ["--transfer", "tcp"] if role == "encoder" and self.transfer in ("cuda_ipc", "nccl") else []
             self._spawn(f"{role}-{i}", ["serve", role, "--port", str(port), "--metrics-port", str(metrics_port),
                                         *common, *encoder_transfer, *self._placed(placement)], _visible_env(placement))
             addresses[role].append(f"{self.up.host}:{port}")
@@ -348,9 +351,10 @@ def _visible_env(placement: Placement) -> dict[str, str]:
         return {}
     inherited = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if inherited:
-        if placement.gpu >= len(inherited):
-            raise ValueError(f"GPU {placement.gpu} is not among CUDA_VISIBLE_DEVICES={','.join(inherited)}")
-        return {"CUDA_VISIBLE_DEVICES": inherited[placement.gpu]}
+        for gpu in placement.all_gpus:
+            if gpu >= len(inherited):
+                raise ValueError(f"GPU {gpu} is not among CUDA_VISIBLE_DEVICES={','.join(inherited)}")
+        return {"CUDA_VISIBLE_DEVICES": ",".join(inherited[gpu] for gpu in placement.all_gpus)}
     return placement.env()
 
 

@@ -1,7 +1,8 @@
 """Where `baton up` puts each worker: which GPU, and what share of its memory.
 
 Workers (prefills first, then decodes) are dealt round-robin over the GPUs: with at least as
-many GPUs as workers each worker gets its own; otherwise several share one. Each process
+many GPUs as workers each worker gets its own; otherwise several share one. A tensor-parallel
+worker (`--tp N`) takes N consecutive GPUs, one per rank (its process sees all N). Each process
 sees only its GPU (`CUDA_VISIBLE_DEVICES`), and the workers on one GPU split it by an explicit
 share: each gets `mem_fraction_static / workers on that GPU` of the GPU's memory for its
 weights, KV pool and activations (the engine sizes its KV pool from its own share, never
@@ -29,10 +30,17 @@ class Placement:
     """Physical GPU index (CUDA_VISIBLE_DEVICES for the process); None: CPU or not placed."""
     mem_fraction: Optional[float]
     """This process's share of the GPU's memory (--mem-fraction-static); None: the engine's default."""
+    gpus: tuple[int, ...] = ()
+    """A tensor-parallel worker's GPUs, one per rank (`gpu` is the first); empty: just `gpu`."""
+
+    @property
+    def all_gpus(self) -> tuple[int, ...]:
+        """Every GPU of the worker (rank r on the r-th); empty when not placed."""
+        return self.gpus or (() if self.gpu is None else (self.gpu,))
 
     def env(self) -> dict[str, str]:
         """Environment entries for the worker's process."""
-        return {} if self.gpu is None else {"CUDA_VISIBLE_DEVICES": str(self.gpu)}
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, self.all_gpus))} if self.all_gpus else {}
 
 
 def parse_gpus(text: str) -> list[int]:
@@ -48,13 +56,19 @@ def parse_gpus(text: str) -> list[int]:
     return gpus
 
 
-def place_workers(num_workers: int, gpus: list[int], mem_fraction_static: float) -> list[Placement]:
-    """Placements for `num_workers` workers over `gpus` (empty: none placed)."""
+def place_workers(num_workers: int, gpus: list[int], mem_fraction_static: float, tp: int = 1) -> list[Placement]:
+    """Placements for `num_workers` workers over `gpus` (empty: none placed). With `tp` ranks per
+    worker, worker i gets GPUs [i*tp, (i+1)*tp) (modulo the list: fewer GPUs are shared); a GPU's
+    memory is split between the workers with a rank on it."""
     if not gpus:
         return [Placement(None, None) for _ in range(num_workers)]
-    assigned = [gpus[i % len(gpus)] for i in range(num_workers)]
-    sharing = Counter(assigned)
-    return [Placement(gpu, round(mem_fraction_static / sharing[gpu], 4)) for gpu in assigned]
+    if tp > len(gpus):
+        raise ValueError(f"--tp {tp} puts each rank of a worker on its own GPU: it needs at least {tp} GPUs, "
+                         f"--gpus (or the visible ones) gives {len(gpus)}")
+    groups = [tuple(gpus[(i * tp + r) % len(gpus)] for r in range(tp)) for i in range(num_workers)]
+    sharing = Counter(g for group in groups for g in group)
+    return [Placement(group[0], round(mem_fraction_static / max(sharing[g] for g in group), 4),
+                      group if tp > 1 else ()) for group in groups]
 
 
 def visible_gpus(device: str) -> list[int]:
@@ -77,7 +91,11 @@ def choose_transfer(requested: str, placements: list[Placement]) -> str:
     """The KV transfer backend for `baton up`: `requested` unless it is "auto". Auto picks
     cuda_ipc when every worker sits on one GPU (device-to-device copies, no host staging),
     nixl when the workers are on several GPUs and NIXL is installed, and tcp otherwise
-    (CPU workers, or no NIXL)."""
+    (CPU workers, or no NIXL). nccl is never picked, only asked for (it needs a GPU per worker:
+    NCCL cannot connect two processes on one GPU, so that placement is refused here)."""
+    if requested == "nccl" and len(placements) > 1 and len({p.gpu for p in placements} - {None}) == 1:
+        raise ValueError("--transfer nccl needs the workers on different GPUs (NCCL cannot connect two processes "
+                         "on one GPU): give --gpus with one GPU per worker, or use --transfer cuda_ipc")
     if requested != "auto":
         return requested
     gpus = {p.gpu for p in placements}

@@ -1,11 +1,14 @@
 """`baton up --ray ADDRESS|auto`: the cluster with its workers as Ray actors, across machines.
 
-Every prefill and decode worker is one Ray actor (`WorkerActor`) named `PREFIX-ROLE-N` in one
+Every prefill, decode and encoder worker is one Ray actor (`WorkerActor`) named `PREFIX-ROLE-N` in one
 Ray namespace, holding `--ray-gpus-per-worker` GPUs (0 on CPU; Ray sets the actor's
 CUDA_VISIBLE_DEVICES) and `--ray-cpus-per-worker` CPUs. The router runs on this machine, as
 with `baton up`, and finds the workers through Ray, not through a list: it joins the cluster as
 a driver and asks the named actors for their gRPC addresses every `--ray-discovery-interval-s`
-(router/ray_discovery.py, through router/discovery.py's rules).
+(router/ray_discovery.py, through router/discovery.py's rules). Encoders (`--encoders N`, a
+vision-language model) run `baton serve encoder`'s `serve_encoder` the same way; the router
+follows the `PREFIX-encoder` actors as its encoder pool (`--discover-encoders PREFIX-encoder:0`,
+resolved through Ray).
 
 The actor process is the worker. The actor runs the very `serve_worker` of `baton serve ROLE`
 in its own process (a thread with the worker's event loop; the engine has its thread as
@@ -49,7 +52,7 @@ class RayConfig:
     ray_namespace: str = "baton"
     """Ray namespace of the worker actors (one `baton up --ray` per namespace and prefix)."""
     ray_actor_prefix: str = "baton"
-    """Worker actors are named PREFIX-prefill-N and PREFIX-decode-N."""
+    """Worker actors are named PREFIX-prefill-N, PREFIX-decode-N and PREFIX-encoder-N."""
     ray_gpus_per_worker: Optional[float] = None
     """GPUs each worker actor holds (a fraction shares one GPU; at most 1); default: 1 when the cluster has GPUs and --device is not cpu, else 0."""
     ray_cpus_per_worker: float = 1.0
@@ -71,7 +74,7 @@ class RayConfig:
 
 
 class WorkerActor:
-    """One prefill or decode worker, run inside its Ray actor's process (see the module doc)."""
+    """One prefill, decode or encoder worker, run inside its Ray actor's process (see the module doc)."""
 
     def __init__(self, name: str, role: str, engine: EngineConfig, worker: WorkerConfig, server: ServerConfig,
                  ready_timeout_s: float) -> None:
@@ -89,7 +92,8 @@ class WorkerActor:
         self._stopping = False
         self._thread = threading.Thread(
             target=self._run, name=name, daemon=True,
-            args=(worker_service(role), engine, replace(worker, transfer_host=host), replace(server, host=host)))
+            args=(None if role == "encoder" else worker_service(role), engine, replace(worker, transfer_host=host),
+                  replace(server, host=host)))
         self._thread.start()
         deadline = time.monotonic() + ready_timeout_s
         while not self._serving.wait(0.2):
@@ -99,8 +103,14 @@ class WorkerActor:
                 raise TimeoutError(f"{name}: the {role} worker was not SERVING after {ready_timeout_s:.0f} s")
 
     def _run(self, service, engine: EngineConfig, worker: WorkerConfig, server: ServerConfig) -> None:
-        from baton.services.worker.worker_main import serve_worker
-        code = asyncio.run(serve_worker(service, engine, server, worker, signals=False, on_serving=self._on_serving))
+        if service is None:  # an encoder
+            from baton.services.encoder.encoder_config import EncoderConfig
+            from baton.services.encoder.servicer import serve_encoder
+            main = serve_encoder(engine, server, EncoderConfig(), worker, signals=False, on_serving=self._on_serving)
+        else:
+            from baton.services.worker.worker_main import serve_worker
+            main = serve_worker(service, engine, server, worker, signals=False, on_serving=self._on_serving)
+        code = asyncio.run(main)
         if self._serving.is_set() and not self._stopping:
             print(f"{self.name}: the worker stopped by itself (code {code}); the actor goes too", flush=True)
             os._exit(code or 1)
@@ -162,7 +172,7 @@ class RayCluster(Cluster):
         worker = WorkerConfig(transfer=ray_transfer(up.transfer, gpus > 0))
         server = ServerConfig(port=0, metrics_port=0)
         remote = ray.remote(WorkerActor)
-        for role, count in (("prefill", up.prefills), ("decode", up.decodes)):
+        for role, count in (("prefill", up.prefills), ("decode", up.decodes), ("encoder", up.encoders)):
             for i in range(count):
                 name = f"{cfg.ray_actor_prefix}-{role}-{i}"
                 self._refuse_taken(name)
@@ -239,7 +249,9 @@ class RayCluster(Cluster):
                                "--max-queued-requests", str(up.router_max_queued_requests),
                                "--ray-address", ray_address, "--ray-namespace", cfg.ray_namespace,
                                "--ray-actor-prefix", cfg.ray_actor_prefix, "--ray-node-ip", cfg.ray_node_ip,
-                               "--discovery-interval-s", str(cfg.ray_discovery_interval_s)],
+                               "--discovery-interval-s", str(cfg.ray_discovery_interval_s),
+                               *(["--discover-encoders", f"{cfg.ray_actor_prefix}-encoder:0"] if up.encoders else []),
+                               "--allowed-local-media-path", up.allowed_local_media_path],
                     {"CUDA_VISIBLE_DEVICES": ""})
         self.gateway_url = f"http://{up.host}:{http_port}"
         self.metrics_targets.insert(0, MetricsTarget("router", "router", f"{up.host}:{http_port}"))

@@ -22,6 +22,7 @@ cannot read the cluster's traffic (docs/security.md says what that leaves open).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -91,9 +92,9 @@ class ClusterCredentials:
         """True when channels and servers use TLS."""
         return self.tls_cert is not None or self.tls_ca is not None
 
-    @property
+    @functools.cached_property
     def token(self) -> str:
-        """The gRPC token derived from the secret ("" without one)."""
+        """The gRPC token derived from the secret ("" without one); derived once, not per call."""
         key = derive_key(self.secret, "grpc token")
         return key.hex()
 

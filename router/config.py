@@ -123,6 +123,8 @@ class RouterConfig:
     """This machine's address in the Ray cluster (127.0.0.1 for a loopback cluster); empty: Ray's guess."""
     encoders: str = ""
     """Comma-separated host:port of encoders (`baton serve encoder`); empty: workers run the vision tower."""
+    discover_encoders: str = ""
+    """host:port whose DNS name resolves to every encoder (a Kubernetes headless Service; with --ray-address: PREFIX-encoder:0, the encoder actors); with or instead of --encoders."""
     encoder_policy: str = "min_load"
     """How to rank encoders for a request with images: min_load or cache_affinity (on the image hash)."""
     allowed_local_media_path: str = ""

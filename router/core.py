@@ -32,6 +32,15 @@ from baton.router.types import Chunk, Role, RouterRequest
 log = logging.getLogger(__name__)
 
 
+def _encoder_resolver(config: RouterConfig):
+    """How `--discover-encoders` is resolved: through Ray's named actors on `--ray-address`
+    (`baton up --ray`), else DNS (None: the pool's default)."""
+    if config.ray_address and config.discover_encoders:
+        from baton.router.ray_discovery import RayWorkerResolver
+        return RayWorkerResolver(config.ray_namespace)
+    return None
+
+
 class RouterCore:
     """Worker selection, dispatch, retries and migration for every request."""
 
@@ -66,7 +75,8 @@ class RouterCore:
                     policy.attach_index(self.kv_index)
         from baton.router.encoders import EncoderPool
         self.encoders = EncoderPool(config.addresses(config.encoders), config.encoder_policy,
-                                    config.cluster_credentials, config.health_interval_s, config.health_timeout_s)
+                                    config.cluster_credentials, config.health_interval_s, config.health_timeout_s,
+                                    discover=config.discover_encoders, resolver=_encoder_resolver(config))
         """The encoders image requests are sent to (router/encoders.py); empty: workers encode."""
         self._active: dict[str, RequestStream] = {}
         self._owners: dict[str, str] = {}

@@ -12,6 +12,13 @@ a failed encoder on the next one in the list; an empty ranking with encoders con
 is a clear NO_WORKER before anything is sent (`check_available`). A router without
 encoders sends image requests with an empty list: workers then run the vision tower
 themselves (the colocated baseline).
+
+With `discover` (host:port of a name resolving to every encoder, a Kubernetes headless
+Service: `--discover-encoders`) the pool follows the name at every poll: an address that
+appears is added (unhealthy until it answers), one that disappears is dropped; NXDOMAIN (no
+ready pod) means none; any other look-up failure changes nothing. Only discovered addresses
+are dropped. A pool with discovery counts as configured even while empty, so image requests
+get the clear NO_WORKER rather than a worker's own tower.
 """
 from __future__ import annotations
 
@@ -49,17 +56,20 @@ class EncoderPool:
     """Health-checked encoders and the order a request should try them in."""
 
     def __init__(self, addresses: Sequence[str], policy: str = "min_load", credentials=None,
-                 interval_s: float = 1.0, timeout_s: float = 2.0) -> None:
+                 interval_s: float = 1.0, timeout_s: float = 2.0, discover: str = "", resolver=None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown encoder policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.policy, self.credentials = policy, credentials
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.encoders = {a: EncoderState(a) for a in addresses}
+        self.discover = discover
+        self._resolver = resolver
+        self._discovered: set[str] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._task: Optional[asyncio.Task] = None
 
     def __bool__(self) -> bool:
-        return bool(self.encoders)
+        return bool(self.encoders) or bool(self.discover)
 
     # --- ranking -------------------------------------------------------------------
     def ranked(self, content_hashes: Sequence[str]) -> list[str]:
@@ -75,14 +85,15 @@ class EncoderPool:
 
     def check_available(self) -> None:
         """NO_WORKER when encoders are configured and none is healthy."""
-        if self.encoders and not any(e.healthy for e in self.encoders.values()):
-            details = "; ".join(f"{e.address}: {e.last_error or 'not ready'}" for e in self.encoders.values())
+        if self and not any(e.healthy for e in self.encoders.values()):
+            details = "; ".join(f"{e.address}: {e.last_error or 'not ready'}" for e in self.encoders.values()) \
+                or f"none behind {self.discover}"
             raise BatonError(ErrorCode.NO_WORKER, f"no encoder is available for the request's images ({details})")
 
     # --- health --------------------------------------------------------------------
     def start(self) -> None:
         """Start polling (no-op without encoders)."""
-        if self.encoders and self._task is None:
+        if self and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
@@ -96,8 +107,34 @@ class EncoderPool:
         """Poll every encoder once."""
         await asyncio.gather(*(self._check(state) for state in self.encoders.values()))
 
+    async def rediscover(self) -> None:
+        """Follow the discovered name once: add the addresses that appeared, drop those gone."""
+        from baton.router.discovery import NameNotFound, resolve_dns, split_target
+        host, port = split_target(self.discover)
+        try:
+            found = set(await (self._resolver or resolve_dns)(host, port))
+        except NameNotFound:
+            found = set()
+        except Exception as error:  # noqa: BLE001 - a flaky resolver must not empty the pool
+            log.warning("encoder discovery of %s failed: %s; keeping %d encoders", self.discover, error,
+                        len(self.encoders))
+            return
+        for address in sorted(found - set(self.encoders)):
+            log.info("encoder %s discovered", address)
+            self.encoders[address] = EncoderState(address)
+            self._discovered.add(address)
+        for address in sorted(self._discovered - found):
+            log.info("encoder %s is gone", address)
+            self._discovered.discard(address)
+            self.encoders.pop(address, None)
+            channel = self._channels.pop(address, None)
+            if channel is not None:
+                await channel.close()
+
     async def _loop(self) -> None:
         while True:
+            if self.discover:
+                await self.rediscover()
             await self.check_all()
             await asyncio.sleep(self.interval_s)
 

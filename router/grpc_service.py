@@ -15,6 +15,7 @@ from baton.protos.errors import BatonError, ErrorCode, abort_with
 from baton.router.auth import AuthError, Caller, identify
 from baton.router.core import RouterCore
 from baton.router.gateway.errors import CLIENT_CLOSED_STATUS, status_for_code
+from baton.router.metrics import labelled
 from baton.router.types import Role, RouterRequest
 from baton.router.validation import checked_params
 
@@ -70,9 +71,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             status, reason = CLIENT_CLOSED_STATUS, "client_closed"
             raise
         finally:
-            core.metrics.requests.labels(api="grpc", status=str(status)).inc()
+            labelled(core.metrics.requests, "grpc", str(status)).inc()
             if sent and reason:
-                core.metrics.stream_failures.labels(api="grpc", reason=reason).inc()
+                labelled(core.metrics.stream_failures, "grpc", reason).inc()
 
     async def Abort(self, request, context) -> worker_pb2.AbortResponse:
         caller = await self._authorize(context)  # only the key that started it (or an admin) may abort it

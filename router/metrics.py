@@ -69,6 +69,19 @@ class RouterMetrics:
                 self.backpressure.labels(role=role, reason=reason)
 
 
+def labelled(metric, *labels: str):
+    """`metric.labels(*labels)` (positional, in the metric's label order), cached on the metric:
+    the per-request paths pay a dict look-up, not prometheus_client's lock and checks. Children
+    of removed workers stay cached as long as the metric keeps them."""
+    cache = metric.__dict__.get("_baton_children")
+    if cache is None:
+        cache = metric._baton_children = {}
+    child = cache.get(labels)
+    if child is None:
+        child = cache[labels] = metric.labels(*labels)
+    return child
+
+
 BACKPRESSURE_REASONS = ("full", "overloaded")
 """Why a request waited: every worker of the role was at its capacity (full), or one refused it (overloaded)."""
 

@@ -39,6 +39,7 @@ from baton.protos.baton.v1 import common_pb2, worker_pb2
 from baton.protos.errors import BatonError, ErrorCode, ErrorOrigin, error_from_rpc
 from baton.router.admission import RoomQueue
 from baton.router.breaker import BreakerState
+from baton.router.metrics import labelled
 from baton.router.registry import WorkerEntry
 from baton.router.stream import Emit
 from baton.router.types import Chunk, Role, RouterRequest
@@ -70,6 +71,38 @@ def _pick(policy, entries: list[WorkerEntry], prompt: list[int]) -> WorkerEntry:
     """The entry the policy selects among `entries`."""
     address = policy.select([e.view() for e in entries], prompt).address
     return next(e for e in entries if e.address == address)
+
+
+class StallWatchdog:
+    """Gives up on a frozen decode worker's stream: every `check_s` (one timer per attempt, not
+    a task per message) it cancels the call when nothing came for `check_s` and the worker
+    turned unhealthy, or nothing came for `stall_s`; `why` then says which (the attempt
+    fails, then retries or migrates)."""
+
+    def __init__(self, call, decode: WorkerEntry, check_s: float, stall_s: float) -> None:
+        self.call, self.decode, self.stall_s = call, decode, stall_s
+        self.check_s = max(0.001, min(check_s, stall_s))
+        self.last_message_at = time.monotonic()
+        self.why = ""
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(self.check_s, self._check)
+
+    def _check(self) -> None:
+        waited = time.monotonic() - self.last_message_at
+        if waited >= self.check_s and not self.decode.healthy:  # a worker still streaming is left alone
+            self.why = "turned unhealthy"
+        elif waited >= self.stall_s:
+            self.why = f"sent nothing for {waited:.0f} s"
+        if self.why:
+            self._handle = None
+            self.call.cancel()
+            return
+        self._handle = self._loop.call_later(self.check_s, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class Pipeline:
@@ -171,10 +204,12 @@ class Pipeline:
         prompt = self.request.prompt_token_ids + (self.progress.tokens[0] if self.request.n == 1 else [])
         prefills = registry.candidates(Role.PREFILL, self.failed)
         decode = _pick(core.decode_policy, decodes, prompt)
-        cached = core.decode_prefixes.matched_prefix_len(decode.address, prompt)
         prefill = None
         resuming = self.progress.started  # a resumed stream is served decode-only (resume.py)
-        backlog = min((e.load.queued_tokens + e.load.running_tokens for e in prefills), default=0)
+        backlog = min((max(e.load.queued_tokens + e.load.running_tokens, e.prefill_tokens_in_flight)
+                       for e in prefills), default=0)
+        # the decider's estimate of the decode worker's cached prefix (a prompt hash): only when it can matter
+        cached = core.decode_prefixes.matched_prefix_len(decode.address, prompt) if prefills and not resuming else 0
         if not resuming and core.decider.decide(prompt, cached, have_prefill=bool(prefills), n=self.request.n,
                                                 prompt_logprobs=self.request.params.HasField("prompt_logprobs"),
                                                 prefill_backlog_tokens=backlog):
@@ -185,7 +220,7 @@ class Pipeline:
                                   Role.PREFILL)
         self._claim(core.decode_policy, decode, prompt, Role.DECODE)
         core.decode_prefixes.on_dispatch(decode.view(), prompt)
-        core.metrics.paths.labels(path="disaggregated" if prefill else "decode_only").inc()
+        labelled(core.metrics.paths, "disaggregated" if prefill else "decode_only").inc()
         return decode, prefill
 
     def _waits(self, role: Role, reason: str) -> None:
@@ -202,7 +237,8 @@ class Pipeline:
         chosen.breaker.allow()
         chosen.in_flight += 1
         policy.on_dispatch(chosen.view(), prompt)
-        self.core.metrics.decisions.labels(role=role.value, policy=policy.name, worker=chosen.address).inc()
+        metrics = self.core.metrics
+        labelled(metrics.decisions, role.value, policy.name, chosen.address).inc()
         return chosen
 
     def _release(self, decode: WorkerEntry, prefill: Optional[WorkerEntry], refused: bool) -> None:
@@ -246,10 +282,11 @@ class Pipeline:
     async def _stream_from(self, decode: WorkerEntry, prefill: Optional[WorkerEntry]) -> None:
         """Stream from `decode` (resuming after the tokens already sent)."""
         request, progress = self.request, self.progress
-        params = common_pb2.SamplingParams()
-        params.CopyFrom(request.params)
+        params = request.params
         resume = []
         if progress.started:  # migration: each completion continues after what the client already has
+            params = common_pb2.SamplingParams()
+            params.CopyFrom(request.params)
             resume = [worker_pb2.ResumedCompletion(index=i, output_token_ids=[] if done else tokens, finished=done)
                       for i, (tokens, done) in enumerate(zip(progress.tokens, progress.done))]
             params.ClearField("prompt_logprobs")  # sent with the first chunk already
@@ -263,37 +300,34 @@ class Pipeline:
             prefill_address=prefill.address if prefill else "", timeout_ms=int(left * 1000), resume=resume,
             images=[worker_pb2.ImageInput(data=d, content_hash=h) for d, h in request.images],
             encoder_addresses=encoders), timeout=left)
+        watchdog = StallWatchdog(call, decode, self.core.config.health_interval_s,
+                                 self.core.config.stream_stall_timeout_s)
+        relay = self._relay
+        pending = len(request.prompt_token_ids) if prefill is not None else 0  # prefill's backlog until a token
+        if pending:
+            prefill.prefill_tokens_in_flight += pending
         try:
-            while (response := await self._next_response(call, decode)) is not None:
-                self._relay(response)
-        except grpc.aio.AioRpcError as error:
+            while (response := await call.read()) is not grpc.aio.EOF:
+                watchdog.last_message_at = time.monotonic()
+                if pending:
+                    prefill.prefill_tokens_in_flight -= pending
+                    pending = 0
+                relay(response)
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as error:
+            task = asyncio.current_task()
+            if watchdog.why and not (task is not None and task.cancelling()):
+                raise BatonError(ErrorCode.INTERNAL, f"decode worker {decode.address} {watchdog.why} mid-request",
+                                 unreachable=not decode.healthy) from None
+            if isinstance(error, asyncio.CancelledError):
+                raise
             raise error_from_rpc(error, default=ErrorCode.INTERNAL) from None
         finally:
+            if pending:
+                prefill.prefill_tokens_in_flight -= pending
+            watchdog.stop()
             call.cancel()
         if not all(progress.done):
             raise BatonError(ErrorCode.INTERNAL, "the decode stream ended before every completion finished")
-
-    async def _next_response(self, call, decode: WorkerEntry) -> Optional[worker_pb2.DecodeResponse]:
-        """The stream's next message (None at its end). A frozen decode worker is given up on:
-        when it turns unhealthy while the stream waits, or sends nothing for
-        `stream_stall_timeout_s`, the attempt fails (then retries or migrates)."""
-        read = asyncio.ensure_future(call.read())
-        waited, check_s = 0.0, self.core.config.health_interval_s
-        stall_s = self.core.config.stream_stall_timeout_s
-        try:
-            while True:
-                done, _ = await asyncio.wait({read}, timeout=min(check_s, stall_s - waited))
-                if done:
-                    message = read.result()
-                    return None if message is grpc.aio.EOF else message
-                waited += check_s
-                if not decode.healthy or waited >= stall_s:
-                    why = "turned unhealthy" if not decode.healthy else f"sent nothing for {waited:.0f} s"
-                    raise BatonError(ErrorCode.INTERNAL, f"decode worker {decode.address} {why} mid-request",
-                                     unreachable=not decode.healthy)
-        finally:
-            if not read.done():
-                read.cancel()
 
     def _relay(self, response: worker_pb2.DecodeResponse) -> None:
         now, progress, metrics = time.monotonic(), self.progress, self.core.metrics

@@ -45,6 +45,9 @@ class WorkerEntry:
     healthy: bool = False
     load: worker_pb2.WorkerLoad = field(default_factory=worker_pb2.WorkerLoad)
     in_flight: int = 0
+    prefill_tokens_in_flight: int = 0
+    """Prefill role: prompt tokens of requests sent here whose first token has not come back yet (the
+    router's own, fresh view of the backlog; load reports come once per health interval)."""
     epoch: int = 0
     last_error: str = ""
     failed_checks: int = 0
@@ -53,6 +56,9 @@ class WorkerEntry:
     """monotonic time until which the worker counts as full (it answered OVERLOADED)."""
     metrics_port: int = 0
     """The worker's Prometheus port, from its Info (0: unknown or none)."""
+    _stub: Optional[worker_pb2_grpc.DecodeStub] = field(default=None, repr=False)
+    _view: Optional[WorkerView] = field(default=None, repr=False)
+    _view_load: Optional[worker_pb2.WorkerLoad] = field(default=None, repr=False)
 
     def has_room(self, now: float) -> bool:
         """True when one more request may be sent now (see the module doc)."""
@@ -66,16 +72,26 @@ class WorkerEntry:
         self.saturated_until = max(self.saturated_until, now + seconds)
 
     def view(self) -> WorkerView:
-        """The snapshot policies read."""
-        load = self.load
-        return WorkerView(address=self.address, role=self.role, healthy=self.healthy,
-                          running_requests=load.running_requests, queued_requests=load.queued_requests,
-                          running_tokens=load.running_tokens, queued_tokens=load.queued_tokens,
-                          kv_usage=load.kv_usage, in_flight=self.in_flight,
-                          recent_ttft_ms=load.recent_ttft_ms, recent_itl_ms=load.recent_itl_ms)
+        """The snapshot policies read, shared and never mutated: rebuilt only when the load
+        report (replaced, never edited), health or in-flight count changed since the last
+        one (every request reads every candidate's view)."""
+        load, view = self.load, self._view
+        if (view is not None and self._view_load is load and view.healthy == self.healthy
+                and view.in_flight == self.in_flight):
+            return view
+        self._view_load = load
+        self._view = WorkerView(address=self.address, role=self.role, healthy=self.healthy,
+                                running_requests=load.running_requests, queued_requests=load.queued_requests,
+                                running_tokens=load.running_tokens, queued_tokens=load.queued_tokens,
+                                kv_usage=load.kv_usage, in_flight=self.in_flight,
+                                recent_ttft_ms=load.recent_ttft_ms, recent_itl_ms=load.recent_itl_ms)
+        return self._view
 
     def decode_stub(self) -> worker_pb2_grpc.DecodeStub:
-        return worker_pb2_grpc.DecodeStub(self.channel)
+        """The stub on this worker's channel (made once)."""
+        if self._stub is None:
+            self._stub = worker_pb2_grpc.DecodeStub(self.channel)
+        return self._stub
 
 
 class WorkerRegistry:

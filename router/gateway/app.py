@@ -37,6 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from baton.router.gateway.auth import admin_key, caller_owner, cancel_routes, client_key, docs_enabled, docs_routes
 from baton.router.gateway.body_limit import BodyLimit
 from baton.router.gateway.convert import PreparedRequest, check_model, prepare_chat, prepare_completion
+from baton.router.metrics import labelled
 from baton.router.gateway.media import request_images
 from baton.router.gateway.dashboard import dashboard_html
 from baton.router.gateway.errors import ApiError, install_error_handlers
@@ -82,9 +83,9 @@ class RequestCounter:
             await self.app(scope, receive, counting_send)
         finally:  # a stream that failed after its 200 counts as what failed it (relay.py)
             status, reason = outcome.result()
-            self.core.metrics.requests.labels(api=api, status=str(status or 500)).inc()
+            labelled(self.core.metrics.requests, api, str(status or 500)).inc()
             if reason:
-                self.core.metrics.stream_failures.labels(api=api, reason=reason).inc()
+                labelled(self.core.metrics.stream_failures, api, reason).inc()
 
 
 def create_app(core: RouterCoreAPI) -> FastAPI:

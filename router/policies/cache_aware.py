@@ -6,16 +6,26 @@ prompts it recently routed there, as a stand-in for that worker's radix cache.
 
 Algorithm, for one prompt of ``n`` tokens over the candidate workers:
 
-1. Balance check: with ``max``/``min`` the highest and lowest ``WorkerView.load`` among
-   the candidates, the system is *imbalanced* when
-   ``max - min > balance_abs_threshold`` and ``max > min * balance_rel_threshold``.
-   Then cache affinity is ignored and the least loaded worker wins (as min_load: lowest
-   load, ties by address). Both conditions must hold, so small absolute gaps between
-   idle workers and large gaps that are small relative to the load do not disturb
-   affinity.
-2. Otherwise find the worker whose tree matches the longest prefix of the prompt (ties:
-   lower load, then smaller address). If ``matched / n >= cache_threshold`` it wins:
-   most of its prompt is likely cached there.
+1. Load guard: with ``min`` the lowest guard load (``guard_load``) among the candidates,
+   a worker is *overloaded* when ``load - min > balance_abs_threshold`` and
+   ``load > min * balance_rel_threshold`` (both must hold, so small absolute gaps between
+   idle workers and large gaps that are small relative to the load do not count), and
+   the system is *imbalanced* when some worker is. The guard load is the work still to
+   do: a prefill worker's ``WorkerView.load`` (the tokens it is prefilling or has
+   queued); for a decode worker, its queued tokens plus 64 per request it runs (the
+   router's in-flight count or its report, whichever is larger) plus ``1000 * kv_usage``.
+   A decoding request's context is already computed and a decode step costs about the
+   same per request whatever its length, so counting its context tokens (as ``load``
+   does) made four 1k-token conversations look like 64 requests and the guard fire
+   nearly always on long shared prompts. Overloaded workers are then left out
+   of steps 2 and 3: affinity still chooses among the others (the least loaded one is
+   always among them). SGLang drops affinity altogether there (pure min-load); that
+   throws the cache away whenever one worker is busy, which on long shared prompts is
+   most of the time (bench/RESULTS.md measured up to half the hits lost), while leaving
+   only the overloaded workers out bounds the gap just as well.
+2. Find the worker whose tree matches the longest prefix of the prompt (ties: lower
+   load, then smaller address). If ``matched / n >= cache_threshold`` it wins: most of
+   its prompt is likely cached there.
 3. Otherwise (a prompt with little reuse anywhere) take the worker with the smallest
    tree (ties: lower load, then smaller address), as SGLang does: new prefixes go where
    the router has sent the fewest tokens lately, so unrelated prompts spread and cache
@@ -51,9 +61,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from baton.router.policies.base import Policy, least_loaded, register_policy, require_workers
+from baton.router.policies.base import Policy, register_policy, require_workers
 from baton.router.policies.prefix_tree import PrefixTree
-from baton.router.types import WorkerView
+from baton.router.types import Role, WorkerView
 
 
 @register_policy
@@ -95,7 +105,7 @@ class CacheAwarePolicy(Policy):
     def select(self, workers: list[WorkerView], prompt_token_ids: Sequence[int]) -> WorkerView:
         require_workers(workers)
         if self.is_imbalanced(workers):
-            return least_loaded(workers)
+            workers = self.within_guard(workers)
         matches = self._matches(workers, prompt_token_ids)
         best = min(workers, key=lambda w: (-matches[w.address], w.load, w.address))
         n = len(prompt_token_ids)
@@ -113,22 +123,37 @@ class CacheAwarePolicy(Policy):
         return matches
 
     def on_dispatch(self, worker: WorkerView, prompt_token_ids: Sequence[int]) -> None:
-        if self.index is not None and self.index.tracks(worker.address):
-            self._trees.pop(worker.address, None)  # scored from its events: no tree (memory: the index's bound)
+        address = worker.address
+        if self.index is not None and self.index.tracks(address):
+            self._trees.pop(address, None)  # scored from its events: no tree (memory: the index's bound)
             return
-        tree = self._trees.get(worker.address)
+        tree = self._trees.get(address)
         if tree is None:
-            tree = self._trees[worker.address] = PrefixTree(self.max_tree_tokens, self.chunk_size)
+            tree = self._trees[address] = PrefixTree(self.max_tree_tokens, self.chunk_size)
         tree.insert(prompt_token_ids)
 
     def on_worker_removed(self, address: str) -> None:
         self._trees.pop(address, None)
 
+    @staticmethod
+    def guard_load(w: WorkerView) -> float:
+        """The load step 1 compares (see the module docstring)."""
+        if w.role is Role.PREFILL:
+            return w.load
+        return w.queued_tokens + 64 * max(w.in_flight, w.running_requests + w.queued_requests) + 1000 * w.kv_usage
+
     def is_imbalanced(self, workers: Sequence[WorkerView]) -> bool:
-        """Step 1 of the algorithm: should load override cache affinity?"""
-        loads = [w.load for w in workers]
+        """Step 1 of the algorithm: is some worker overloaded (left out of the choice)?"""
+        loads = [self.guard_load(w) for w in workers]
         high, low = max(loads), min(loads)
         return high - low > self.balance_abs_threshold and high > low * self.balance_rel_threshold
+
+    def within_guard(self, workers: Sequence[WorkerView]) -> list[WorkerView]:
+        """The workers that are not overloaded (step 1); never empty for a non-empty list."""
+        loads = [self.guard_load(w) for w in workers]
+        low = min(loads)
+        most = max(low + self.balance_abs_threshold, low * self.balance_rel_threshold)
+        return [w for w, load in zip(workers, loads) if load <= most]
 
     def matched_prefix_len(self, address: str, tokens: Sequence[int]) -> int:
         """Tokens of ``tokens`` cached on ``address``: from the KV-event index when it tracks the

@@ -2,7 +2,8 @@
 
 Each field becomes `--field-name` with the field's type, default and the doc line written
 under it (attribute docstrings, read from the class source) as its help. Literal fields
-become choices, bools become `--flag/--no-flag`, Optional[int] accepts an int. Parsed
+become choices, bools become `--flag/--no-flag`, Optional[int] accepts an int; a class's
+`flag_aliases` (field -> extra flags, e.g. `--tp` for `tp_size`) adds spellings. Parsed
 arguments turn back into the dataclass with `from_args`, which runs its validation.
 """
 from __future__ import annotations
@@ -46,18 +47,20 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> N
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
+    aliases = getattr(cls, "flag_aliases", {})
     for f in dataclasses.fields(cls):
         flag = "--" + prefix + f.name.replace("_", "-")
+        flags = (flag, *(() if prefix else aliases.get(f.name, ())))
         tp, optional = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = docs.get(f.name, "") + (f" (default: {default})" if default not in ("", None) else "")
         if tp is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
         elif typing.get_origin(tp) is typing.Literal:
-            group.add_argument(flag, dest=f.name, choices=list(typing.get_args(tp)), default=default, help=help_text)
+            group.add_argument(*flags, dest=f.name, choices=list(typing.get_args(tp)), default=default, help=help_text)
         elif tp in (int, float, str):
-            group.add_argument(flag, dest=f.name, type=tp, default=default, help=help_text,
+            group.add_argument(*flags, dest=f.name, type=tp, default=default, help=help_text,
                                metavar=f.name.upper() + ("?" if optional else ""))
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported flag type {tp}")

@@ -10,7 +10,8 @@ A request's life through the encoder (`Encoder.Encode`, called by a prefill or d
    embedding arena through the transfer engine (tcp or nixl), the rendezvous id notifying the
    write: the embeddings never travel inside the gRPC message. The answer carries each image's
    hash, embedding count and grid, the bytes moved and the cache hits.
-Every wait is bounded by the request's deadline.
+Every wait is bounded by the request's deadline, and no write starts after it (the caller's
+landing blocks may be reused by then; see services/worker/images.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import asyncio
 import logging
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import grpc
 import torch
@@ -176,6 +177,8 @@ class EncoderServicer(worker_pb2_grpc.EncoderServicer):
         except (TransferError, ValueError) as error:
             raise BatonError(ErrorCode.TRANSFER_FAILED, f"handshake with {destination.peer.worker_id} failed: "
                              f"{error}") from None
+        if time.monotonic() >= deadline:  # the caller has given up: a one-sided write now could land in reused blocks
+            raise BatonError(ErrorCode.DEADLINE_EXCEEDED, "the caller's deadline passed before the embedding write")
         handle = await asyncio.to_thread(self.transfer.write, peer.worker_id, destination.rendezvous_id, pairs,
                                          max(0.001, deadline - time.monotonic()))
         if handle.state is not TransferState.SUCCESS:
@@ -207,8 +210,11 @@ class EncoderServicer(worker_pb2_grpc.EncoderServicer):
 
 
 async def serve_encoder(engine_config: EngineConfig, server_config: ServerConfig, config: EncoderConfig,
-                        worker_config: WorkerConfig) -> int:
-    """Run one encoder until it is drained; returns the exit code."""
+                        worker_config: WorkerConfig, *, signals: bool = True,
+                        on_serving: Optional[Callable[[ServiceServer], None]] = None) -> int:
+    """Run one encoder until it is drained; returns the exit code. `signals`: SIGTERM / SIGINT
+    drain it (main thread only); `on_serving` is called with the server once health is SERVING
+    (a Ray actor, deploy/ray_launcher.py)."""
     if worker_config.transfer not in ("tcp", "nixl"):
         print("baton encoder: --transfer must be tcp or nixl", file=sys.stderr, flush=True)
         return 2
@@ -218,7 +224,8 @@ async def serve_encoder(engine_config: EngineConfig, server_config: ServerConfig
                            on_drain=lambda: servicer.drain(server_config.drain_timeout_s))
     server.add_servicer(worker_pb2_grpc.add_EncoderServicer_to_server, servicer)
     await server.start()
-    server.install_signal_handlers()
+    if signals:
+        server.install_signal_handlers()
     options = {"auth_key": derive_key(server.credentials.secret, "kv transfer")}
     if worker_config.transfer == "tcp":
         options.update(host=worker_config.transfer_host or server_config.host,
@@ -232,6 +239,8 @@ async def serve_encoder(engine_config: EngineConfig, server_config: ServerConfig
     await server.set_serving(True)
     print(f"baton encoder worker serving on {server.address} (metrics :{server.metrics_port}, "
           f"transfer {worker_config.transfer})", flush=True)
+    if on_serving is not None:
+        on_serving(server)
     await server.wait_for_termination()
     await servicer.close()
     return 0

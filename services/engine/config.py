@@ -11,10 +11,11 @@ Names follow SGLang's server arguments where one exists.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 SchedulePolicy = Literal["fcfs", "lpm", "priority"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+KVCacheDType = Literal["auto", "fp8_e4m3"]
 
 
 def cuda_graph_batch_sizes(max_bs: int) -> list[int]:
@@ -35,6 +36,8 @@ class EngineConfig:
     """Where the model runs: cpu, cuda, cuda:N, or auto (CUDA when available)."""
     dtype: DType = "auto"
     """Weight and activation dtype; auto is float32 on CPU and the model's own dtype (bf16 if float32) on GPU."""
+    kv_cache_dtype: KVCacheDType = "auto"
+    """KV-cache element type: auto (the activation dtype) or fp8_e4m3 (float8 e4m3 with per-layer, per-head scales from the checkpoint's k_scale / v_scale or a calibration forward at start; twice the tokens in the same memory; docs/kv_cache.md)."""
     page_size: int = 16
     """Tokens per KV-cache block (page); the radix cache shares whole pages."""
     kv_cache_tokens: Optional[int] = None
@@ -69,6 +72,11 @@ class EngineConfig:
     """Run every step synchronously; by default (CUDA only) the host schedules and launches step N+1 before reading step N's tokens back (steps with grammar, penalty or logprobs requests always run synchronously)."""
     skip_warmup: bool = False
     """Skip the start-up warm-up steps (CUDA only; they compile every kernel variant serving uses before the engine takes requests)."""
+    tp_size: int = 1
+    """Tensor-parallel ranks (--tp): one process per rank, each on its own GPU (cuda:0..N-1 of the visible ones) or CPU (gloo); heads split evenly (docs/parallel.md)."""
+
+    flag_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"tp_size": ("--tp",)}
+    """Extra spellings of some flags (services.common.dataclass_flags)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,8 +92,10 @@ class EngineConfig:
              "max_num_batched_tokens must be positive"),
             (self.schedule_policy in ("fcfs", "lpm", "priority"), "schedule_policy must be fcfs, lpm or priority"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto, float32, bfloat16 or float16"),
+            (self.kv_cache_dtype in ("auto", "fp8_e4m3"), "kv_cache_dtype must be auto or fp8_e4m3"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be at least 2"),
             (self.num_threads >= 0, "num_threads must be non-negative"),
+            (self.tp_size >= 1, "tp_size must be at least 1"),
             (self.cuda_graph_max_bs is None or self.cuda_graph_max_bs >= 0, "cuda_graph_max_bs must be non-negative"),
             (self.piecewise_cuda_graph_max_tokens >= 0, "piecewise_cuda_graph_max_tokens must be non-negative"),
         ]

@@ -1,12 +1,14 @@
 """Building an engine's parts from its config: device, dtype, tokenizer, weights, KV pool.
 
 Owns start-up decisions: which model folder (the embedded default when none is given),
-the dtype, the by-device batching defaults (`device_defaults.resolve_config`: the config
-every part is built from), how many KV blocks fit (a token budget on CPU; on CUDA this
-process's share of the GPU, `gpu_memory`), and the max context length.
+the dtype, the KV-cache element type and, for fp8, its scales (`kv_scales`), the by-device
+batching defaults (`device_defaults.resolve_config`: the config every part is built from),
+how many KV blocks fit (a token budget on CPU; on CUDA this process's share of the GPU,
+`gpu_memory`), and the max context length.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from baton.services.engine.attention.torch_cpu import TorchAttentionBackend
 from baton.services.engine.kv.block_pool import BlockPool
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.device_defaults import device_total_memory, resolve_config
+from baton.services.engine.kv.fp8 import is_fp8, kv_storage_dtype
 from baton.services.engine.kv.kv_cache import KVCache, KVLayout
 from baton.services.engine.runner.model_runner import ModelRunner
 from baton.services.engine.models.loader import load_model
@@ -28,6 +31,7 @@ from baton.services.engine.kv.radix_cache import RadixCache
 from baton.services.engine.scheduling.scheduler import Scheduler
 
 CPU_DEFAULT_KV_TOKENS = 16384
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,9 +88,12 @@ def resolve_model_path(config: EngineConfig) -> Path:
 
 
 def kv_cache_tokens(config: EngineConfig, layout_bytes_per_token: int, device: torch.device,
-                    model: Any = None, dtype: torch.dtype = torch.float32, max_model_len: int = 0) -> int:
+                    model: Any = None, dtype: torch.dtype = torch.float32, max_model_len: int = 0,
+                    kv_dtype: torch.dtype | None = None) -> int:
     """KV pool size in tokens: the explicit budget; 16384 on CPU; on CUDA what fits in this
-    process's share of the GPU once the weights and the profiled largest step are counted."""
+    process's share of the GPU once the weights and the profiled largest step are counted,
+    divided by `layout_bytes_per_token` (which counts the cache's element size: an fp8 cache,
+    `kv_dtype`, holds twice the tokens of a bf16 one in the same bytes)."""
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens
     if device.type != "cuda":
@@ -98,7 +105,7 @@ def kv_cache_tokens(config: EngineConfig, layout_bytes_per_token: int, device: t
     profile = gpu_memory.profile_step_memory(
         model, dtype, device, config.page_size, max_model_len, config.max_num_batched_tokens, config.prefill_chunk,
         config.max_running_requests,
-        lambda kv: make_attention_backend(kv, cfg.num_heads, cfg.head_dim, device))
+        lambda kv: make_attention_backend(kv, cfg.num_heads, cfg.head_dim, device), kv_dtype=kv_dtype)
     sizes = config.cuda_graph_batch_sizes
     graphs = 0
     if sizes and getattr(model, "fused", False):  # graphs need the fused model (and the Triton backend)
@@ -112,6 +119,14 @@ def kv_cache_tokens(config: EngineConfig, layout_bytes_per_token: int, device: t
     if available < layout_bytes_per_token * config.page_size:
         raise ValueError("no GPU memory left for one KV page in this process's share; raise --mem-fraction-static")
     return int(available // layout_bytes_per_token)
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """ValueError on a GPU whose Triton has no float8 e4m3 (compute capability below 8.9)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"--kv-cache-dtype fp8_e4m3 needs a GPU of compute capability 8.9 or newer (Ada, "
+                         f"Hopper); this one is {major}.{minor}: use --kv-cache-dtype auto")
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -134,7 +149,11 @@ def make_attention_backend(kv_cache: KVCache, num_heads: int, head_dim: int,
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
-    """Load the model and size the KV cache as the config says."""
+    """Load the model and size the KV cache as the config says (`tp_size` > 1: rank 0 of a
+    tensor-parallel engine, which starts the other ranks: parallel/launch.py)."""
+    if config.tp_size > 1:
+        from baton.services.engine.parallel.launch import build_tp_engine_parts
+        return build_tp_engine_parts(config)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.random_seed)
@@ -152,12 +171,22 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         torch.cuda.empty_cache()  # the KV pool is sized from what this process holds: return loader leftovers
     max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
+    kv_dtype = kv_storage_dtype(config.kv_cache_dtype, dtype)
+    scales, scales_source = (), ""
+    if is_fp8(kv_dtype):
+        check_fp8_device(device)
+        from baton.services.engine.kv_scales import resolve_kv_scales
+        scales, scales_source = resolve_kv_scales(
+            path, model, tokenizer, device, dtype, config.page_size, max_model_len,
+            lambda kv: make_attention_backend(kv, model_config.num_heads, model_config.head_dim, device))
+        log.info("fp8 KV cache: scales from the %s (%.3g..%.3g)", scales_source, min(scales), max(scales))
     probe = KVLayout(model_config.num_layers, 1, config.page_size, model_config.num_kv_heads,
-                     model_config.head_dim, dtype)
-    tokens = kv_cache_tokens(config, probe.bytes_per_token, device, model, dtype, max_model_len)
+                     model_config.head_dim, kv_dtype, scales)
+    tokens = kv_cache_tokens(config, probe.bytes_per_token, device, model, dtype, max_model_len, kv_dtype)
     layout = KVLayout(model_config.num_layers, max(1, tokens // config.page_size), config.page_size,
-                      model_config.num_kv_heads, model_config.head_dim, dtype)
+                      model_config.num_kv_heads, model_config.head_dim, kv_dtype, scales)
     kv_cache = KVCache(layout, device)
+    kv_cache.scales_source = scales_source
     backend = make_attention_backend(kv_cache, model_config.num_heads, model_config.head_dim, device)
     pool = BlockPool(layout.num_blocks)
     cache_class = NullPrefixCache if config.disable_radix_cache else RadixCache

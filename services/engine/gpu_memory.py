@@ -114,9 +114,11 @@ def _dummy_request(name: str, length: int, blocks: list[int], vocab_size: int):
 @torch.inference_mode()
 def profile_step_memory(model, dtype: torch.dtype, device: torch.device, page_size: int, max_model_len: int,
                         max_num_batched_tokens: int, prefill_chunk: int, max_running_requests: int,
-                        make_backend: Callable[[KVCache], object]) -> StepProfile:
+                        make_backend: Callable[[KVCache], object],
+                        kv_dtype: Optional[torch.dtype] = None) -> StepProfile:
     """Run the largest prefill step and the largest decode step (with sampling) on a throw-away
-    KV cache and measure how much reserved memory they grow by (CUDA; also compiles their kernels)."""
+    KV cache (of `kv_dtype`, default `dtype`; an fp8 one with unit scales) and measure how much
+    reserved memory they grow by (CUDA; also compiles their kernels)."""
     from baton.services.engine.runner.model_runner import ModelRunner
     from baton.services.engine.sampling.sampler import Sampler, SamplingRow
     from baton.services.engine.sampling_params import SamplingParams
@@ -127,7 +129,8 @@ def profile_step_memory(model, dtype: torch.dtype, device: torch.device, page_si
     lengths = [seq_len] * (budget // seq_len) + ([budget % seq_len] if budget % seq_len else [])
     rows = max(1, min(max_running_requests, budget))
     num_blocks = sum(-(-n // page_size) for n in lengths)
-    kv = KVCache(KVLayout(cfg.num_layers, num_blocks, page_size, cfg.num_kv_heads, cfg.head_dim, dtype), device)
+    kv = KVCache(KVLayout(cfg.num_layers, num_blocks, page_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype or dtype),
+                 device)
     runner = ModelRunner(model, make_backend(kv), page_size, device, max_model_len=max_model_len, max_rows=rows)
     sampler = Sampler()
     heavy = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.01)

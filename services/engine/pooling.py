@@ -79,8 +79,7 @@ def _embed_one(engine, prompt: list[int], pooling: str) -> torch.Tensor:
             seq = SequenceSlice(query_start=0, query_len=end - start, prefix_len=start, context_slots=context)
             meta = AttentionMetadata(seqs=[seq], slot_mapping=slots, sliding_window=runner.sliding_window,
                                      block_tables=[blocks], page_size=page)
-            runner.backend.prepare(meta)
-            hidden = runner.model(ids, positions, runner.backend, meta).float()
+            hidden = runner.forward_hidden(ids, positions, meta).float()
             last = hidden[-1]
             part = hidden.sum(dim=0)
             total = part if total is None else total + part

@@ -2,8 +2,9 @@
 
 What an engine moves is a `RegisteredMemory` (memory.py: named regions of tensors, each with
 its block geometry; a worker describes its KV cache as the "kv" region). Backends: `tcp`
-(pyzmq, host memory; tcp.py) and `nixl` (NIXL over UCX; nixl.py, which loads the NIXL
-library only when such an engine is built). Build one with
+(pyzmq, host memory; tcp.py), `nixl` (NIXL over UCX; nixl.py, which loads the NIXL
+library only when such an engine is built), `cuda_ipc` (one host's GPUs; cuda_ipc.py) and
+`nccl` (torch.distributed send / recv per peer pair: NCCL on GPUs, gloo on CPU; nccl.py). Build one with
 `create_transfer_engine(backend, worker_id, memory)` (factory.py). The tcp port authenticates
 its peers with a key derived from the cluster secret (`auth_key`, peer_auth.py).
 """

@@ -185,7 +185,7 @@ class TransferEngine(ABC):
     def forget(self, transfer_id: str) -> None:
         """Drop the receive-side bookkeeping of `transfer_id` and fence it: a write of it that
         arrives later is refused instead of landing in blocks the caller may have freed and
-        handed to another request. Once this returns, no write of it lands (tcp; the
+        handed to another request. Once this returns, no write of it lands (tcp, nccl; the
         one-sided backends, nixl and cuda_ipc, write without the receiver's say)."""
         with self._inbound_cond:
             self._inbound.pop(transfer_id, None)

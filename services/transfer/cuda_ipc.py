@@ -127,8 +127,9 @@ class CudaIpcTransferEngine(TcpTransferEngine):
             with torch.cuda.stream(self._stream):
                 src_idx = torch.tensor(src, dtype=torch.long).to(device, non_blocking=True)
                 dst_idx = torch.tensor(dst, dtype=torch.long).to(device, non_blocking=True)
-                for (local, _), target in zip(self.memory.tensor_blocks(), remote):
-                    target.index_copy_(0, dst_idx, local.index_select(0, src_idx))
+                for (local, _), target in zip(self.memory.tensor_blocks(), remote):  # raw bytes, fp8 too
+                    rows = local.view(torch.uint8).index_select(0, src_idx)
+                    target.view(torch.uint8).index_copy_(0, dst_idx, rows)
             self._stream.synchronize()  # the bytes are in the peer's memory before it hears of them
         header = json.dumps({"transfer_id": transfer_id, "target_epoch": peer.epoch, "source": self.worker_id,
                              "dst": dst, "ipc": True, "nbytes": nbytes}).encode()

@@ -22,8 +22,8 @@ from baton.services.transfer.memory import (
     layout_mismatches,
 )
 
-BACKENDS = ("tcp", "nixl", "cuda_ipc")
-_BACKEND_TO_PROTO = {"tcp": kv_pb2.TCP, "nixl": kv_pb2.NIXL, "cuda_ipc": kv_pb2.CUDA_IPC}
+BACKENDS = ("tcp", "nixl", "cuda_ipc", "nccl")
+_BACKEND_TO_PROTO = {"tcp": kv_pb2.TCP, "nixl": kv_pb2.NIXL, "cuda_ipc": kv_pb2.CUDA_IPC, "nccl": kv_pb2.NCCL}
 _PROTO_TO_BACKEND = {v: k for k, v in _BACKEND_TO_PROTO.items()}
 
 
@@ -60,13 +60,15 @@ def layout_to_proto(layout: MemoryLayout) -> kv_pb2.KVLayout:
     sizes = kv_sizes(layout)
     return kv_pb2.KVLayout(
         num_layers=sizes["num_layers"], page_size=sizes["page_size"], num_kv_heads=sizes["num_kv_heads"],
-        head_dim=sizes["head_dim"], dtype=dtype_name(sizes["dtype"]), num_blocks=sizes["num_blocks"])
+        head_dim=sizes["head_dim"], dtype=dtype_name(sizes["dtype"]), num_blocks=sizes["num_blocks"],
+        scales=layout.regions[0].scales)
 
 
 def layout_from_proto(msg: kv_pb2.KVLayout) -> MemoryLayout:
     return MemoryLayout((kv_region_layout(
         num_layers=msg.num_layers, num_blocks=msg.num_blocks, page_size=msg.page_size,
-        num_kv_heads=msg.num_kv_heads, head_dim=msg.head_dim, dtype=dtype_from_name(msg.dtype)),))
+        num_kv_heads=msg.num_kv_heads, head_dim=msg.head_dim, dtype=dtype_from_name(msg.dtype),
+        scales=tuple(msg.scales)),))
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,9 @@ class PeerDescriptor:
     worker_id: str
     epoch: int
     backend: str
-    """"tcp", "nixl" or "cuda_ipc"."""
+    """"tcp", "nixl", "cuda_ipc" or "nccl"."""
     metadata: bytes
-    """Backend-specific: the zmq endpoint (tcp, cuda_ipc) or packed NIXL metadata (nixl)."""
+    """Backend-specific: the zmq endpoint (tcp, cuda_ipc, nccl) or packed NIXL metadata (nixl)."""
     layout: MemoryLayout
     """The peer's registered memory (what `connect` compares with its own)."""
 

@@ -15,7 +15,9 @@ Invariants:
 - A region's tensors are listed in row-major order of its `tensor_dims` (the KV region:
   K_0, V_0, K_1, V_1, ...); a memory's tensors are its regions' tensors in region order.
 - Every tensor of a memory lives on one device (DRAM or one GPU).
-- Two peers may move blocks only when their layouts agree on everything but `num_blocks`.
+- Two peers may move blocks only when their layouts agree on everything but `num_blocks`
+  (dtype and scales included: blocks move as raw bytes, an fp8 block means its values only
+  under the scales it was written with).
 """
 from __future__ import annotations
 
@@ -90,6 +92,10 @@ class RegionLayout:
     """Named axes over the region's tensors, outermost first (tensors in row-major order)."""
     geometry: BlockGeometry
     """How each of its tensors is cut into blocks."""
+    scales: tuple[float, ...] = ()
+    """Dequantisation multipliers the owner applies to the stored elements (an fp8 KV cache: one
+    per layer, K or V and head, in the owner's order); empty when the stored values are the values.
+    Blocks move as raw bytes, so two peers must agree on them exactly."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -156,9 +162,19 @@ def layout_mismatches(local: MemoryLayout, remote: MemoryLayout) -> list[str]:
         if mine.geometry.dtype != theirs.geometry.dtype:
             out.append(f"{mine.name}.dtype: local={dtype_name(mine.geometry.dtype)} "
                        f"remote={dtype_name(theirs.geometry.dtype)}")
+        elif mine.scales != theirs.scales:
+            out.append(_scales_mismatch(mine.name, mine.scales, theirs.scales))
     names = {r.name for r in local.regions}
     out += [f"region {r.name!r}: remote only" for r in remote.regions if r.name not in names]
     return out
+
+
+def _scales_mismatch(name: str, local: tuple[float, ...], remote: tuple[float, ...]) -> str:
+    if len(local) != len(remote):
+        return f"{name}.scales: local has {len(local)} remote has {len(remote)}"
+    first = next(i for i, (a, b) in enumerate(zip(local, remote)) if a != b)
+    count = sum(a != b for a, b in zip(local, remote))
+    return f"{name}.scales[{first}]: local={local[first]:.6g} remote={remote[first]:.6g} ({count} differ)"
 
 
 @dataclass(frozen=True)
@@ -219,11 +235,12 @@ class RegisteredMemory:
 
 
 def kv_region_layout(*, num_layers: int, num_blocks: int, page_size: int, num_kv_heads: int, head_dim: int,
-                     dtype: torch.dtype) -> RegionLayout:
-    """The KV-cache region: a K and a V tensor per layer, blocks of page_size tokens."""
+                     dtype: torch.dtype, scales: tuple[float, ...] = ()) -> RegionLayout:
+    """The KV-cache region: a K and a V tensor per layer, blocks of page_size tokens (`scales`:
+    an fp8 cache's dequantisation multipliers, as `RegionLayout.scales`)."""
     return RegionLayout(KV_REGION, ((KV_TENSOR_DIMS[0], num_layers), (KV_TENSOR_DIMS[1], 2)),
                         BlockGeometry(num_blocks, tuple(zip(KV_BLOCK_DIMS, (page_size, num_kv_heads, head_dim))),
-                                      dtype))
+                                      dtype), tuple(float(s) for s in scales))
 
 
 def kv_sizes(layout: MemoryLayout) -> dict[str, Any]:

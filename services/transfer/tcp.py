@@ -315,9 +315,10 @@ class TcpTransferEngine(TransferEngine):
             if n:
                 device = self.memory.device
                 idx = torch.tensor(dst, dtype=torch.long, device=device)
-                for frame, (blocks, region) in zip(payload, tensors):
-                    staging = torch.frombuffer(frame.buffer, dtype=region.geometry.dtype)
-                    blocks.index_copy_(0, idx, staging.view(n, -1).to(device))
+                for frame, (blocks, _) in zip(payload, tensors):
+                    # raw bytes (any dtype, fp8 included: index_copy_ has no float8 kernel on CPU)
+                    staging = torch.frombuffer(frame.buffer, dtype=torch.uint8)
+                    blocks.view(torch.uint8).index_copy_(0, idx, staging.view(n, -1).to(device))
                 if device.type == "cuda":
                     torch.cuda.current_stream(device).synchronize()
             self._landed(transfer_id, sum(expected))

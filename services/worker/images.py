@@ -11,11 +11,21 @@ Owns, for a prefill or decode worker serving a vision-language model:
   (unreachable, erroring, a transfer that does not land) is retried on the next, and none
   left is NO_WORKER naming each failure. It never runs the tower then. Without encoders
   (the colocated baseline) it runs the folder's tower itself, off the engine thread.
+
+Late writes. Each fetch attempt has its own rendezvous id (`rid/images/<nonce>`), and an
+attempt that ends without its embeddings (encoder error, deadline, cancellation) must not
+let the encoder's write land in blocks already handed to another request. The tcp receiver
+refuses a fenced id (`TransferEngine.forget`, called before the blocks are freed), so its
+blocks go back at once. A one-sided backend (nixl) writes without the receiver's say: there
+the blocks of a failed attempt stay out of the free list (quarantined) until the encoder's
+deadline for that attempt, plus `late_write_grace_s`, has passed (the encoder starts no
+write after its deadline).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -37,15 +47,25 @@ log = logging.getLogger(__name__)
 LANDING_BYTES = 64 * 1024 * 1024
 """Default size of a worker's embedding landing arena."""
 
+LATE_WRITE_GRACE_S = 10.0
+"""How long past an attempt's encoder deadline its blocks stay quarantined (one-sided backends)."""
+
+FENCING_BACKENDS = frozenset({"tcp"})
+"""Transfer backends whose receiver refuses a write of a forgotten id (two-sided)."""
+
 
 class WorkerImages:
     """Image handling of one worker (only for a vision-language model)."""
 
     def __init__(self, encoder: ImageEncoder, arena: EmbeddingArena, transfer: TransferEngine, role: str,
-                 registry, credentials, encoder_timeout_s: float = 30.0) -> None:
+                 registry, credentials, encoder_timeout_s: float = 30.0,
+                 late_write_grace_s: float = LATE_WRITE_GRACE_S) -> None:
         self.encoder, self.arena, self.transfer = encoder, arena, transfer
         self.role, self.credentials = role, credentials
         self.encoder_timeout_s = encoder_timeout_s
+        self.late_write_grace_s = late_write_grace_s
+        self.quarantined_blocks = 0
+        """Landing blocks of failed attempts held back from the free list (one-sided backends)."""
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.local_images = Counter("baton_worker_images_encoded_locally", "Images this worker ran through its "
                                     "own vision tower (no encoder configured)", ["role"],
@@ -120,8 +140,11 @@ class WorkerImages:
     async def _fetch(self, address: str, request_id: str, images: Sequence[worker_pb2.ImageInput],
                      deadline: float) -> list[torch.Tensor]:
         """Have the encoder at `address` write the embeddings into the landing arena; read them out."""
-        blocks = []
-        rendezvous = f"{request_id}/images/{time.monotonic_ns()}"
+        blocks: list[list[int]] = []
+        rendezvous = f"{request_id}/images/{time.monotonic_ns()}"  # per attempt: a retry is not fenced by this one
+        landed = False
+        timeout = max(0.001, min(self.encoder_timeout_s, deadline - time.monotonic()))
+        encoder_deadline = time.monotonic() + timeout  # the encoder's own deadline starts later than this
         try:
             try:
                 blocks = [self.arena.allocate(i.num_tokens) for i in images]
@@ -129,7 +152,6 @@ class WorkerImages:
                 raise BatonError(ErrorCode.OVERLOADED, f"embedding landing arena: {error}") from None
             destination = kv_pb2.KVDestination(rendezvous_id=rendezvous, peer=self.transfer.descriptor().to_proto(),
                                                block_ids=[b for run in blocks for b in run])
-            timeout = max(0.001, min(self.encoder_timeout_s, deadline - time.monotonic()))
             request = worker_pb2.EncodeRequest(request_id=request_id, images=[i.data for i in images],
                                                destination=destination, timeout_ms=int(timeout * 1000))
             try:
@@ -144,11 +166,34 @@ class WorkerImages:
             state = await asyncio.to_thread(self.transfer.wait_received, rendezvous, min(left, 10.0))
             if state is not TransferState.SUCCESS:
                 raise BatonError(ErrorCode.TRANSFER_FAILED, f"embeddings did not arrive (state {state.name})")
-            return [self.arena.load(run, i.num_tokens) for run, i in zip(blocks, images)]
+            out = [self.arena.load(run, i.num_tokens) for run, i in zip(blocks, images)]
+            landed = True
+            return out
         finally:
-            self.transfer.forget(rendezvous)
+            self.transfer.forget(rendezvous)  # fenced before the blocks are freed: a late tcp write is refused
+            self._release(blocks, None if landed or self.transfer.backend in FENCING_BACKENDS
+                          else encoder_deadline + self.late_write_grace_s)
+
+    def _release(self, blocks: list[list[int]], hold_until: Optional[float]) -> None:
+        """Free the landing blocks now, or (a failed attempt on a one-sided backend) once no
+        write of that attempt can still arrive."""
+        if not blocks:
+            return
+        if hold_until is None:
             for run in blocks:
                 self.arena.free(run)
+            return
+        count = sum(map(len, blocks))
+        self.quarantined_blocks += count
+
+        def release() -> None:
+            self.quarantined_blocks -= count
+            for run in blocks:
+                self.arena.free(run)
+        try:
+            asyncio.get_running_loop().call_later(max(0.0, hold_until - time.monotonic()), release)
+        except RuntimeError:  # no loop (called from a thread): a plain timer
+            threading.Timer(max(0.0, hold_until - time.monotonic()), release).start()
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)

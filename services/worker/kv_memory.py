@@ -5,6 +5,7 @@ Owns the conversion from the engine's `KVLayout` / `KVCache` to transfer's `Regi
 The region registers the cache's own tensors, no copies, in the order K_0, V_0, K_1, V_1, ...;
 a block is one page of one layer's K (or V): page_size x num_kv_heads x head_dim elements,
 a contiguous byte range of the flat [num_blocks * page_size, num_kv_heads, head_dim] tensor.
+An fp8 cache's scales travel in the region layout, so peers with other scales refuse each other.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from baton.services.transfer.memory import MemoryRegion, RegionLayout, Registere
 def kv_region(layout: KVLayout) -> RegionLayout:
     """The transfer layout of a KV cache shaped by `layout`."""
     return kv_region_layout(num_layers=layout.num_layers, num_blocks=layout.num_blocks, page_size=layout.page_size,
-                            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype)
+                            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
+                            scales=layout.scales)
 
 
 def register_kv_cache(cache: KVCache) -> RegisteredMemory:

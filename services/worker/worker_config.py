@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-TransferName = Literal["tcp", "nixl", "cuda_ipc"]
+TransferName = Literal["tcp", "nixl", "cuda_ipc", "nccl"]
 
 
 @dataclass(frozen=True)
@@ -12,7 +12,7 @@ class WorkerConfig:
     """How a worker hands KV blocks over and how long it waits for each hop."""
 
     transfer: TransferName = "tcp"
-    """KV transfer backend: tcp (pyzmq, host memory), nixl (UCX; DRAM on CPU, VRAM on GPU) or cuda_ipc (GPU to GPU on one host)."""
+    """KV transfer backend: tcp (pyzmq, host memory), nixl (UCX; DRAM on CPU, VRAM on GPU), cuda_ipc (GPU to GPU on one host) or nccl (torch.distributed send/recv: NCCL between GPUs, gloo on CPU)."""
     transfer_timeout_s: float = 30.0
     """Longest a KV transfer (handshake + write) may take before it fails."""
     prefill_timeout_s: float = 120.0
@@ -40,8 +40,8 @@ class WorkerConfig:
     """Grammars compiled at once (each in its own thread); a compile past its time limit keeps its slot until it ends."""
 
     def __post_init__(self) -> None:
-        if self.transfer not in ("tcp", "nixl", "cuda_ipc"):
-            raise ValueError("transfer must be tcp, nixl or cuda_ipc")
+        if self.transfer not in ("tcp", "nixl", "cuda_ipc", "nccl"):
+            raise ValueError("transfer must be tcp, nixl, cuda_ipc or nccl")
         if self.transfer_timeout_s <= 0 or self.prefill_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
         if self.gil_switch_interval_s < 0:

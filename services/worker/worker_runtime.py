@@ -110,13 +110,17 @@ class WorkerRuntime:
     async def load(self, worker_id: str) -> None:
         """Load the model and start the engine thread and the transfer engine."""
         from baton.services.engine.disagg import DisaggEngine
+        if self.engine_config.tp_size > 1 and self.role_name == "prefill":  # rank 0 holds 1/tp of the KV heads
+            raise ValueError(f"--tp {self.engine_config.tp_size} on a prefill worker: handing off a tensor-parallel "
+                             "KV cache (each rank holds its share of the heads) is not built yet; run prefill "
+                             "workers with --tp 1, or decode workers alone (docs/parallel.md)")
         self.worker_id = self.config.worker_id or worker_id
         engine = await asyncio.to_thread(DisaggEngine, self.engine_config)
         self.transfer = await asyncio.to_thread(create_transfer_engine, self.config.transfer, self.worker_id,
                                                 register_kv_cache(engine.kv_cache), **self._transfer_options())
         if engine.model_config.multimodal:
             from baton.services.worker.images import WorkerImages
-            backend = "tcp" if self.config.transfer == "cuda_ipc" else self.config.transfer  # the arena is host memory
+            backend = "tcp" if self.config.transfer in ("cuda_ipc", "nccl") else self.config.transfer  # host memory
             self.images = await asyncio.to_thread(
                 WorkerImages.create, str(engine.parts.model_path), engine.runner.device, engine.parts.dtype,
                 self.role_name, self.worker_id, backend, self._transfer_options(), self.metrics.registry,
@@ -132,7 +136,7 @@ class WorkerRuntime:
         """Where the tcp backend listens and what it advertises (nixl picks its own addresses), and the
         key its handshake proves (derived from the cluster secret; empty for an open cluster)."""
         auth = {"auth_key": derive_key(self.credentials.secret, "kv transfer")}
-        if self.config.transfer not in ("tcp", "cuda_ipc"):  # cuda_ipc's control plane is tcp's
+        if self.config.transfer not in ("tcp", "cuda_ipc", "nccl"):  # cuda_ipc's and nccl's control plane is tcp's
             return auth
         return {"host": self.config.transfer_host or self.server_host,
                 "advertise_host": self.config.advertise_host or None, **auth}

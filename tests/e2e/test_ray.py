@@ -198,3 +198,40 @@ def test_decode_actor_killed_mid_stream_is_survived_and_comes_back(up, expected)
         assert time.monotonic() < deadline, up.targets.read_text()
         time.sleep(0.2)
     assert f"{victim} restarted; serving on {new}" in up.log()
+
+
+def test_an_encoder_actor_serves_and_the_routers_encoder_pool_finds_it_through_ray(ray_cluster, tmp_path_factory):
+    """`baton up --ray --encoders N`'s encoder actor (a tiny LLaVA on CPU): SERVING through the
+    actor, found by the router's encoder pool through Ray (`--discover-encoders PREFIX-encoder:0`),
+    healthy there, and gone from it once drained."""
+    from baton.deploy.ray_launcher import WorkerActor
+    from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
+    from baton.router.encoders import EncoderPool
+    from baton.router.ray_discovery import RayWorkerResolver
+    from baton.services.common.server import ServerConfig
+    from baton.services.engine.config import EngineConfig
+    from baton.services.worker.worker_config import WorkerConfig
+    from tests.helpers.tiny_models import make_tiny_vlm
+    folder = make_tiny_vlm("llava", tmp_path_factory.mktemp("ray-vlm") / "llava")
+    name = "e2e-encoder-0"
+    actor = ray.remote(WorkerActor).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0).remote(
+        name, "encoder", EngineConfig(model=str(folder), device="cpu", dtype="float32", num_threads=1),
+        WorkerConfig(transfer="tcp"), ServerConfig(port=0, metrics_port=0), 120.0)
+    try:
+        address = ray.get(actor.info.remote(), timeout=150)["address"]
+
+        async def check() -> None:
+            pool = EncoderPool([], "min_load", discover="e2e-encoder:0", resolver=RayWorkerResolver(NAMESPACE))
+            await pool.rediscover()
+            await pool.check_all()
+            assert list(pool.encoders) == [address] and pool.encoders[address].healthy
+            async with grpc.aio.insecure_channel(address) as channel:
+                info = await worker_pb2_grpc.EncoderStub(channel).Info(worker_pb2.WorkerInfoRequest(), timeout=10)
+            assert info.role == worker_pb2.ENCODER and info.ready
+            await asyncio.to_thread(lambda: ray.get(actor.drain.remote(), timeout=60))
+            await pool.rediscover()  # a drained actor answers no address: dropped
+            assert not pool.encoders
+            await pool.stop()
+        asyncio.run(check())
+    finally:
+        ray.kill(actor, no_restart=True)

@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 from baton.services.engine import LLM, SamplingParams  # noqa: E402
 from baton.services.engine.request import Request  # noqa: E402
 from baton.services.engine.scheduling.scheduler import ScheduledItem  # noqa: E402
+from baton.services.engine.runner.piecewise_graph import piecewise_buckets  # noqa: E402
 from tests.helpers.tiny_models import VOCAB, make_tiny_model  # noqa: E402
 
 MAX_TOKENS = 256
@@ -46,7 +47,8 @@ def test_piecewise_steps_equal_eager(folder, dtype):
     llm = LLM(model=str(folder), device="cuda", dtype=dtype, kv_cache_tokens=16384, page_size=16,
               piecewise_cuda_graph_max_tokens=MAX_TOKENS)
     runner, pool, cache = llm.engine.runner, llm.engine.pool, llm.engine.kv_cache
-    assert runner.piecewise is not None and runner.piecewise.buckets == [16, 32, 64, 128, 256]
+    assert runner.piecewise is not None and runner.piecewise.buckets == piecewise_buckets(MAX_TOKENS)
+    assert runner.piecewise.buckets == [16, 32, 48, 64, 96, 128, 160, 192, 224, 256]
     rng = random.Random(7)
     free = iter(range(pool.num_blocks))
     decoding = [_request(rng, 100 + i, rng.choice([5, 40, 90]), free) for i in range(6)]

@@ -2,7 +2,9 @@
 prompt tokens than `prefill_backlog_limit`), the router prefills requests on their decode worker
 instead of queueing them behind the others; with the limit off, every long prompt goes through
 the prefill worker. Real router core, simulated workers (services/sim) with a slow prefill that
-runs one request at a time; every stream still equals the workers' deterministic tokens."""
+runs one request at a time; every stream still equals the workers' deterministic tokens. The
+backlog is the larger of the last load report and the router's own count of prompt tokens sent
+to the prefill worker and not yet answered with a first token."""
 import asyncio
 
 from baton.protos.baton.v1 import common_pb2, worker_pb2
@@ -22,19 +24,20 @@ def _paths(core: RouterCore) -> dict[str, float]:
     return {path: core.metrics.paths.labels(path=path)._value.get() for path in ("disaggregated", "decode_only")}
 
 
-def _run(limit: int) -> dict[str, float]:
+def _run(limit: int, health_interval_s: float = 0.1, spacing_s: float = 0.05) -> dict[str, float]:
     async def scenario():
         cluster = await SimCluster(SimConfig(sim_prefills=0, sim_decodes=1), SLOW_PREFILL).start()
         await cluster.add(worker_pb2.PREFILL, sim_max_running=1)  # prefills one prompt at a time: a queue forms
         addresses = cluster.addresses()
         core = RouterCore(RouterConfig(prefill=",".join(addresses["prefill"]), decode=",".join(addresses["decode"]),
-                                       decode_only_threshold=10, prefill_backlog_limit=limit, health_interval_s=0.1))
+                                       decode_only_threshold=10, prefill_backlog_limit=limit,
+                                       health_interval_s=health_interval_s))
         await core.start()
         await core.registry.wait_first_check(10)
         prompts = groups(4, 16, 150)
 
         async def one(i: int, prompt: list[int]) -> None:
-            await asyncio.sleep(0.05 * i)  # arrivals spread over the first prefills, so load reports see the queue
+            await asyncio.sleep(spacing_s * i)  # arrivals spread over the first prefills, so load reports see the queue
             tokens = []
             async for chunk in core.generate(RouterRequest(f"r{i}", prompt, common_pb2.SamplingParams(max_tokens=4),
                                                            timeout_s=60)):
@@ -57,3 +60,11 @@ def test_a_backed_up_prefill_worker_sends_requests_decode_only():
 
 def test_without_the_limit_every_long_prompt_is_disaggregated():
     assert _run(limit=0) == {"disaggregated": 16, "decode_only": 0}
+
+
+def test_the_routers_own_count_sees_a_burst_between_load_reports():
+    """One load report (at start, empty) and then none for 30 s: a burst of 16 long prompts is
+    still spread, because the router counts the prompt tokens it has sent to the prefill worker
+    and not yet seen a first token for."""
+    paths = _run(limit=400, health_interval_s=30, spacing_s=0.0)
+    assert paths["disaggregated"] >= 1 and paths["decode_only"] >= 8, paths

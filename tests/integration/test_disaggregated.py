@@ -26,7 +26,7 @@ def colocated(model):
     return LLM(model=str(model), page_size=PAGE, kv_cache_tokens=4096, chunked_prefill_size=CHUNK, num_threads=1)
 
 
-@pytest.fixture(scope="module", params=["tcp", "nixl"])
+@pytest.fixture(scope="module", params=["tcp", "nixl", "nccl"])  # nccl: over gloo on the CPU
 def cluster(request, model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"cluster-{request.param}")
     prefill = start_worker("prefill", model, tmp, transfer=request.param, chunked_prefill_size=CHUNK)

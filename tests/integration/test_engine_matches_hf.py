@@ -107,3 +107,43 @@ def test_sharded_checkpoint_with_index_loads_and_matches(tmp_path, hf_model, mak
     assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 2
     llm = make_llm(folder, page_size=4, kv_cache_tokens=1024)
     assert_matches_hf(llm, hf_model(folder), mixed_prompts(seed=7, count=4))
+
+
+def run_steps(engine, arrivals: dict[int, dict[str, list[int]]], params) -> tuple[dict[str, list[int]], list]:
+    """Step the engine, adding arrivals[step] before that step; (tokens per request, schedules)."""
+    tokens: dict[str, list[int]] = {}
+    schedules = []
+    step = 0
+    while engine.has_unfinished() or step <= max(arrivals):
+        for rid, prompt in arrivals.get(step, {}).items():
+            engine.add_request(rid, prompt, params)
+        for delta in engine.step():
+            tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+        schedules.append(engine.last_schedule)
+        step += 1
+    for delta in engine.flush():
+        tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+    return tokens, schedules
+
+
+def test_mixed_prefill_chunks_and_decodes_equal_each_request_alone(tiny_model, hf_model, make_llm):
+    """Steps that carry decode tokens together with several prefill chunks of different lengths
+    (first chunks and later ones, with cached prefixes) give each request the tokens it gets alone."""
+    folder = tiny_model("llama3_rope")
+    rng = random.Random(8)
+    prompt = lambda n: [rng.randrange(3, VOCAB) for _ in range(n)]  # noqa: E731
+    arrivals = {0: {"d0": prompt(5), "d1": prompt(9)},
+                3: {"p0": prompt(70), "p1": prompt(30), "p2": prompt(11)},
+                5: {"p3": prompt(45), "p4": prompt(2)}}
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    llm = make_llm(folder, page_size=4, kv_cache_tokens=4096, chunked_prefill_size=24, max_num_batched_tokens=64)
+    tokens, schedules = run_steps(llm.engine, arrivals, params)
+    mixed = [s for s in schedules if sum(n == 1 for _, _, n in s) >= 2
+             and len({n for _, _, n in s if n > 1}) >= 2 and any(start > 0 for _, start, n in s if n > 1)]
+    assert mixed, f"no step mixed decodes with prefill chunks of different lengths: {schedules}"
+    alone = make_llm(folder, page_size=4, kv_cache_tokens=4096, disable_radix_cache=True)
+    hf = hf_model(folder)
+    for rid, p in (item for step in arrivals.values() for item in step.items()):
+        expected = alone.generate([p], params)[0].outputs[0].token_ids
+        assert tokens[rid] == expected, f"{rid} ({len(p)} prompt tokens) diverged in the mixed run"
+        assert expected == hf_greedy(hf, p, 16, ignore_eos=True)

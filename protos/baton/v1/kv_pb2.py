@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61ton/protos/baton/v1/kv.proto\x12\x08\x62\x61ton.v1\"|\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\"\x92\x01\n\x0cTransferPeer\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12*\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x19.baton.v1.TransferBackend\x12\x10\n\x08metadata\x18\x04 \x01(\x0c\x12\"\n\x06layout\x18\x05 \x01(\x0b\x32\x12.baton.v1.KVLayout\"t\n\rKVDestination\x12\x15\n\rrendezvous_id\x18\x01 \x01(\t\x12$\n\x04peer\x18\x02 \x01(\x0b\x32\x16.baton.v1.TransferPeer\x12\x13\n\x0bstart_token\x18\x03 \x01(\r\x12\x11\n\tblock_ids\x18\x04 \x03(\r\"\x84\x02\n\tKVHandoff\x12\x15\n\rrendezvous_id\x18\x01 \x01(\t\x12\x15\n\rsource_worker\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65stination_worker\x18\x03 \x01(\t\x12\x14\n\x0csource_epoch\x18\x04 \x01(\x04\x12\x19\n\x11\x64\x65stination_epoch\x18\x05 \x01(\x04\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12\"\n\x06layout\x18\x07 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12*\n\x07\x62\x61\x63kend\x18\x08 \x01(\x0e\x32\x19.baton.v1.TransferBackend\x12\x19\n\x11\x62ytes_transferred\x18\t \x01(\x04*^\n\x0fTransferBackend\x12 \n\x1cTRANSFER_BACKEND_UNSPECIFIED\x10\x00\x12\x07\n\x03TCP\x10\x01\x12\x08\n\x04NIXL\x10\x02\x12\x08\n\x04NCCL\x10\x03\x12\x0c\n\x08\x43UDA_IPC\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61ton/protos/baton/v1/kv.proto\x12\x08\x62\x61ton.v1\"\x8c\x01\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x0e\n\x06scales\x18\x07 \x03(\x02\"\x92\x01\n\x0cTransferPeer\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12*\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x19.baton.v1.TransferBackend\x12\x10\n\x08metadata\x18\x04 \x01(\x0c\x12\"\n\x06layout\x18\x05 \x01(\x0b\x32\x12.baton.v1.KVLayout\"t\n\rKVDestination\x12\x15\n\rrendezvous_id\x18\x01 \x01(\t\x12$\n\x04peer\x18\x02 \x01(\x0b\x32\x16.baton.v1.TransferPeer\x12\x13\n\x0bstart_token\x18\x03 \x01(\r\x12\x11\n\tblock_ids\x18\x04 \x03(\r\"\x84\x02\n\tKVHandoff\x12\x15\n\rrendezvous_id\x18\x01 \x01(\t\x12\x15\n\rsource_worker\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65stination_worker\x18\x03 \x01(\t\x12\x14\n\x0csource_epoch\x18\x04 \x01(\x04\x12\x19\n\x11\x64\x65stination_epoch\x18\x05 \x01(\x04\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12\"\n\x06layout\x18\x07 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12*\n\x07\x62\x61\x63kend\x18\x08 \x01(\x0e\x32\x19.baton.v1.TransferBackend\x12\x19\n\x11\x62ytes_transferred\x18\t \x01(\x04*^\n\x0fTransferBackend\x12 \n\x1cTRANSFER_BACKEND_UNSPECIFIED\x10\x00\x12\x07\n\x03TCP\x10\x01\x12\x08\n\x04NIXL\x10\x02\x12\x08\n\x04NCCL\x10\x03\x12\x0c\n\x08\x43UDA_IPC\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.protos.baton.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFERBACKEND']._serialized_start=700
-  _globals['_TRANSFERBACKEND']._serialized_end=794
-  _globals['_KVLAYOUT']._serialized_start=44
-  _globals['_KVLAYOUT']._serialized_end=168
-  _globals['_TRANSFERPEER']._serialized_start=171
-  _globals['_TRANSFERPEER']._serialized_end=317
-  _globals['_KVDESTINATION']._serialized_start=319
-  _globals['_KVDESTINATION']._serialized_end=435
-  _globals['_KVHANDOFF']._serialized_start=438
-  _globals['_KVHANDOFF']._serialized_end=698
+  _globals['_TRANSFERBACKEND']._serialized_start=717
+  _globals['_TRANSFERBACKEND']._serialized_end=811
+  _globals['_KVLAYOUT']._serialized_start=45
+  _globals['_KVLAYOUT']._serialized_end=185
+  _globals['_TRANSFERPEER']._serialized_start=188
+  _globals['_TRANSFERPEER']._serialized_end=334
+  _globals['_KVDESTINATION']._serialized_start=336
+  _globals['_KVDESTINATION']._serialized_end=452
+  _globals['_KVHANDOFF']._serialized_start=455
+  _globals['_KVHANDOFF']._serialized_end=715
 # @@protoc_insertion_point(module_scope)

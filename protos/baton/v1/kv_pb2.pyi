@@ -21,20 +21,22 @@ NCCL: TransferBackend
 CUDA_IPC: TransferBackend
 
 class KVLayout(_message.Message):
-    __slots__ = ("num_layers", "page_size", "num_kv_heads", "head_dim", "dtype", "num_blocks")
+    __slots__ = ("num_layers", "page_size", "num_kv_heads", "head_dim", "dtype", "num_blocks", "scales")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     page_size: int
     num_kv_heads: int
     head_dim: int
     dtype: str
     num_blocks: int
-    def __init__(self, num_layers: _Optional[int] = ..., page_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    scales: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, num_layers: _Optional[int] = ..., page_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., scales: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TransferPeer(_message.Message):
     __slots__ = ("worker_id", "epoch", "backend", "metadata", "layout")

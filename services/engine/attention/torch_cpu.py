@@ -4,7 +4,8 @@ and run scaled-dot-product attention.
 Single-token (decode) sequences are attended in one padded batch per layer with a length
 mask; multi-token (prefill / extend) sequences one by one with a causal (optionally
 sliding-window) mask. Grouped-query attention uses SDPA's `enable_gqa`, so keys and
-values are never repeated per query head.
+values are never repeated per query head. An fp8 cache is read through `KVCache.gather`
+(float8 storage dequantised into the query's dtype: float32 compute on CPU).
 """
 from __future__ import annotations
 
@@ -32,18 +33,16 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         self.kv_cache.write(layer, meta.slot_mapping, k, v)
-        keys, values = self.kv_cache.keys[layer], self.kv_cache.values[layer]
         out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
         if meta.plan is None:
             self.prepare(meta)
         extends, decode = meta.plan
         for seq in extends:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
-            ctx_k = keys.index_select(0, seq.context_slots)
-            ctx_v = values.index_select(0, seq.context_slots)
+            ctx_k, ctx_v = self.kv_cache.gather(layer, seq.context_slots, q.dtype)
             out[rows] = self._attend(q[rows], ctx_k, ctx_v, causal_mask(seq, meta.sliding_window, q.device))
         if decode is not None:
-            out[decode.rows] = decode.attend(q, keys, values, self.scale)
+            out[decode.rows] = decode.attend(q, self.kv_cache, layer, self.scale)
         return out
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -71,12 +70,13 @@ class DecodeBatch:
         self.mask = visible[:, None, None, :]
         self.rows = torch.tensor([s.query_start for s in seqs], device=device)
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention output [batch, Hq * D] of the decode rows of q."""
+    def attend(self, q: torch.Tensor, kv_cache: KVCache, layer: int, scale: float) -> torch.Tensor:
+        """Attention output [batch, Hq * D] of the decode rows of q over layer `layer` of the cache."""
         batch, longest = self.shape
-        heads, dim = keys.shape[1], keys.shape[2]
-        k = keys.index_select(0, self.slots).view(batch, longest, heads, dim).transpose(1, 2)
-        v = values.index_select(0, self.slots).view(batch, longest, heads, dim).transpose(1, 2)
+        k, v = kv_cache.gather(layer, self.slots, q.dtype)
+        heads, dim = k.shape[1], k.shape[2]
+        k = k.view(batch, longest, heads, dim).transpose(1, 2)
+        v = v.view(batch, longest, heads, dim).transpose(1, 2)
         qd = q.index_select(0, self.rows)[:, :, None, :]  # [batch, Hq, 1, D]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=self.mask, scale=scale, enable_gqa=True)
         return o.reshape(batch, -1)

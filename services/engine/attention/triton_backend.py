@@ -8,12 +8,15 @@ packed host buffer, one host-to-device copy) and every layer reuses them:
   the cached prefix and the step's own tokens through the block table.
 A mixed step launches both, each writing its own rows of the output. New K/V are stored
 into the cache first (`KVCache.write`), so the kernels read every key from the cache.
+An fp8 cache hands the kernels its per-layer scale tensors (fixed at start, so CUDA graphs
+capture them like any other static buffer).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
@@ -66,7 +69,8 @@ class TritonAttentionBackend(AttentionBackend):
         self.page_size = kv_cache.layout.page_size
         self.scale = head_dim ** -0.5
         self.device = kv_cache.keys[0].device
-        self.block_m = extend_blocks(head_dim, kv_cache.layout.dtype)[0]
+        compute = torch.bfloat16 if kv_cache.quantized else kv_cache.layout.dtype  # fp8: bf16 / fp16 queries
+        self.block_m = extend_blocks(head_dim, compute)[0]
         if self.device.type == "cuda":
             self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         else:  # the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors
@@ -100,7 +104,7 @@ class TritonAttentionBackend(AttentionBackend):
             add("e_prefix", [meta.seqs[i].prefix_len for i in extends], (len(extends),))
             add("e_tiles", extend_tiles([meta.seqs[i].query_len for i in extends], self.block_m,
                                         [meta.seqs[i].prefix_len for i in extends]), (-1,))
-        host = torch.tensor(packed, dtype=torch.int32)
+        host = torch.from_numpy(np.fromiter(packed, dtype=np.int32, count=len(packed)))  # faster than torch.tensor
         if self.device.type == "cuda":
             device_buf = to_device_async(host, self.device)
         else:
@@ -148,18 +152,22 @@ class TritonAttentionBackend(AttentionBackend):
         plan: TritonPlan = meta.plan
         if q.stride(2) != 1:
             q = q.contiguous()
-        keys, values = self.kv_cache.keys[layer], self.kv_cache.values[layer]
+        cache = self.kv_cache
+        keys, values = cache.keys[layer], cache.values[layer]
+        k_scale = cache.k_scale[layer] if cache.k_scale is not None else None
+        v_scale = cache.v_scale[layer] if cache.v_scale is not None else None
         if out is None:
             out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
         if plan.extend is not None:
             e = plan.extend
             extend_attention(q, keys, values, e.block_table, e.q_start, e.q_lens, e.prefix_lens, self.page_size,
-                             self.scale, tiles=e.tiles, out=out, sliding_window=meta.sliding_window)
+                             self.scale, tiles=e.tiles, out=out, sliding_window=meta.sliding_window,
+                             k_scale=k_scale, v_scale=v_scale)
         if plan.decode is not None:
             d = plan.decode
             decode_attention(q, keys, values, d.block_table, d.seq_lens, self.page_size, self.scale,
                              q_rows=d.rows, out=out, sliding_window=meta.sliding_window,
-                             num_splits=d.num_splits, workspace=d.workspace)
+                             num_splits=d.num_splits, workspace=d.workspace, k_scale=k_scale, v_scale=v_scale)
         return out
 
     def _blocks_of(self, seq: SequenceSlice) -> list[int]:

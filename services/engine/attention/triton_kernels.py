@@ -26,7 +26,10 @@ left varies with the model, page size and dtype, plus single- or multi-split dec
 Both accumulate in float32 (online softmax in base 2), take bf16 / fp16 / fp32 inputs,
 honour a sliding window (a key is visible when 0 <= q_pos - k_pos < window) and pad head
 dims that are not powers of two (80, 96, ...) with masks. Float32 inputs use exact IEEE
-dot products (no tf32).
+dot products (no tf32). Both read an fp8 (float8_e4m3fn) cache with per-KV-head scales
+(`k_scale` / `v_scale`, float32 [Hkv]): each K / V tile is converted to the query's dtype,
+which is exact, the K scale folds into the softmax scale and the V scale multiplies the
+accumulator once at the end, so the dots stay in the query's dtype (`KV_FP8`).
 """
 from __future__ import annotations
 
@@ -43,14 +46,14 @@ MASKED_MAX = tl.constexpr(-1.0e30)
 
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
-    Q, K, V, BlockTable, SeqLens, QRows, Out, MidO, MidLse,
+    Q, K, V, BlockTable, SeqLens, QRows, Out, MidO, MidLse, KScale, VScale,
     scale_log2, window, num_splits,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_bt, stride_ot,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -70,6 +73,9 @@ def _decode_split_kernel(
     row = tl.load(QRows + seq).to(tl.int64)
     q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    qk_scale = scale_log2
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(KScale + kv_head)
 
     m_i = tl.full([BLOCK_H], MASKED_MAX, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -83,11 +89,14 @@ def _decode_split_kernel(
         kv_mask = p_mask[:, None] & d_mask[None, :]
         k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:  # e4m3 -> bf16 / fp16 / fp32 is exact; the scales are applied outside the dots
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        qk = tl.where(p_mask[None, :], qk * scale_log2, float("-inf"))
+        qk = tl.where(p_mask[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
@@ -99,6 +108,8 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * tl.load(VScale + kv_head)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     if SINGLE_SPLIT:
         out = acc / l_safe[:, None]
@@ -138,11 +149,11 @@ def _decode_reduce_kernel(
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _extend_kernel(
-    Q, K, V, Out, BlockTable, QStart, QLen, PrefixLen, Tiles,
+    Q, K, V, Out, BlockTable, QStart, QLen, PrefixLen, Tiles, KScale, VScale,
     scale_log2, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, stride_ot,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     head = tl.program_id(0)
     tile = tl.program_id(1)
@@ -161,6 +172,9 @@ def _extend_kernel(
     rows = q_start + offs_m
     q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    qk_scale = scale_log2
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(KScale + kv_head)
 
     # keys up to the tile's last query (causal); with a window, from the first query's reach
     hi = prefix + tl.minimum(q_len, (m_block + 1) * BLOCK_M)
@@ -179,12 +193,15 @@ def _extend_kernel(
         kv_mask = k_mask[:, None] & d_mask[None, :]
         k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:  # e4m3 -> bf16 / fp16 / fp32 is exact; the scales are applied outside the dots
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
         visible = k_mask[None, :] & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
-        qk = tl.where(visible, qk * scale_log2, float("-inf"))
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
@@ -196,6 +213,8 @@ def _extend_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * tl.load(VScale + kv_head)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(Out + rows[:, None] * stride_ot + head * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
@@ -257,10 +276,25 @@ def _window_arg(sliding_window: int | None) -> int:
     return min(int(sliding_window), NO_WINDOW)
 
 
+def _kv_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None,
+               v_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(cache is fp8, K scale pointer, V scale pointer); an unscaled cache passes the cache itself
+    as a never-read placeholder."""
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if not fp8:
+        return False, k_cache, k_cache
+    assert k_scale is not None and v_scale is not None, "an fp8 KV cache needs k_scale and v_scale"
+    heads = k_cache.shape[1]
+    assert k_scale.dtype == v_scale.dtype == torch.float32 and k_scale.numel() == v_scale.numel() == heads
+    assert k_scale.is_contiguous() and v_scale.is_contiguous()
+    return True, k_scale, v_scale
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, page_size: int, scale: float, *, q_rows: torch.Tensor | None = None,
                      out: torch.Tensor | None = None, sliding_window: int | None = None, num_splits: int = 1,
-                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Single-token attention of each sequence over its paged context.
 
     q [T, Hq, D] (rows `q_rows[i]` are sequence i's query; default rows 0..batch-1),
@@ -269,6 +303,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     already in the cache). Writes out[q_rows[i]] ([T, Hq * D], q's dtype) and returns out.
     `workspace` = (mid_out float32 [batch, Hq, >= splits, D], mid_lse float32 [batch, Hq, >= splits],
     as `decode_workspace` makes them) may be passed in to avoid an allocation when num_splits > 1.
+    An fp8 (float8_e4m3fn) cache needs `k_scale` / `v_scale` (float32 [Hkv]: stored value * scale = value).
     """
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -294,13 +329,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         mid_o, mid_lse = workspace or decode_workspace(batch, num_heads, num_splits, head_dim, q.device)
         mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1))
     ieee = q.dtype == torch.float32
+    fp8, k_scale, v_scale = _kv_scales(k_cache, k_scale, v_scale)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, q_rows, out, mid_o, mid_lse,
+        q, k_cache, v_cache, block_table, seq_lens, q_rows, out, mid_o, mid_lse, k_scale, v_scale,
         scale * LOG2E, _window_arg(sliding_window), num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_table.stride(0), out.stride(0), *mid_strides,
         GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
-        BLOCK_N=block_n, SINGLE_SPLIT=single, IEEE=ieee, num_warps=4, num_stages=2,
+        BLOCK_N=block_n, SINGLE_SPLIT=single, IEEE=ieee, KV_FP8=fp8, num_warps=4, num_stages=2,
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -329,7 +365,8 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      q_start: torch.Tensor, q_lens: torch.Tensor, prefix_lens: torch.Tensor, page_size: int,
                      scale: float, *, tiles: torch.Tensor | None = None, out: torch.Tensor | None = None,
                      sliding_window: int | None = None, max_query_len: int | None = None,
-                     config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                     config: tuple[int, int, int, int] | None = None,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each sequence's new tokens over its cached prefix and, causally, each other.
 
     q [T, Hq, D]; sequence i's new tokens are rows q_start[i] .. q_start[i] + q_lens[i] - 1 at
@@ -338,7 +375,8 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     int32 [batch]. `tiles` (int32, from `extend_tiles` with the kernel's BLOCK_M) lists the
     work; without it, it is built from q_lens (a device-to-host copy unless max_query_len
     is given, in which case every sequence gets that many blocks and empty ones do nothing).
-    `config` overrides `extend_config` (tiles must then be built with its BLOCK_M).
+    `config` overrides `extend_config` (tiles must then be built with its BLOCK_M). An fp8 cache
+    needs `k_scale` / `v_scale` as in `decode_attention`.
     Writes out's rows of those tokens ([T, Hq * D], q's dtype) and returns out.
     """
     tokens, num_heads, head_dim = q.shape
@@ -358,13 +396,14 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_tiles == 0:
         return out
     assert num_tiles < 65536, "too many extend tiles for one launch"
+    fp8, k_scale, v_scale = _kv_scales(k_cache, k_scale, v_scale)
     _extend_kernel[(num_heads, num_tiles)](
-        q, k_cache, v_cache, out, block_table, q_start, q_lens, prefix_lens, tiles,
+        q, k_cache, v_cache, out, block_table, q_start, q_lens, prefix_lens, tiles, k_scale, v_scale,
         scale * LOG2E, _window_arg(sliding_window),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_table.stride(0), out.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), PAGE_SIZE=page_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, KV_FP8=fp8,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

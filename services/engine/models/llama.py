@@ -93,8 +93,9 @@ class Attention(nn.Module):
             qkv[:, :self.q_width] = q.view(tokens, -1)
             qkv[:, self.q_width:self.q_width + self.kv_width] = k.view(tokens, -1)
         cache = backend.kv_cache
+        scales = (cache.k_scale[self.layer], cache.v_scale[self.layer]) if cache.k_scale is not None else (None, None)
         return rope_and_store(qkv, cos, sin, slots, cache.keys[self.layer], cache.values[self.layer],
-                              self.num_heads, self.num_kv_heads, self.head_dim)
+                              self.num_heads, self.num_kv_heads, self.head_dim, *scales)
 
 
 class MLP(nn.Module):

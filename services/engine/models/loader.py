@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -17,7 +18,8 @@ from baton.services.engine.models.model_config import ModelConfig
 from baton.services.engine.models.rotary import inverse_frequencies
 from baton.services.engine.models.vlm import language_tensor_name
 
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",
+                    "self_attn.k_scale", "self_attn.v_scale", "self_attn.kv_scale")  # fp8 KV scales: kv_scales.py
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -44,16 +46,19 @@ def fused_kernels_available(device: torch.device) -> bool:
 
 
 def load_model(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               fused: bool | None = None) -> LlamaForCausalLM:
+               fused: bool | None = None, build: Callable[..., LlamaForCausalLM] | None = None,
+               shard: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> LlamaForCausalLM:
     """Build the model for `cfg` and fill it with the folder's weights.
 
     `fused` (default: on CUDA with Triton) builds the fused-projection GPU model; the weights
-    are allocated once, directly in `dtype` on `device`."""
+    are allocated once, directly in `dtype` on `device`. Tensor parallelism (`parallel/`) passes
+    `build` (its model class, called as `build(cfg, fused=...)`) and `shard` (Hugging Face name,
+    full tensor -> this rank's part)."""
     folder = Path(folder)
     if fused is None:
         fused = fused_kernels_available(device)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, fused=fused)
+        model = (build or LlamaForCausalLM)(cfg, fused=fused)
     model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -70,7 +75,8 @@ def load_model(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, device:
                     if name == "lm_head.weight" and cfg.tie_word_embeddings:
                         continue
                     raise ValueError(f"unexpected tensor {name!r} in {path.name}")
-                _copy_into(params[name], f.get_tensor(stored), name)
+                tensor = f.get_tensor(stored)
+                _copy_into(params[name], shard(name, tensor) if shard is not None else tensor, name)
                 loaded.add(name)
     if cfg.tie_word_embeddings:
         loaded.add("lm_head.weight")

@@ -7,6 +7,7 @@ the refusal of architectures the engine does not implement.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -32,15 +33,24 @@ class RopeConfig:
     theta: float = 10000.0
     """Base of the rotary frequencies."""
     rope_type: str = "default"
-    """default, linear or llama3."""
+    """default, linear, llama3 or yarn."""
     factor: float = 1.0
-    """Scaling factor (linear, llama3)."""
+    """Scaling factor (linear, llama3, yarn)."""
     low_freq_factor: float = 1.0
     """Llama-3 scaling: wavelengths above original_max / low_freq_factor are scaled fully."""
     high_freq_factor: float = 4.0
     """Llama-3 scaling: wavelengths below original_max / high_freq_factor are kept."""
     original_max_position_embeddings: int = 8192
-    """Llama-3 scaling: the context length the model was trained on."""
+    """Llama-3 / YaRN scaling: the context length the model was trained on (the config's
+    max_position_embeddings when it does not say, as transformers does)."""
+    beta_fast: float = 32.0
+    """YaRN: rotations per original window above which a frequency is kept (extrapolated)."""
+    beta_slow: float = 1.0
+    """YaRN: rotations per original window below which a frequency is divided by `factor`."""
+    truncate: bool = True
+    """YaRN: round the correction range outwards to whole dimensions."""
+    attention_factor: float = 1.0
+    """Multiplier of the cos / sin tables (YaRN's 0.1 ln(factor) + 1 unless the config sets it)."""
 
 
 @dataclass(frozen=True)
@@ -143,16 +153,39 @@ def _rope_config(raw: dict[str, Any]) -> RopeConfig:
     params = {**scaling, **params}
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
+    if rope_type not in ("default", "linear", "llama3", "yarn"):
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3, yarn")
+    max_positions = int(raw.get("max_position_embeddings", 4096))
+    original = int(params.get("original_max_position_embeddings") or max_positions)
+    factor = params.get("factor")
+    if factor is None:
+        factor = max_positions / original if rope_type == "yarn" else 1.0
+    factor = float(factor)
+    attention_factor = 1.0
+    if rope_type == "yarn":
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = _yarn_mscale(factor)
     return RopeConfig(
         theta=float(theta),
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
+        factor=factor,
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=original,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        truncate=bool(params.get("truncate", True)),
+        attention_factor=float(attention_factor),
     )
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _eos_ids(raw: dict[str, Any], generation: dict[str, Any]) -> tuple[int, ...]:

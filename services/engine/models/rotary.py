@@ -1,7 +1,8 @@
-"""Rotary position embeddings (RoPE) with default, linear and Llama-3 frequency scaling.
+"""Rotary position embeddings (RoPE) with default, linear, Llama-3 and YaRN frequency scaling.
 
 Owns the inverse-frequency computation (matching Hugging Face's `rope_init_fn`s bit for
-bit in float32) and applying the rotation to flattened [tokens, heads, head_dim] q/k.
+bit in float32), the cos / sin tables (times YaRN's attention factor) and applying the
+rotation to flattened [tokens, heads, head_dim] q/k.
 """
 from __future__ import annotations
 
@@ -20,7 +21,27 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
         return _llama3_scaled(inv_freq, rope)
+    if rope.rope_type == "yarn":
+        return _yarn_scaled(rope.theta ** exponents, rope, head_dim)
     return inv_freq
+
+
+def _yarn_scaled(pos_freqs: torch.Tensor, rope: RopeConfig, dim: int) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than beta_slow times over the original window are
+    interpolated (divided by factor), those above beta_fast kept, a linear ramp between."""
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers does: no zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return 1.0 / (rope.factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
@@ -41,11 +62,15 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, rope: RopeConfig, head_dim: int) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(rope, head_dim), persistent=False)
+        self.attention_factor = rope.attention_factor
+        """Multiplier of the cos / sin tables (1 except for YaRN)."""
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin tables [tokens, head_dim] for the given positions, computed in float32."""
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
+        if self.attention_factor != 1.0:
+            return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -1,7 +1,8 @@
 """Fused Triton kernels of the GPU decoder path: few launches per layer, same rounding as torch.
 
 A decoder layer on the GPU runs as: RMSNorm (fused with the residual add), one QKV GEMM,
-`rope_and_store` (RoPE on q in place, RoPE on k, k and v written into their KV-cache slots),
+`rope_and_store` (RoPE on q in place, RoPE on k, k and v written into their KV-cache slots,
+quantised to fp8 by their per-head scales for an fp8 cache),
 attention over the cache, the o GEMM, add + RMSNorm, one gate/up GEMM, `silu_and_mul`, the
 down GEMM: nine launches where the plain torch version takes about fifty, which is what
 bounds batch-1 decode once CUDA graphs have removed the launch gaps.
@@ -63,11 +64,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rope_store_kernel(QKV, Cos, Sin, Slots, KCache, VCache,
+def _rope_store_kernel(QKV, Cos, Sin, Slots, KCache, VCache, KScale, VScale,
                        stride_t, stride_c, stride_s, stride_ks, stride_kh, stride_vs, stride_vh,
                        NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                        HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                       ROUND: tl.constexpr):
+                       ROUND: tl.constexpr, QUANT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     d_mask = offs < HALF
@@ -109,19 +110,30 @@ def _rope_store_kernel(QKV, Cos, Sin, Slots, KCache, VCache,
             k1 = (y1 * c1[None, :] - y2 * s1[None, :]).to(dt)
             k2 = (y2 * c2[None, :] + y1 * s2[None, :]).to(dt)
         kc = KCache + slot * stride_ks + hk[:, None] * stride_kh + offs[None, :]
-        tl.store(kc, k1.to(KCache.dtype.element_ty), mask=k_mask)
-        tl.store(kc + HALF, k2.to(KCache.dtype.element_ty), mask=k_mask)
         v_ptr = row + (NUM_Q + NUM_KV) * HEAD_DIM + hk[:, None] * HEAD_DIM + offs[None, :]
         vc = VCache + slot * stride_vs + hk[:, None] * stride_vh + offs[None, :]
-        tl.store(vc, tl.load(v_ptr, mask=k_mask, other=0.0), mask=k_mask)
-        tl.store(vc + HALF, tl.load(v_ptr + HALF, mask=k_mask, other=0.0), mask=k_mask)
+        v1 = tl.load(v_ptr, mask=k_mask, other=0.0)
+        v2 = tl.load(v_ptr + HALF, mask=k_mask, other=0.0)
+        if QUANT:  # fp8: value / scale of its head, saturated at +-448 (as kv.fp8.quantize)
+            ks = tl.load(KScale + hk, mask=hk < NUM_KV, other=1.0)[:, None]
+            vs = tl.load(VScale + hk, mask=hk < NUM_KV, other=1.0)[:, None]
+            k1 = tl.minimum(tl.maximum(k1.to(tl.float32) / ks, -448.0), 448.0)
+            k2 = tl.minimum(tl.maximum(k2.to(tl.float32) / ks, -448.0), 448.0)
+            v1 = tl.minimum(tl.maximum(v1.to(tl.float32) / vs, -448.0), 448.0)
+            v2 = tl.minimum(tl.maximum(v2.to(tl.float32) / vs, -448.0), 448.0)
+        tl.store(kc, k1.to(KCache.dtype.element_ty), mask=k_mask)
+        tl.store(kc + HALF, k2.to(KCache.dtype.element_ty), mask=k_mask)
+        tl.store(vc, v1.to(VCache.dtype.element_ty), mask=k_mask)
+        tl.store(vc + HALF, v2.to(VCache.dtype.element_ty), mask=k_mask)
 
 
 def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
-                   head_dim: int) -> torch.Tensor:
+                   head_dim: int, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE on the q part of qkv [T, (Hq + 2 Hkv) * D] in place; rotated k and v stored at
-    `slots` [T] (int32 / int64; negative: not stored) of the flat caches [slots, Hkv, D].
+    `slots` [T] (int32 / int64; negative: not stored) of the flat caches [slots, Hkv, D]
+    (float8_e4m3fn caches: divided by `k_scale` / `v_scale`, float32 [Hkv], and saturated).
     cos / sin are [T, D] in qkv's dtype (Hugging Face's cat(freqs, freqs) tables).
     Returns the q view [T, Hq, D] (row stride (Hq + 2 Hkv) * D, unit stride inside a head)."""
     tokens = qkv.shape[0]
@@ -131,12 +143,18 @@ def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot
     if tokens == 0:
         return q
     half = head_dim // 2
+    quant = k_cache.dtype == torch.float8_e4m3fn
+    if quant:
+        assert k_scale is not None and v_scale is not None and k_scale.numel() == v_scale.numel() == num_kv_heads
+        assert k_scale.dtype == v_scale.dtype == torch.float32
+    else:
+        k_scale = v_scale = k_cache  # placeholders, never read
     _rope_store_kernel[(tokens,)](
-        qkv, cos, sin, slots, k_cache, v_cache,
+        qkv, cos, sin, slots, k_cache, v_cache, k_scale, v_scale,
         qkv.stride(0), cos.stride(0), slots.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         NUM_Q=num_heads, NUM_KV=num_kv_heads, BLOCK_Q=triton.next_power_of_2(num_heads),
         BLOCK_KV=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(half), ROUND=qkv.dtype != torch.float32, num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(half), ROUND=qkv.dtype != torch.float32, QUANT=quant, num_warps=4,
     )
     return q
 

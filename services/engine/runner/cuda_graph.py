@@ -12,6 +12,11 @@ size up: the host fills the mirror's first n rows (the others are padding rows, 
 nothing, slot -1, and attend to one key), one asynchronous copy moves it to the static
 buffers, the graph replays, and the first n logits rows are the step's. The mirror is
 double-buffered so filling step N+1's inputs never races the still-queued copy of step N's.
+Block tables are staged narrow: the mirror packs each row to the step's widest table (W
+blocks, not max_model_len / page_size), one copy moves those bs x W ids to a device staging
+buffer, and a device copy scatters them into the first W columns of the graph's [bs, width]
+table (the kernels read no column past a row's length). For a 128k-token model at batch 512
+that is the difference between copying 16 MB of ids per step and copying what is used.
 A row whose token is still a placeholder (`PENDING_TOKEN`) carries its `pending_row` in the
 gather index; the graph takes that token from the runner's `prev_tokens` on the GPU.
 Sampling stays outside the graph.
@@ -113,6 +118,8 @@ class CudaGraphRunner:
         self._s_table = dev[5 * most:].view(most, width)
         self._s_rows = torch.arange(most, dtype=torch.int32, device=self.device)
         self._static.copy_(self._hosts[0])
+        self._s_stage = torch.zeros(most * width, dtype=torch.int32, device=self.device)
+        """Device landing of the packed [bs, W] tables before they are scattered into `_s_table`."""
         cfg = self.model.config
         self._s_logits = torch.empty(most, cfg.vocab_size, dtype=self.model.lm_head.weight.dtype, device=self.device)
         longest = min(self.max_model_len, self.sliding_window or self.max_model_len)
@@ -159,7 +166,9 @@ class CudaGraphRunner:
         self._host_next = 1 - k
         if self._host_events[k] is not None:
             self._host_events[k].synchronize()  # this mirror's last copy (two steps back) has been read
-        h_ids, h_pos, h_slots, h_lens, h_gidx, table_rows = self._host_views[k]
+        h_ids, h_pos, h_slots, h_lens, h_gidx, _ = self._host_views[k]
+        wide = max(item.start // page + 1 for item in items)
+        table_rows = self.packed_tables(k, bs, wide)
         samples = True
         for i, item in enumerate(items):
             req = item.request
@@ -185,14 +194,20 @@ class CudaGraphRunner:
             h_slots[n:bs] = -1
             h_lens[n:bs] = 1
             h_gidx[n:bs] = -1
-        self._staged = (k, bs, samples)
+        self._staged = (k, bs, samples, wide)
+
+    def packed_tables(self, k: int, bs: int, wide: int):
+        """Mirror k's table region as packed [bs, wide] rows (numpy view; what `replay` copies)."""
+        return self._hosts[k].numpy()[5 * self._max:5 * self._max + bs * wide].reshape(bs, wide)
 
     def replay(self, items: list[ScheduledItem]) -> torch.Tensor:
         """Copy the mirror `stage(items)` filled to the static buffers and replay the graph;
         returns float32 logits [sampling requests among items, vocab]."""
-        k, bs, samples = self._staged
-        used = 5 * self._max + bs * self._width
-        self._static[:used].copy_(self._hosts[k][:used], non_blocking=True)
+        k, bs, samples, wide = self._staged
+        head, packed = 5 * self._max, bs * wide
+        self._static[:head].copy_(self._hosts[k][:head], non_blocking=True)
+        self._s_stage[:packed].copy_(self._hosts[k][head:head + packed], non_blocking=True)
+        self._s_table[:bs, :wide].copy_(self._s_stage[:packed].view(bs, wide))
         if self.device.type == "cuda":
             event = self._host_events[k] or torch.cuda.Event()
             event.record()

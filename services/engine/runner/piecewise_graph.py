@@ -35,11 +35,14 @@ from baton.services.engine.models.llama import LlamaForCausalLM
 
 
 def piecewise_buckets(max_tokens: int) -> list[int]:
-    """Token counts to capture: powers of two from 16 up to `max_tokens` (none below 16)."""
+    """Token counts to capture, none below 16: steps of 16 up to 64, of 32 up to 256, of 64 above
+    (a 300-token step pads to 320, not 512), plus `max_tokens` itself."""
     sizes, t = [], 16
     while t <= max_tokens:
         sizes.append(t)
-        t *= 2
+        t += 16 if t < 64 else 32 if t < 256 else 64
+    if max_tokens >= 16 and sizes[-1] != max_tokens:
+        sizes.append(max_tokens)
     return sizes
 
 

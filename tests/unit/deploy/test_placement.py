@@ -60,6 +60,9 @@ def test_auto_transfer_follows_the_placement(monkeypatch) -> None:
     assert choose_transfer("auto", cpu) == "tcp" and ray_transfer("auto", on_gpu=False) == "tcp"
     assert choose_transfer("tcp", one_gpu) == "tcp" and choose_transfer("nixl", cpu) == "nixl"
     assert ray_transfer("cuda_ipc", on_gpu=True) == "cuda_ipc"
+    assert choose_transfer("nccl", two_gpus) == "nccl" and choose_transfer("nccl", cpu) == "nccl"  # opt-in only
+    with pytest.raises(ValueError, match="nccl needs the workers on different GPUs"):
+        choose_transfer("nccl", one_gpu)
     import importlib.util
     across = "nixl" if importlib.util.find_spec("nixl") is not None else "tcp"
     assert choose_transfer("auto", two_gpus) == across and ray_transfer("auto", on_gpu=True) == across
@@ -69,7 +72,22 @@ def test_auto_transfer_follows_the_placement(monkeypatch) -> None:
 
 def test_up_config_names_the_transfer_backends() -> None:
     assert UpConfig().transfer == "auto"
-    for name in ("auto", "tcp", "nixl", "cuda_ipc"):
+    for name in ("auto", "tcp", "nixl", "cuda_ipc", "nccl"):
         UpConfig(transfer=name)
-    with pytest.raises(ValueError, match="auto, tcp, nixl or cuda_ipc"):
+    with pytest.raises(ValueError, match="auto, tcp, nixl, cuda_ipc or nccl"):
         UpConfig(transfer="rdma")
+
+
+def test_tensor_parallel_workers_get_consecutive_gpus(monkeypatch) -> None:
+    four = place_workers(2, [0, 1, 2, 3], 0.85, tp=2)
+    assert [p.all_gpus for p in four] == [(0, 1), (2, 3)] and [p.mem_fraction for p in four] == [0.85, 0.85]
+    assert four[1].env() == {"CUDA_VISIBLE_DEVICES": "2,3"}
+    shared = place_workers(2, [0, 1], 0.8, tp=2)  # the colocated baseline: both workers on both GPUs
+    assert [p.all_gpus for p in shared] == [(0, 1), (0, 1)] and [p.mem_fraction for p in shared] == [0.4, 0.4]
+    with pytest.raises(ValueError, match="--tp 2 puts each rank of a worker on its own GPU"):
+        place_workers(1, [0], 0.85, tp=2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert _visible_env(four[1]) == {"CUDA_VISIBLE_DEVICES": "6,7"}
+    assert engine_flags(EngineConfig(tp_size=2)) == ["--tp-size", "2"]
+    with pytest.raises(ValueError, match="add --prefills 0"):  # refused before anything starts
+        Cluster(UpConfig(prefills=1), EngineConfig(tp_size=2, device="cpu")).start()

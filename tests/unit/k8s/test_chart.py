@@ -1,6 +1,6 @@
 """The Helm chart without a cluster: `helm lint --strict` and the chart's values.schema.json
 (through Helm's Go SDK), every object of every value set (defaults, CPU only, E/P/D with GPUs,
-API keys on) valid against the Kubernetes OpenAPI schemas (kubernetes-validate), a comment on
+API keys on, a vision model with encoders) valid against the Kubernetes OpenAPI schemas (kubernetes-validate), a comment on
 every value, and what each value set must produce: GPUs and RDMA where asked, gRPC-health probes,
 headless Services the router resolves, the monitoring objects carrying the very files in deploy/."""
 import json
@@ -37,13 +37,11 @@ def test_every_object_is_valid_kubernetes(value_set):
             kubernetes_validate.validate(obj, version, strict=True)
 
 
-def test_schema_refuses_bad_values_and_the_encoder_is_refused_until_it_exists():
+def test_schema_refuses_bad_values():
     for bad in ({"transfer": {"backend": "rdma"}}, {"router": {"replicas": 0}}, {"decode": {"gpus": -1}},
                 {"model": {"source": "s3"}}, {"routr": {}}):
         with pytest.raises(helm.HelmValuesError):
             c.render(bad)
-    with pytest.raises(helm.HelmError, match="encoder service"):
-        c.render({"encoder": {"replicas": 1}})
     with pytest.raises(helm.HelmError, match="model.claimName is required"):
         c.render({"model": {"source": "pvc", "path": "m"}})
 
@@ -134,3 +132,20 @@ def test_api_keys_from_the_secret_reach_the_router_and_the_helm_test():
     assert test_pod["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "baton-keys", "key": "keys"}
     assert "--discover-prefill" not in router["args"] and "demo-baton-prefill" not in c.by_kind(objs, "Deployment")
     assert "Bearer" in c.notes(c.values_of("api-keys-values"))
+
+
+def test_vision_epd_encoders_behind_a_headless_service_the_router_discovers():
+    objs = c.objects(c.values_of("vision-epd-values"))
+    deployments, services = c.by_kind(objs, "Deployment"), c.by_kind(objs, "Service")
+    assert deployments["demo-baton-encoder"]["spec"]["replicas"] == 2
+    encoder = _container(objs, "encoder")
+    args = encoder["args"]
+    assert args[:2] == ["serve", "encoder"] and args[args.index("--transfer") + 1] == "nixl"
+    assert args[args.index("--model") + 1] == "/models/Qwen2.5-VL-7B-Instruct"
+    assert args[args.index("--advertise-host") + 1] == "$(POD_IP)" and "--embedding-cache-bytes" in args
+    assert encoder["resources"]["limits"]["nvidia.com/gpu"] == 1 and encoder["readinessProbe"]["grpc"]["port"] == 50051
+    assert services["demo-baton-encoder"]["spec"]["clusterIP"] == "None"
+    router = _container(objs, "router")["args"]
+    assert router[router.index("--discover-encoders") + 1] == "demo-baton-encoder.serving.svc.cluster.local:50051"
+    assert "demo-baton-encoder" in c.by_kind(objs, "PodDisruptionBudget")
+    assert "--discover-encoders" not in _container(c.objects({}), "router")["args"]

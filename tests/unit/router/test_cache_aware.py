@@ -143,3 +143,35 @@ def test_matching_is_chunked_and_never_overcounts() -> None:
     assert tree.match([]) == 0
     with pytest.raises(ValueError):
         PrefixTree(max_tokens=0)
+
+
+def test_an_overloaded_worker_is_left_out_but_affinity_chooses_among_the_rest() -> None:
+    """The guard drops only the overloaded worker: a second worker holding the prefix still
+    wins over idle workers that hold nothing (SGLang's guard would take the least loaded)."""
+    rng = random.Random(3)
+    pool, policy = workers(4), CacheAwarePolicy(balance_abs_threshold=1000, balance_rel_threshold=1.5)
+    a = tokens(rng, 200)
+    home = route(policy, pool, a)
+    home.queued_tokens = 5000
+    second = policy.select(pool, a)
+    assert second is not home
+    policy.on_dispatch(second, a)
+    second.queued_tokens = 500     # busy, yet within the guard of the idle workers (0 + 1000)
+    assert policy.is_imbalanced(pool) and home not in policy.within_guard(pool)
+    assert policy.select(pool, a + tokens(rng, 20)) is second
+    assert policy.select(pool, tokens(rng, 200)).queued_tokens == 0  # new prefixes still spread to idle ones
+
+
+def test_the_decode_guard_counts_requests_not_context_tokens() -> None:
+    """Four running 1k-token conversations are four requests of work (64 each), not 4,000 tokens:
+    the default guard keeps their cached prefix; queued (uncomputed) tokens still count in full."""
+    rng = random.Random(4)
+    pool = [WorkerView(address=f"d{i}", role=Role.DECODE) for i in range(3)]
+    policy = CacheAwarePolicy()
+    a = tokens(rng, 1024)
+    home = route(policy, pool, a)
+    home.running_requests, home.running_tokens = 4, 4 * 1100
+    assert home.load > 4096 and not policy.is_imbalanced(pool)
+    assert policy.select(pool, a + tokens(rng, 64)) is home
+    home.queued_tokens = 5000
+    assert policy.is_imbalanced(pool) and policy.select(pool, a + tokens(rng, 64)) is not home

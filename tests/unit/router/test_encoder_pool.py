@@ -40,3 +40,35 @@ def test_unhealthy_encoders_come_last_and_none_healthy_is_a_clear_error():
     EncoderPool([], "min_load").check_available()  # none configured: the workers encode
     with pytest.raises(ValueError, match="unknown encoder policy"):
         EncoderPool(["e1:1"], "random")
+
+
+def test_discovered_encoders_follow_the_name_and_an_empty_name_is_a_clear_error():
+    import asyncio
+
+    from baton.router.discovery import NameNotFound
+    answers = [["10.0.0.1:50051", "10.0.0.2:50051"], ["10.0.0.2:50051", "10.0.0.3:50051"], OSError("dns timeout"),
+               NameNotFound("enc")]
+
+    async def resolver(host: str, port: int) -> list[str]:
+        assert (host, port) == ("enc.ns.svc", 50051)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def main() -> None:
+        p = EncoderPool(["static:1"], "min_load", discover="enc.ns.svc:50051", resolver=resolver)
+        await p.rediscover()
+        assert set(p.encoders) == {"static:1", "10.0.0.1:50051", "10.0.0.2:50051"}
+        await p.rediscover()  # a pod gone, another come
+        assert set(p.encoders) == {"static:1", "10.0.0.2:50051", "10.0.0.3:50051"}
+        await p.rediscover()  # a flaky resolver changes nothing
+        assert set(p.encoders) == {"static:1", "10.0.0.2:50051", "10.0.0.3:50051"}
+        await p.rediscover()  # no ready pod: only the flag's encoder stays
+        assert set(p.encoders) == {"static:1"}
+        empty = EncoderPool([], "min_load", discover="enc.ns.svc:50051", resolver=resolver)
+        assert empty  # configured: image requests must not fall back to the workers' towers
+        with pytest.raises(BatonError, match="none behind enc.ns.svc:50051"):
+            empty.check_available()
+        await p.stop()
+    asyncio.run(main())

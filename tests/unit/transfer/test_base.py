@@ -24,7 +24,7 @@ def test_descriptor_proto_round_trip():
     assert PeerDescriptor.from_proto(msg) == desc
     assert PeerDescriptor.from_bytes(desc.to_bytes()) == desc
     with pytest.raises(ValueError, match="unsupported transfer backend"):
-        PeerDescriptor.from_proto(kv_pb2.TransferPeer(backend=kv_pb2.NCCL))
+        PeerDescriptor.from_proto(kv_pb2.TransferPeer(backend=kv_pb2.TRANSFER_BACKEND_UNSPECIFIED))
 
 
 def test_the_wire_carries_a_kv_layout_only():

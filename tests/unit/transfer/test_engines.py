@@ -1,4 +1,4 @@
-"""Both transfer backends, two engines in one process over loopback."""
+"""The transfer backends, two engines in one process over loopback."""
 from __future__ import annotations
 
 import threading
@@ -10,7 +10,7 @@ import torch
 from baton.services.transfer import LayoutMismatch, TransferError, TransferState
 from tests.unit.transfer.helpers import BACKENDS, small_layout
 
-pytestmark = pytest.mark.parametrize("backend", BACKENDS)
+pytestmark = pytest.mark.parametrize("backend", [*BACKENDS, "nccl"])  # nccl: over gloo here
 
 PER_BLOCK = 2 * 2 * 4 * 2 * 8 * 4
 """Bytes one block id moves in small_layout(): K and V x 2 layers x 4 tokens x 2 heads x 8 x float32."""
@@ -151,7 +151,7 @@ def test_many_writes_sequential_and_concurrent(backend, make_engine):
 
 
 def test_a_write_the_receiver_gave_up_on_does_not_land(backend, make_engine):
-    if backend != "tcp":
+    if backend not in ("tcp", "nccl"):
         pytest.skip("nixl writes one-sided: the receiver cannot refuse a late write (TransferEngine.forget)")
     sender = make_engine(backend, "prefill-0", seed=1)
     receiver = make_engine(backend, "decode-0", seed=2)

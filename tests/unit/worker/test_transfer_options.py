@@ -22,3 +22,10 @@ def test_the_transfer_binds_the_server_host_and_proves_the_cluster_key():
     assert pinned._transfer_options()["host"] == "0.0.0.0" and pinned._transfer_options()["advertise_host"] == "pod-ip"
     assert WorkerRuntime(worker_pb2.DECODE, EngineConfig(), WorkerConfig(transfer="nixl"))._transfer_options() == {
         "auth_key": b""}
+
+
+def test_the_nccl_backend_listens_like_tcp():
+    """nccl's control plane and rendezvous store are tcp's listener: it gets the same host options."""
+    runtime = WorkerRuntime(worker_pb2.PREFILL, EngineConfig(), WorkerConfig(transfer="nccl"))
+    runtime.server_host = "10.1.2.3"
+    assert runtime._transfer_options() == {"host": "10.1.2.3", "advertise_host": None, "auth_key": b""}

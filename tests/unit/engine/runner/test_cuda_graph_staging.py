@@ -69,8 +69,9 @@ def test_stage_fills_rows_then_padding_alternating_mirrors(graphs):
     pending = decoding("p", 5, [PENDING_TOKEN], [7, 2], pending_row=3)   # position 5: block 2, offset 1
     plain = decoding("q", 9, [42], [4, 5, 6])                          # position 9: block 6, offset 1
     graphs.stage([ScheduledItem(pending, 5, 1), ScheduledItem(plain, 9, 1)])
-    assert graphs._staged == (0, 2, True) and graphs._host_next == 1
-    ids, pos, slots, lens, gidx, table = mirror(graphs, 0)
+    assert graphs._staged == (0, 2, True, 3) and graphs._host_next == 1  # the widest row has 3 blocks
+    ids, pos, slots, lens, gidx, _ = mirror(graphs, 0)
+    table = graphs.packed_tables(0, 2, 3)  # rows packed to 3 columns, not WIDTH: replay copies 2 x 3 ids
     assert ids[:2] == [PENDING_TOKEN, 42] and pos[:2] == [5, 9]
     assert slots[:2] == [2 * PAGE + 1, 6 * PAGE + 1] and lens[:2] == [6, 10]
     assert gidx[:2] == [3, -1]  # the placeholder's token comes from prev_tokens[3] on the GPU
@@ -78,14 +79,15 @@ def test_stage_fills_rows_then_padding_alternating_mirrors(graphs):
 
     behind = decoding("r", 4, [8, 9], [1, 3])  # recomputing: position 4 is not its newest token
     graphs.stage([ScheduledItem(plain, 9, 1), ScheduledItem(behind, 4, 1), ScheduledItem(pending, 5, 1)])
-    assert graphs._staged == (1, 4, False) and graphs._host_next == 0
+    assert graphs._staged == (1, 4, False, 3) and graphs._host_next == 0
+    assert graphs.packed_tables(1, 4, 3)[:3].tolist() == [[4, 5, 6], [1, 3, 0], [7, 2, 0]]
     ids, pos, slots, lens, gidx, _ = mirror(graphs, 1)
     assert ids == [42, 8, PENDING_TOKEN, 0] and pos == [9, 4, 5, 0]
     assert slots == [6 * PAGE + 1, 3 * PAGE, 2 * PAGE + 1, -1] and lens == [10, 5, 6, 1]
     assert gidx == [-1, -1, 3, -1]  # row 3 pads: stores nothing, attends to one key
 
     graphs.stage([ScheduledItem(plain, 9, 1)])  # back on mirror 0: rows past the batch size stay as they were
-    assert graphs._staged == (0, 1, True)
+    assert graphs._staged == (0, 1, True, 3)
     ids, pos, slots, lens, gidx, _ = mirror(graphs, 0)
     assert ids[:2] == [42, 42] and slots[:2] == [6 * PAGE + 1, 6 * PAGE + 1]
 
