@@ -86,7 +86,7 @@ class WorkerImages:
     def expand(self, prompt: Sequence[int], images: Sequence[worker_pb2.ImageInput]
                ) -> tuple[list[int], list[worker_pb2.ImageInput]]:
         """(expanded prompt, images with offset / num_tokens / grid / hash); ValueError for a bad image."""
-        prepared = [self.encoder.prepare(bytes(image.data)) for image in images]
+        prepared = [self.encoder.describe(bytes(image.data)) for image in images]  # no pixel values needed here
         for image, ready in zip(images, prepared):
             if image.content_hash and image.content_hash != ready.content_hash:
                 raise ValueError("an image's content_hash is not the sha256 of its data")

@@ -110,3 +110,16 @@ def test_bad_image_requests_are_refused_before_holding_anything(vlm):
     with pytest.raises(ValueError, match="decoded"):
         encoder.prepare(b"not an image")
     assert not engine.has_unfinished() and engine.pool.num_free == engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_describe_counts_like_prepare(family, vlm):
+    """What a worker needs to expand a prompt (hash, token count, grid) is what the full
+    preprocessing gives, without the pixel values for LLaVA; bad bytes are refused the same."""
+    _, _, encoder = vlm(family)
+    for data in IMAGES:
+        full, quick = encoder.prepare(data), encoder.describe(data)
+        assert (quick.content_hash, quick.num_tokens, quick.grid) == (full.content_hash, full.num_tokens, full.grid)
+        assert (quick.pixel_values.numel() == 0) == (family == "llava")
+    with pytest.raises(ValueError, match="decoded"):
+        encoder.describe(b"not an image")

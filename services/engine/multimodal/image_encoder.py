@@ -116,6 +116,16 @@ class ImageEncoder:
         grid = tuple(int(v) for v in out["image_grid_thw"][0].tolist())
         return PreparedImage(content_hash(data), out["pixel_values"], grid, self.tokens_for(grid))
 
+    def describe(self, data: bytes) -> PreparedImage:
+        """What a prompt needs to know of an image (hash, token count, grid) without its pixel values
+        where the family allows: LLaVA's count is fixed, so the bytes are only decoded (a bad image is
+        still a ValueError) and the image processor (most of `prepare`'s time) is skipped; Qwen2.5-VL's
+        grid depends on the processor's resize, so it runs in full."""
+        if self.family != "llava":
+            return self.prepare(data)
+        decode_image(data)
+        return PreparedImage(content_hash(data), torch.empty(0), None, self.tokens_for(None))
+
     def encode(self, images: Sequence[PreparedImage]) -> list[torch.Tensor]:
         """Embeddings [num_tokens, hidden] (on the CPU) of each image, the tower run once for the batch."""
         if not images:
