@@ -61,20 +61,8 @@ def _graph_ms(launch, reps: int = 20) -> tuple[float, float]:
         launch()
     torch.cuda.synchronize()
 
-    def timed(fn) -> float:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return float(np.median(times))
-    result = timed(graph.replay), timed(launch)
+    from baton.bench.gpu_engine import median_ms  # gpu_engine imports this module at its top
+    result = median_ms(graph.replay, reps=reps), median_ms(launch, reps=reps)
     del graph
     return result
 

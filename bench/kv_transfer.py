@@ -269,20 +269,21 @@ def _sender(backend: str, args, peer, out) -> None:
         out.send(traceback.format_exc())
 
 
-def run_backend(backend: str, args) -> list[dict[str, Any]]:
-    """Spawn a receiver and a sender for `backend`; collect one row per block size."""
+def run_backend(backend: str, args, receiver=None, sender=None, timeout_s: float = 180) -> list[dict[str, Any]]:
+    """Spawn a receiver and a sender for `backend` (this module's, or the given module-level
+    functions, e.g. the two-GPU mode's); collect the rows the sender sends, up to None."""
     ctx = mp.get_context("spawn")
     peer_a, peer_b = ctx.Pipe()
     out_r, out_w = ctx.Pipe(duplex=False)
-    procs = [ctx.Process(target=_receiver, args=(backend, args, peer_a), daemon=True),
-             ctx.Process(target=_sender, args=(backend, args, peer_b, out_w), daemon=True)]
+    procs = [ctx.Process(target=receiver or _receiver, args=(backend, args, peer_a), daemon=True),
+             ctx.Process(target=sender or _sender, args=(backend, args, peer_b, out_w), daemon=True)]
     for proc in procs:
         proc.start()
     for conn in (peer_a, peer_b, out_w):
         conn.close()  # the children hold them now: a dead peer shows as EOF
     rows: list[dict[str, Any]] = []
     try:
-        while (item := out_r.recv() if out_r.poll(180) else "no result within 180 s") is not None:
+        while (item := out_r.recv() if out_r.poll(timeout_s) else f"no result within {timeout_s:.0f} s") is not None:
             if isinstance(item, str):
                 raise RuntimeError(f"{backend} sender failed:\n{item}")
             rows.append(item)

@@ -18,7 +18,6 @@ Every destination block is checked afterwards against its source block's pattern
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import statistics
 import time
@@ -150,28 +149,8 @@ def _row(backend: str, tokens: int, nbytes: int, times: list[float], write_times
 
 
 def run_backend(backend: str, args) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    peer_a, peer_b = ctx.Pipe()
-    out_r, out_w = ctx.Pipe(duplex=False)
-    procs = [ctx.Process(target=_receiver, args=(backend, args, peer_a), daemon=True),
-             ctx.Process(target=_sender, args=(backend, args, peer_b, out_w), daemon=True)]
-    for proc in procs:
-        proc.start()
-    for conn in (peer_a, peer_b, out_w):
-        conn.close()
-    rows: list[dict[str, Any]] = []
-    try:
-        while (item := out_r.recv() if out_r.poll(600) else "no result within 600 s") is not None:
-            if isinstance(item, str):
-                raise RuntimeError(f"{backend} sender failed:\n{item}")
-            rows.append(item)
-        return rows
-    finally:
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+    from baton.bench.kv_transfer import run_backend as spawn_pair
+    return spawn_pair(backend, args, receiver=_receiver, sender=_sender, timeout_s=600)
 
 
 def reference_rows(tokens: int, args) -> list[dict[str, Any]]:

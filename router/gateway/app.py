@@ -40,7 +40,7 @@ from baton.router.gateway.convert import PreparedRequest, check_model, prepare_c
 from baton.router.metrics import labelled
 from baton.router.gateway.media import request_images
 from baton.router.gateway.dashboard import dashboard_html
-from baton.router.gateway.errors import ApiError, install_error_handlers
+from baton.router.gateway.errors import CLIENT_CLOSED_STATUS, ApiError, install_error_handlers
 from baton.router.gateway.embeddings import embedding_routes
 from baton.router.gateway.extensions import extension_routes
 from baton.router.gateway.logprobs import TokenStrings
@@ -49,12 +49,11 @@ from baton.router.gateway.responses_route import responses_routes
 from baton.router.gateway.tool_parsers import resolve_parser
 from baton.router.gateway.tools import ToolChatStream, ToolPlan, plan_tools
 from baton.router.gateway.protocol import ChatCompletionRequest, CompletionRequest
-from baton.router.gateway.relay import DisconnectWatcher, StreamOutcome, sse_body
+from baton.router.gateway.relay import DisconnectWatcher, StreamOutcome, first_chunk, sse_body
 from baton.router.gateway.responses import ChatStream, Collector, CompletionStream, ResponseContext
 from baton.router.stream import StreamClosed
 from baton.router.types import ChunkStream, RouterCoreAPI, RouterRequest
 
-CLIENT_CLOSED = 499
 """Status recorded (metrics, access log) for a request whose client went away."""
 
 _COUNTED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/select": "select",
@@ -153,7 +152,7 @@ def create_app(core: RouterCoreAPI) -> FastAPI:
             while (chunk := await stream.next()) is not None:
                 collector.add(chunk)
         except StreamClosed:
-            return Response(status_code=CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED_STATUS)
         finally:
             watcher.stop()
             stream.close()
@@ -163,16 +162,8 @@ def create_app(core: RouterCoreAPI) -> FastAPI:
 
     async def _stream(stream: ChunkStream, watcher: DisconnectWatcher,
                       formatter: Union[ChatStream, CompletionStream]) -> Response:
-        try:
-            first = await stream.next()  # errors before the first chunk keep their HTTP status
-        except StreamClosed:
-            stream.close()
-            return Response(status_code=CLIENT_CLOSED)
-        except BaseException:
-            stream.close()
-            raise
-        finally:
-            watcher.stop()  # from here Starlette watches the connection
+        if (first := await first_chunk(stream, watcher)) is None:
+            return Response(status_code=CLIENT_CLOSED_STATUS)
         return StreamingResponse(
             sse_body(stream, first, formatter), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

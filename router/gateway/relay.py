@@ -6,6 +6,8 @@ directly. This module adds what only HTTP needs:
   ones until the first chunk) it listens for the ASGI `http.disconnect` message and closes
   the stream, which aborts the request. Once a streaming response runs, Starlette's own
   disconnect listener cancels the SSE body, whose `finally` closes the stream.
+- `first_chunk`: a streamed response's first chunk, read before the 200 header is sent, so an
+  error before it keeps its HTTP status; None when the client went away first.
 - `sse_body`: the SSE events of a streamed response. Each chunk the core hands over (the
   tokens of one engine step) is written as its own event at once, never batched.
 - `StreamOutcome`: what a response really ended as, for the request counter. A stream that
@@ -28,6 +30,22 @@ from baton.router.types import Chunk, ChunkStream
 from baton.protos.errors import BatonError
 
 log = logging.getLogger(__name__)
+
+
+async def first_chunk(stream: ChunkStream, watcher: "DisconnectWatcher") -> Optional[Chunk]:
+    """The stream's first chunk (errors before it propagate, the stream closed); None, the stream
+    closed, when the client went away first. Stops the watcher: from here Starlette watches the
+    connection."""
+    try:
+        return await stream.next()
+    except StreamClosed:
+        stream.close()
+        return None
+    except BaseException:
+        stream.close()
+        raise
+    finally:
+        watcher.stop()
 
 
 class DisconnectWatcher:

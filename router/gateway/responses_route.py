@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from baton.router.gateway.auth import caller_owner
 from baton.router.gateway.convert import check_model, prepare_chat
 from baton.router.gateway.logprobs import TokenStrings
-from baton.router.gateway.relay import DisconnectWatcher
+from baton.router.gateway.errors import CLIENT_CLOSED_STATUS
+from baton.router.gateway.relay import DisconnectWatcher, first_chunk
 from baton.router.gateway.responses import Collector, ResponseContext
 from baton.router.gateway.responses_api import ResponseShell, ResponsesRequest, response_from_completion, to_chat
 from baton.router.gateway.responses_stream import ResponseEvents, response_events
@@ -22,8 +23,6 @@ from baton.router.gateway.tool_parsers import ToolParser
 from baton.router.gateway.tools import ToolChatStream, plan_tools
 from baton.router.stream import StreamClosed
 from baton.router.types import RouterCoreAPI, RouterRequest
-
-CLIENT_CLOSED = 499
 
 
 def responses_routes(core: RouterCoreAPI, dependencies: list, strings: TokenStrings,
@@ -47,16 +46,8 @@ def responses_routes(core: RouterCoreAPI, dependencies: list, strings: TokenStri
             timeout_s=core.config.request_timeout_s, owner=caller_owner(request)))
         watcher = DisconnectWatcher(stream, request.receive)
         if body.stream:
-            try:
-                first = await stream.next()  # errors before the first chunk keep their HTTP status
-            except StreamClosed:
-                stream.close()
-                return Response(status_code=CLIENT_CLOSED)
-            except BaseException:
-                stream.close()
-                raise
-            finally:
-                watcher.stop()
+            if (first := await first_chunk(stream, watcher)) is None:
+                return Response(status_code=CLIENT_CLOSED_STATUS)
             events = ResponseEvents(shell, ToolChatStream(ctx, plan))
             return StreamingResponse(response_events(stream, first, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -65,7 +56,7 @@ def responses_routes(core: RouterCoreAPI, dependencies: list, strings: TokenStri
             while (chunk := await stream.next()) is not None:
                 collector.add(chunk)
         except StreamClosed:
-            return Response(status_code=CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED_STATUS)
         finally:
             watcher.stop()
             stream.close()

@@ -74,24 +74,10 @@ class TPCudaGraphRunner(CudaGraphRunner):
         vocab = self.model.config.vocab_size
         self._s_logits[:bs].copy_(self.group.all_gather_last(local)[:, :vocab])
 
-    def replay(self, items) -> torch.Tensor:
-        """Rank 0: copy the staged step to the static buffers, hand them to the followers, replay."""
-        k, bs, samples, wide = self._staged
-        head, packed = 5 * self._max, bs * wide
-        self._static[:head].copy_(self._hosts[k][:head], non_blocking=True)
-        self._s_stage[:packed].copy_(self._hosts[k][head:head + packed], non_blocking=True)
-        event = self._host_events[k] or torch.cuda.Event()
-        event.record()
-        self._host_events[k] = event
+    def _finish_inputs(self, bs: int, wide: int) -> None:
+        """Rank 0, inside `replay`: hand the uploaded step to the followers, then scatter like them."""
         self.send(graph_header(OP_GRAPH, bs, wide))
         self._exchange(bs, wide)
-        self.graphs[bs].replay()
-        logits = self._s_logits[:len(items)]
-        if not samples:
-            from baton.services.engine.host_copy import to_device_async
-            rows = torch.tensor([i for i, item in enumerate(items) if item.samples], dtype=torch.long)
-            logits = logits.index_select(0, to_device_async(rows, self.device))
-        return logits.float()
 
     def _exchange(self, bs: int, wide: int) -> None:
         """Broadcast the staged buffers from rank 0 and scatter the packed tables (every rank)."""

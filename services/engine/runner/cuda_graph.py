@@ -207,14 +207,19 @@ class CudaGraphRunner:
         head, packed = 5 * self._max, bs * wide
         self._static[:head].copy_(self._hosts[k][:head], non_blocking=True)
         self._s_stage[:packed].copy_(self._hosts[k][head:head + packed], non_blocking=True)
-        self._s_table[:bs, :wide].copy_(self._s_stage[:packed].view(bs, wide))
         if self.device.type == "cuda":
             event = self._host_events[k] or torch.cuda.Event()
-            event.record()
+            event.record()  # this mirror may be refilled once its copies are done
             self._host_events[k] = event
+        self._finish_inputs(bs, wide)
         self.graphs[bs].replay()
         logits = self._s_logits[:len(items)]
         if not samples:
             rows = torch.tensor([i for i, item in enumerate(items) if item.samples], dtype=torch.long)
             logits = logits.index_select(0, to_device_async(rows, self.device))
         return logits.float()
+
+    def _finish_inputs(self, bs: int, wide: int) -> None:
+        """After the uploads, before the replay: scatter the packed tables into the graph's table
+        (a tensor-parallel runner hands the inputs to its other ranks first)."""
+        self._s_table[:bs, :wide].copy_(self._s_stage[:bs * wide].view(bs, wide))
