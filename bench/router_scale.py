@@ -180,18 +180,25 @@ def run_overhead(args) -> dict:
     children = []
     try:
         worker = sim.addresses["decode"][0]
-        port, floor_port, http_port = free_port(), free_port(), free_port()
-        children.append(subprocess.Popen([sys.executable, "-m", "baton.deploy.cli", "router", "--model",
-                                          str(ensure_default_model()), "--decode", worker, "--grpc-port", str(port),
-                                          "--http-port", str(http_port),
-                                          "--decode-policy", "round_robin", "--decode-only-threshold", "1000000000"],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        port, calls_port, http_port = free_port(), free_port(), free_port()
+        floor_port, floor_calls_port = free_port(), free_port()
+        router = [sys.executable, "-m", "baton.deploy.cli", "router", "--model", str(ensure_default_model()),
+                  "--decode", worker, "--decode-policy", "round_robin", "--decode-only-threshold", "1000000000"]
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        children.append(subprocess.Popen([*router, "--grpc-port", str(port), "--http-port", str(http_port)], **quiet))
+        children.append(subprocess.Popen([*router, "--grpc-port", str(calls_port), "--http-port", str(free_port()),
+                                          "--no-decode-stream"], **quiet))
         children.append(subprocess.Popen([sys.executable, "-m", "baton.bench.grpc_floor_proxy", worker,
-                                          str(floor_port)]))
-        servers = {"direct": ("", sim.proc.pid), "floor": (f"127.0.0.1:{floor_port}", children[1].pid),
+                                          str(floor_calls_port)]))
+        children.append(subprocess.Popen([sys.executable, "-m", "baton.bench.grpc_floor_proxy", worker,
+                                          str(floor_port), "--stream"]))
+        servers = {"direct": ("", sim.proc.pid),
+                   "floor_calls": (f"127.0.0.1:{floor_calls_port}", children[2].pid),
+                   "floor": (f"127.0.0.1:{floor_port}", children[3].pid),
+                   "router_calls": (f"127.0.0.1:{calls_port}", children[1].pid),
                    "router": (f"127.0.0.1:{port}", children[0].pid),
                    "http": (f"http://127.0.0.1:{http_port}", children[0].pid)}
-        for address, _ in list(servers.values())[1:3]:
+        for address, _ in list(servers.values())[1:5]:
             asyncio.run(wait_for_health(address, 120))
         return asyncio.run(_overhead(worker, servers, args.sequential, args.concurrency, args.overhead_s))
     finally:
@@ -224,7 +231,9 @@ def run_prefix(args) -> list[RunResult]:
 def machine() -> str:
     try:
         from baton.bench.machine import describe_machine
-        return describe_machine("shared with other jobs (4 other agents' tests and builds ran at the same time)")
+        load = os.getloadavg()
+        return describe_machine(f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) "
+                                "when the report was written")
     except ImportError:
         return f"{os.cpu_count()} cores"
 
@@ -243,8 +252,12 @@ def _overhead_lines(args, overhead: dict) -> list[str]:
             "| path | p50 ms | p99 ms | req/s | x direct req/s | server CPU us/req | server cores busy |",
             "|---|---:|---:|---:|---:|---:|---:|",
             row("direct `Decode.Generate` (reference)", d, d["req_per_s"]),
-            row("bare Python gRPC hop (bench/grpc_floor_proxy.py)", f, d["req_per_s"]),
-            row("through `baton router` (`Router.Generate`)", r, d["req_per_s"]),
+            *([row("bare Python gRPC hop, a call per request (bench/grpc_floor_proxy.py)", overhead["floor_calls"],
+                   d["req_per_s"])] if "floor_calls" in overhead else []),
+            row("bare Python gRPC hop, one stream to the worker (`grpc_floor_proxy --stream`)", f, d["req_per_s"]),
+            *([row("through `baton router --no-decode-stream` (a call per request, the old data plane)",
+                   overhead["router_calls"], d["req_per_s"])] if "router_calls" in overhead else []),
+            row("through `baton router` (`Router.Generate`, one stream per worker)", r, d["req_per_s"]),
             *([row("through the router's HTTP gateway (`POST /v1/completions`, httpx client)", overhead["http"],
                    d["req_per_s"])] if "http" in overhead else []), "",
             f"Added by the router: p50 **{r['p50_ms'] - d['p50_ms']:.2f} ms**, p99 "
@@ -253,7 +266,7 @@ def _overhead_lines(args, overhead: dict) -> list[str]:
             f"{'met' if r['p50_ms'] - d['p50_ms'] < 1 else 'missed'} / "
             f"{'met' if r['req_per_s'] >= 2000 else 'missed'}). The router process spends "
             f"{r['cpu_us_per_req']:.0f} us of CPU per request, so one core to itself would carry at most "
-            f"~{per_core:.0f} req/s (derived, not measured); the bare hop adds p50 "
+            f"~{per_core:.0f} req/s (derived, not measured); the bare hop (same data plane) adds p50 "
             f"{f['p50_ms'] - d['p50_ms']:.2f} ms and spends {f['cpu_us_per_req']:.0f} us/req: the router's own "
             f"work is the difference ({r['p50_ms'] - f['p50_ms']:.2f} ms p50, "
             f"{r['cpu_us_per_req'] - f['cpu_us_per_req']:.0f} us CPU per request)."

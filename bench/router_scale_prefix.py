@@ -12,12 +12,16 @@ Measured per run: requests completed per second, TTFT p50 / p99 at the client (t
 core's `generate`), and the prefix hit rate (cached prompt tokens reported by the workers /
 prompt tokens) against the best possible for the requests as they ran: for each request,
 the whole pages of its prompt found among the prompts sent before it and the answers
-received before it was sent: what one infinite cache with perfect routing could hit (an
-upper bound: a prompt sent just before may still be prefilling). The *attainable* best
-counts only the pages of prompts whose first token had come back before the request was
-sent (their prefill done, so a worker could hold them), and of the answers received: no
-worker caches a page before it has computed it, so a request that shares a prefix with one
-still prefilling computes it too, wherever it goes.
+received before it was sent: what one infinite cache with perfect routing could hit, a
+request whose prefix is still being prefilled waiting for that prefill (an upper bound; the
+simulated worker, like a real engine's scheduler, matches its cache when a request's
+prefill starts and lets a request wait for a prefill of its prefix running on the same
+worker, so this is reachable by routing that sends it there: the router's pending blocks).
+The *no-wait* best (the bench's "attainable best" column) counts only the pages of prompts
+whose first token had come back before the request was sent (their prefill done), and of
+the answers received: what a worker that matches its cache on arrival and never waits could
+hit (the simulated worker before 2026-12-01 evening). Hits can now exceed it: a ratio above
+1 in "hit / attainable" is the requests that waited for a prefill of their prefix.
 """
 from __future__ import annotations
 
@@ -81,7 +85,8 @@ class RunResult:
     hit_rate: float
     best_hit_rate: float
     attainable_hit_rate: float = 0.0
-    """The best hit rate counting only pages prefilled before each request was sent."""
+    """The best hit rate counting only pages prefilled before each request was sent (no request
+    waits for a prefill in flight; hits may exceed it, see the module docstring)."""
 
 
 class Conversations:
@@ -112,8 +117,8 @@ class Conversations:
         return key, self.systems[key[0]] + self.history[key] + user
 
     def best_cached(self, prompt: list[int]) -> tuple[int, int]:
-        """The best possible and the attainable cached prefix of a prompt being sent now
-        (which then joins the cache)."""
+        """The best possible and the no-wait ("attainable") cached prefix of a prompt being sent
+        now (which then joins the cache)."""
         hashes = block_hashes(prompt, self.load.block_size)
         best = next((i for i, h in enumerate(hashes) if h not in self.seen), len(hashes))
         attainable = next((i for i, h in enumerate(hashes) if h not in self.ready), len(hashes))

@@ -44,6 +44,10 @@ class RouterConfig:
     """Subscribe to the workers' KV events: cache-aware scores from what each really caches (off: the approximate tree only)."""
     kv_index_max_entries: int = 1_000_000
     """Most (block, worker) pairs the KV-event index holds; least recently used blocks are dropped beyond it."""
+    kv_pending_ttl_s: float = 5.0
+    """Seconds a prompt's pages count as cached on the worker the router just sent it to, until its KV events store them (0: off)."""
+    kv_pending_max_entries: int = 65536
+    """Most pending (block, worker) pairs the KV-event index holds (this router's recent dispatches); oldest dropped beyond it."""
     decode_only_threshold: int = 256
     """Prompts with at most this many uncached tokens are prefilled by the decode worker itself."""
     prefill_backlog_limit: int = 16384
@@ -65,6 +69,8 @@ class RouterConfig:
     stream_stall_timeout_s: float = 60.0
     """Longest wait for a decode worker's next chunk before its stream moves elsewhere (also
     moved at once when the worker turns unhealthy while the stream waits: a frozen worker)."""
+    decode_stream: bool = True
+    """Send requests to each decode worker on one multiplexed stream (Decode.GenerateStream) instead of a gRPC call each (off: a call each; workers without it get calls anyway)."""
     max_migrations: int = 3
     """Times a stream may move to another decode worker after its first token."""
     retry_backoff_s: float = 0.05
@@ -154,9 +160,10 @@ class RouterConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.health_check_interval < 0 or self.max_unhealthy_workers < -1 or self.kv_index_max_entries < 1:
+        if (self.health_check_interval < 0 or self.max_unhealthy_workers < -1 or self.kv_index_max_entries < 1
+                or self.kv_pending_ttl_s < 0 or self.kv_pending_max_entries < 0):
             raise ValueError("health_check_interval must be >= 0, max_unhealthy_workers >= -1, "
-                             "kv_index_max_entries >= 1")
+                             "kv_index_max_entries >= 1, kv_pending_ttl_s and kv_pending_max_entries >= 0")
         if self.health_check_interval > 0:
             object.__setattr__(self, "health_interval_s", self.health_check_interval)
         if self.discovery_interval_s <= 0:

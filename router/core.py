@@ -65,7 +65,7 @@ class RouterCore:
             self.replicas = ReplicaSet(config.addresses(config.router_peers), self._set_replicas,
                                        interval_s=config.health_interval_s, timeout_s=config.health_timeout_s,
                                        credentials=config.cluster_credentials)
-        self.kv_index = KVIndex(config.kv_index_max_entries)
+        self.kv_index = KVIndex(config.kv_index_max_entries, config.kv_pending_ttl_s, config.kv_pending_max_entries)
         """Which worker holds which KV block, from their KV events (router/kv_index.py)."""
         self.kv_events = KVEventSubscriber(self.registry, self.kv_index) if config.kv_events else None
         if self.kv_events is not None:
@@ -141,7 +141,9 @@ class RouterCore:
                                   "running_tokens": load.running_tokens, "queued_tokens": load.queued_tokens,
                                   "kv_usage": round(load.kv_usage, 4), "prefix_hit_rate": round(load.prefix_hit_rate, 4),
                                   "max_requests": load.max_requests, "reserved_requests": load.reserved_requests},
-                         "prefix_source": self.kv_events.source(entry.address) if self.kv_events else "approximate"})
+                         "prefix_source": self.kv_events.source(entry.address) if self.kv_events else "approximate",
+                         # blocks this router sent there that its KV events have not stored yet (scored as cached)
+                         "pending_kv_blocks": self.kv_index.pending_blocks(entry.address)})
         return rows
 
     async def abort(self, request_id: str, caller: Optional[Caller] = None) -> bool:

@@ -11,7 +11,8 @@ forgotten and it is re-subscribed with backoff, which brings a fresh snapshot.
 Per worker the prefix source is `kv_events` while its stream is live, else `approximate`
 (the cache-aware policy's own tree): a worker that does not serve KV events (UNIMPLEMENTED:
 an older worker, or one with radix caching off) is asked again only every `retry_unimplemented_s`.
-The source of each worker, the index size and its drops are exported as metrics.
+The source of each worker, the index size and its drops, and the index's pending blocks (this
+router's dispatches not yet stored, router/kv_index.py) are exported as metrics.
 """
 from __future__ import annotations
 
@@ -188,9 +189,17 @@ class KVIndexCollector:
         blocks.add_metric([], index.num_blocks)
         dropped = CounterMetricFamily("baton_router_kv_index_dropped", "Index pairs dropped to stay within its bound")
         dropped.add_metric([], index.dropped)
+        pending = GaugeMetricFamily("baton_router_kv_index_pending_entries",
+                                    "(block, worker) pairs this router dispatched that the worker's KV events have not "
+                                    "stored yet (scored as cached; bounded by --kv-pending-max-entries)")
+        pending.add_metric([], index.pending_entries)
+        outcome = CounterMetricFamily("baton_router_kv_index_pending", "Pending pairs ended: confirmed by a stored "
+                                      "event, or expired (or dropped at the bound) without one", labels=["outcome"])
+        outcome.add_metric(["confirmed"], index.pending_confirmed)
+        outcome.add_metric(["expired"], index.pending_expired)
         source = GaugeMetricFamily("baton_router_prefix_source",
                                    "1 for the source of a worker's prefix scores: kv_events or approximate",
                                    labels=["worker", "source"])
         for address in list(sub.registry.workers):
             source.add_metric([address, sub.source(address)], 1)
-        return [entries, blocks, dropped, source]
+        return [entries, blocks, dropped, pending, outcome, source]

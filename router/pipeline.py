@@ -294,12 +294,12 @@ class Pipeline:
             self._moves += 1
         left = max(0.001, self.deadline - time.monotonic())
         encoders = self.core.encoders.ranked([h for _, h in request.images]) if request.images else []
-        call = decode.decode_stub().Generate(worker_pb2.DecodeRequest(
+        call = decode.generate(worker_pb2.DecodeRequest(
             request_id=f"{request.request_id}-m{self._moves}" if progress.started else request.request_id,
             prompt_token_ids=request.prompt_token_ids, params=params,
             prefill_address=prefill.address if prefill else "", timeout_ms=int(left * 1000), resume=resume,
             images=[worker_pb2.ImageInput(data=d, content_hash=h) for d, h in request.images],
-            encoder_addresses=encoders), timeout=left)
+            encoder_addresses=encoders), left)
         watchdog = StallWatchdog(call, decode, self.core.config.health_interval_s,
                                  self.core.config.stream_stall_timeout_s)
         relay = self._relay

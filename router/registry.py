@@ -29,6 +29,7 @@ from baton.protos.baton.v1 import worker_pb2, worker_pb2_grpc
 from baton.protos.cluster_auth import open_channel
 from baton.router.breaker import CircuitBreaker
 from baton.router.config import RouterConfig
+from baton.router.decode_stream import DecodeStreamClient
 from baton.router.types import Role, WorkerView
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,10 @@ class WorkerEntry:
     """monotonic time until which the worker counts as full (it answered OVERLOADED)."""
     metrics_port: int = 0
     """The worker's Prometheus port, from its Info (0: unknown or none)."""
+    use_decode_stream: bool = True
+    """Send decode requests on one multiplexed stream (router/decode_stream.py) rather than a call each."""
     _stub: Optional[worker_pb2_grpc.DecodeStub] = field(default=None, repr=False)
+    _streams: Optional[DecodeStreamClient] = field(default=None, repr=False)
     _view: Optional[WorkerView] = field(default=None, repr=False)
     _view_load: Optional[worker_pb2.WorkerLoad] = field(default=None, repr=False)
 
@@ -93,6 +97,26 @@ class WorkerEntry:
             self._stub = worker_pb2_grpc.DecodeStub(self.channel)
         return self._stub
 
+    def generate(self, request: worker_pb2.DecodeRequest, timeout: float):
+        """Start `Decode.Generate` on this worker: on its shared stream (requests with images,
+        megabytes each, get a call of their own), else a separate call. Either reads and
+        cancels as a `grpc.aio` call."""
+        if not self.use_decode_stream or request.images:
+            return self.decode_stub().Generate(request, timeout=timeout)
+        if self._streams is None:
+            self._streams = DecodeStreamClient(self.address, self.decode_stub())
+        return self._streams.generate(request, timeout)
+
+    def retire_streams(self) -> None:
+        """The worker stopped serving (draining): end its shared stream once idle."""
+        if self._streams is not None:
+            self._streams.retire_stream()
+
+    def close_streams(self) -> None:
+        """Fail the calls on the shared stream (the worker is being forgotten)."""
+        if self._streams is not None:
+            self._streams.close()
+
 
 class WorkerRegistry:
     """Workers by address, their health loop, and candidate lists for the policies."""
@@ -112,7 +136,8 @@ class WorkerRegistry:
             return False
         breaker = CircuitBreaker(self.config.breaker_failures, self.config.breaker_cooldown_s)
         self.workers[address] = WorkerEntry(address, role, breaker,
-                                            open_channel(address, self.config.cluster_credentials))
+                                            open_channel(address, self.config.cluster_credentials),
+                                            use_decode_stream=self.config.decode_stream)
         return True
 
     async def remove(self, address: str) -> bool:
@@ -120,6 +145,7 @@ class WorkerRegistry:
         entry = self.workers.pop(address, None)
         if entry is None:
             return False
+        entry.close_streams()
         await entry.channel.close()
         return True
 
@@ -197,6 +223,8 @@ class WorkerRegistry:
 
     @staticmethod
     def _mark(entry: WorkerEntry, healthy: bool, error: str) -> None:
+        if not healthy:  # draining or gone: a stopping server must not wait out its grace for an idle stream
+            entry.retire_streams()
         if entry.healthy and not healthy:
             log.warning("worker %s is unhealthy: %s", entry.address, error)
         elif healthy and not entry.healthy and entry.last_error:

@@ -35,6 +35,10 @@ Precise prefix scores: with a KV-event index attached (``attach_index``, router/
 the match of every worker the index tracks comes from the blocks that worker really holds
 (its KV events), and step 3 compares the tokens it really caches; workers the index does
 not track (no events) keep the approximate tree. ``prefix_source(address)`` says which.
+A tracked worker's score also counts the pages this router dispatched there that its events
+have not stored yet (the index's *pending* blocks, short-lived: ``on_dispatch`` records
+them), so a prompt sent while another with its prefix is still prefilling follows it to the
+worker computing it, and step 3 counts them in the worker's size.
 A tracked worker has no tree (it is dropped at its next dispatch, so memory stays within
 the index's bound); should its events stop, its tree starts empty.
 
@@ -126,6 +130,7 @@ class CacheAwarePolicy(Policy):
         address = worker.address
         if self.index is not None and self.index.tracks(address):
             self._trees.pop(address, None)  # scored from its events: no tree (memory: the index's bound)
+            self.index.dispatched(address, prompt_token_ids)  # pending there until its events store them
             return
         tree = self._trees.get(address)
         if tree is None:
@@ -167,10 +172,11 @@ class CacheAwarePolicy(Policy):
         return tree.match(tokens) if tree is not None else 0
 
     def tree_size(self, address: str) -> int:
-        """Tokens cached on ``address``: per the KV-event index when it tracks the worker, else
-        held in its tree (0 for an unknown worker)."""
-        if self.index is not None and self.index.tracks(address):
-            return self.index.cached_tokens(address)
+        """Tokens cached on ``address``: per the KV-event index when it tracks the worker (its
+        pending blocks included), else held in its tree (0 for an unknown worker)."""
+        index = self.index
+        if index is not None and index.tracks(address):
+            return index.cached_tokens(address) + index.pending_blocks(address) * index.block_size(address)
         tree = self._trees.get(address)
         return tree.size if tree is not None else 0
 

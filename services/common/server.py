@@ -117,6 +117,7 @@ class ServiceServer:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.on_drain = on_drain
         self.draining = False
+        self._stop_hooks: list[Callable[[], None]] = []
         self.port: Optional[int] = None
         self.metrics_port: Optional[int] = None
         self.service_names: list[str] = []
@@ -169,6 +170,11 @@ class ServiceServer:
         status = _SERVING if self._serving else _NOT_SERVING
         for name in ["", *self.service_names]:
             await self._health.set(name, status)
+
+    def add_stop_hook(self, hook: Callable[[], None]) -> None:
+        """Call `hook` when the server starts stopping: it ends long-lived streams (KV-event
+        subscriptions) that would otherwise keep the server waiting out its grace period."""
+        self._stop_hooks.append(hook)
 
     def ensure_accepting(self) -> None:
         """Raise BatonError(DRAINING) when the server is draining (call at the top of an RPC
@@ -263,6 +269,9 @@ class ServiceServer:
         """Stop the gRPC server (in-flight RPCs get `grace` seconds; None aborts them) and the
         metrics endpoint. Idempotent: a later call with a smaller grace stops sooner."""
         self._stopping = True
+        for hook in self._stop_hooks:
+            hook()
+        self._stop_hooks.clear()
         if self._server is not None:
             await self._server.stop(grace)
         httpd, self._metrics_httpd = self._metrics_httpd, None

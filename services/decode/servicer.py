@@ -33,6 +33,7 @@ import grpc
 from baton.protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 from baton.protos.cluster_auth import open_channel
 from baton.protos.errors import BatonError, ErrorCode, ErrorOrigin, abort_with, error_from_rpc
+from baton.services.common.decode_stream import serve_decode_stream
 from baton.services.decode import images as decode_images
 from baton.services.engine.request import RequestDelta
 from baton.services.engine.sampling_params import SamplingParams
@@ -90,6 +91,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 thread.close_stream(rid)
                 if not finished:
                     thread.submit(lambda e: e.abort(rid))
+
+    async def GenerateStream(self, request_iterator, context) -> AsyncIterator[worker_pb2.DecodeStreamEvents]:
+        """Many `Generate` calls on one stream (the router's data plane, services/common/decode_stream.py)."""
+        async for events in serve_decode_stream(self.Generate, request_iterator, context):
+            yield events
 
     def _chunk(self, delta: RequestDelta, counts: list[int], done: list[bool],
                started: float) -> worker_pb2.DecodeResponse:

@@ -13,6 +13,11 @@ share a prefix hit, and a full pool evicts.
   output too). A page someone else cached meanwhile is shared instead and its block freed.
 - `release` drops the request's references; its cached blocks become evictable, deepest
   first (a sequence's last block is evicted before the blocks its prefix needs).
+- Between `acquire` and `store`, the uncached pages of a request's prompt are *being computed*
+  (its prefill runs): `prefill_in_progress(prompt)` says whether the next page another prompt
+  lacks is one of them, so that request can wait for it and hit, as a real engine's scheduler
+  matches its radix cache when it schedules a waiting request (services/sim/worker.py waits).
+  `on_progress` (when set) is called whenever such pages are stored or given up.
 Every page entering or leaving the cache goes to the `KVEventPublisher` (when one is set),
 so the router's index mirrors exactly what `cached_hashes()` returns.
 
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from baton.protos.block_hash import ROOT_HASH, block_hashes
 
@@ -40,6 +45,10 @@ class Allocation:
     """Blocks held that are not (yet) cached."""
     cached_tokens: int = 0
     """Prompt tokens found in the cache at acquire time."""
+    computing: int = 0
+    """`hashes[computing:computing_end]` are the prompt pages this request is computing now."""
+    computing_end: int = 0
+    """End of the prompt pages it computes (`len(hashes)`)."""
 
 
 class SimKVCache:
@@ -55,6 +64,10 @@ class SimKVCache:
         self.tokens_looked_up = 0
         self.tokens_matched = 0
         self.evicted_blocks = 0
+        self._computing: dict[int, int] = {}
+        """Page hash -> requests computing it now (acquired, not stored yet)."""
+        self.on_progress: Optional[Callable[[], None]] = None
+        """Called when pages being computed are stored or given up (a waiter may now hit)."""
 
     # --- figures -----------------------------------------------------------------------------------
     @property
@@ -94,6 +107,16 @@ class SimKVCache:
             matched += 1
         return matched * self.block_size
 
+    def prefill_in_progress(self, prompt: Sequence[int]) -> bool:
+        """True when the first page of `prompt` that is not cached is being computed by a
+        request's prefill now (waiting for it turns it into a hit)."""
+        if not self._computing:
+            return False
+        for h in block_hashes(prompt, self.block_size):
+            if h not in self._refs:
+                return h in self._computing
+        return False
+
     # --- a request's blocks ------------------------------------------------------------------------
     def acquire(self, prompt: Sequence[int], output_tokens: int) -> Optional[Allocation]:
         """Hold the cached pages of `prompt` and enough new blocks for the rest of it and
@@ -119,7 +142,11 @@ class SimKVCache:
         self._uncached += need
         self.tokens_looked_up += len(prompt)
         self.tokens_matched += hit * self.block_size
-        return Allocation(hashes=hashes, held=list(hashes[:hit]), uncached=need, cached_tokens=hit * self.block_size)
+        computing = self._computing
+        for h in hashes[hit:]:
+            computing[h] = computing.get(h, 0) + 1
+        return Allocation(hashes=hashes, held=list(hashes[:hit]), uncached=need, cached_tokens=hit * self.block_size,
+                          computing=hit, computing_end=len(hashes))
 
     def store(self, allocation: Allocation, tokens: Sequence[int]) -> None:
         """Cache the whole pages of `tokens` (the request's context so far) it has not cached yet."""
@@ -140,6 +167,7 @@ class SimKVCache:
         if new and self.publisher is not None:
             first = allocation.held.index(new[0])
             self.publisher.stored_hashes(allocation.held[first - 1] if first else ROOT_HASH, new)
+        self._computed(allocation, min(len(allocation.held), allocation.computing_end))
 
     def release(self, allocation: Allocation) -> None:
         """Drop every reference the request holds (its cached blocks become evictable)."""
@@ -149,6 +177,22 @@ class SimKVCache:
                 self._evictable[h] = None
         self._uncached -= allocation.uncached
         allocation.held, allocation.uncached = [], 0
+        self._computed(allocation, allocation.computing_end)
+
+    def _computed(self, allocation: Allocation, upto: int) -> None:
+        """The request no longer computes its prompt pages before `upto` (stored or given up)."""
+        if upto <= allocation.computing:
+            return
+        computing = self._computing
+        for h in allocation.hashes[allocation.computing:upto]:
+            left = computing[h] - 1
+            if left:
+                computing[h] = left
+            else:
+                del computing[h]
+        allocation.computing = upto
+        if self.on_progress is not None:
+            self.on_progress()
 
     def _take(self, h: int) -> None:
         self._refs[h] += 1
@@ -161,3 +205,4 @@ class SimKVCache:
         for h in self._evictable:
             assert self._refs.get(h) == 0, f"evictable block {h} is in use"
         assert sum(1 for c in self._refs.values() if c == 0) == len(self._evictable)
+        assert all(c > 0 for c in self._computing.values())

@@ -28,6 +28,7 @@ import grpc
 from baton.protos.baton.v1 import common_pb2, kv_pb2, worker_pb2, worker_pb2_grpc
 from baton.protos.cluster_auth import open_channel
 from baton.protos.errors import BatonError, ErrorCode, ErrorOrigin, abort_with, error_from_rpc
+from baton.services.common.decode_stream import serve_decode_stream
 from baton.services.sim.tokens import TokenStream
 
 
@@ -78,6 +79,11 @@ class SimDecodeServicer(worker_pb2_grpc.DecodeServicer):
             await w.died(context)
         finally:
             w.forget(rid)
+
+    async def GenerateStream(self, request_iterator, context) -> AsyncIterator[worker_pb2.DecodeStreamEvents]:
+        """Many `Generate` calls on one stream (the router's data plane, services/common/decode_stream.py)."""
+        async for events in serve_decode_stream(self.Generate, request_iterator, context):
+            yield events
 
     async def _generate(self, rid: str, prompt: list[int], already: list[int], max_tokens: int, allocation,
                         request, arrived: float) -> AsyncIterator[worker_pb2.DecodeResponse]:

@@ -8,7 +8,12 @@ rate, capacity, recent TTFT / ITL. Many live in one asyncio loop (services/sim/c
 
 Admission: a request is refused with DRAINING when the worker drains, with OVERLOADED when
 `sim_max_running + sim_max_queued` requests are already admitted (or the fault injection
-draws it); otherwise it waits for one of `sim_max_running` slots and for KV room.
+draws it); otherwise it waits for one of `sim_max_running` slots and for KV room. Its cache
+match happens when its prefill starts (`allocate`), as a real engine's scheduler matches its
+radix cache when it schedules a waiting request: when the next page its prompt lacks is being
+prefilled here by another request, it waits for that prefill (counted as queued, bounded by
+its deadline) and then hits (SGLang likewise defers a request that shares a prefix with one
+in the same batch).
 
 Faults (`SimFaults`, or by hand: `kill()`, `hang()`, `set_serving()`): die (every call in
 flight fails with UNAVAILABLE and the server stops with no grace, port closed: what a
@@ -81,6 +86,8 @@ class SimWorker:
         loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.config.sim_max_running)
         self._room = asyncio.Condition()
+        self._progress = asyncio.Event()
+        self.kv.on_progress = self._on_progress
         self.publisher = KVEventPublisher(self.config.sim_block_size, loop, epoch=self.epoch)
         self.kv.publisher = self.publisher
         server = self.server = ServiceServer(self.server_config)
@@ -90,6 +97,7 @@ class SimWorker:
             server.add_servicer(worker_pb2_grpc.add_PrefillServicer_to_server, SimPrefillServicer(self))
         if self.config.sim_kv_events:
             server.add_servicer(worker_pb2_grpc.add_KVEventsServicer_to_server, KVEventsServicer(self.publisher))
+            server.add_stop_hook(self.publisher.close)
         await server.start()
         self.publisher.worker_id = server.address
         await server.set_serving(True)
@@ -210,16 +218,45 @@ class SimWorker:
         if self.kv.blocks_for(len(prompt) + output_tokens) > self.kv.num_blocks:
             raise BatonError(ErrorCode.INVALID_REQUEST, f"{len(prompt) + output_tokens} tokens do not fit in "
                              f"{self.kv.num_blocks} blocks of {self.kv.block_size}")
-        async with self._room:
-            while (allocation := self.kv.acquire(prompt, output_tokens)) is None:
+        while True:
+            if self.kv.prefill_in_progress(prompt):
+                await self._wait_for_prefill(prompt, deadline)
+            async with self._room:
+                while not self.kv.prefill_in_progress(prompt):
+                    allocation = self.kv.acquire(prompt, output_tokens)
+                    if allocation is not None:
+                        return allocation
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise BatonError(ErrorCode.DEADLINE_EXCEEDED, "no KV room before the deadline")
+                    try:
+                        await asyncio.wait_for(self._room.wait(), left)
+                    except asyncio.TimeoutError:
+                        pass
+
+    async def _wait_for_prefill(self, prompt: list[int], deadline: Optional[float]) -> None:
+        """Wait (counted as queued) while the next page `prompt` lacks is being prefilled here."""
+        self.running -= 1
+        self.waiting += 1
+        self.queued_tokens += len(prompt)
+        try:
+            while self.kv.prefill_in_progress(prompt):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise BatonError(ErrorCode.DEADLINE_EXCEEDED, "no KV room before the deadline")
+                    raise BatonError(ErrorCode.DEADLINE_EXCEEDED, "a prefill of the same prefix outlasted the deadline")
                 try:
-                    await asyncio.wait_for(self._room.wait(), left)
+                    await asyncio.wait_for(self._progress.wait(), left)
                 except asyncio.TimeoutError:
                     pass
-        return allocation
+        finally:
+            self.running += 1
+            self.waiting -= 1
+            self.queued_tokens -= len(prompt)
+
+    def _on_progress(self) -> None:
+        """Pages being prefilled were stored or given up: wake the requests waiting for them."""
+        self._progress.set()
+        self._progress = asyncio.Event()
 
     async def free(self, allocation: Allocation) -> None:
         self.kv.release(allocation)

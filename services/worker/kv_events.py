@@ -30,6 +30,10 @@ SNAPSHOT_CHUNK = 65536
 """Block hashes per stored event in a snapshot (keeps each event well under gRPC's limits)."""
 
 
+_END = object()
+"""Queued to every subscriber when the publisher closes: its stream ends."""
+
+
 class _Subscriber:
     def __init__(self, limit: int) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -54,6 +58,7 @@ class KVEventPublisher:
         self._pending: list[worker_pb2.KVEvent] = []
         self._scheduled = False
         self._subscribers: set[_Subscriber] = set()
+        self.closed = False
 
     @property
     def num_blocks(self) -> int:
@@ -141,17 +146,30 @@ class KVEventPublisher:
         return worker_pb2.KVEventBatch(worker_id=self.worker_id, epoch=self.epoch, sequence=self.sequence,
                                        block_size=self.block_size, snapshot=True, events=events)
 
+    def close(self) -> None:
+        """End every subscription (the server is stopping: a stopping gRPC server would
+        otherwise wait out its whole grace period for these never-ending streams)."""
+        with self._lock:
+            self.closed = True
+            subscribers = list(self._subscribers)
+        for sub in subscribers:
+            self._loop.call_soon_threadsafe(sub.queue.put_nowait, _END)
+
     async def subscribe(self) -> AsyncIterator[Optional[worker_pb2.KVEventBatch]]:
         """The snapshot, then every later batch; yields None when this subscriber fell too far
-        behind (the caller ends the stream)."""
+        behind (the caller ends the stream); ends when the publisher closes."""
         sub = _Subscriber(self.max_queued_batches)
         with self._lock:
+            if self.closed:
+                return
             snapshot = self._snapshot_locked()
             self._subscribers.add(sub)
         try:
             yield snapshot
             while True:
                 batch = await sub.queue.get()
+                if batch is _END:
+                    return
                 yield batch
                 if batch is None:
                     return

@@ -83,6 +83,7 @@ async def serve_worker(service: WorkerService, engine_config: EngineConfig, serv
     server.add_servicer(service.add_to_server, servicer)
     kv_events = KVEventPublisher(engine_config.page_size, asyncio.get_running_loop())
     server.add_servicer(worker_pb2_grpc.add_KVEventsServicer_to_server, KVEventsServicer(kv_events))
+    server.add_stop_hook(kv_events.close)
     runtime.credentials, runtime.server_host = server.credentials, server_config.host  # peers' channels, KV port
     await server.start()
     runtime.metrics_port = server.metrics_port or 0  # Info lists it (the router's /workers shows it)

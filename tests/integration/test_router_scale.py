@@ -4,6 +4,7 @@ evictions; two replicas fed the same events route alike (and, without events, do
 a router started after the workers are warm routes to the warm one at once; and with 200
 workers, killing 50 at once loses no request and no streamed token."""
 import asyncio
+import dataclasses
 import random
 import time
 
@@ -55,7 +56,7 @@ async def until(predicate, timeout: float = 10.0) -> None:
 
 def test_index_equals_the_workers_cache_state_after_random_traffic_with_evictions():
     async def scenario():
-        cluster = await SimCluster(SimConfig(sim_decodes=6, sim_blocks=64, sim_block_size=8), QUICK).start()
+        cluster = await SimCluster(SimConfig(sim_decodes=6, sim_blocks=48, sim_block_size=8), QUICK).start()
         core = await start_core(cluster)
         rng = random.Random(1)
         stems = groups(2, 12, 120)
@@ -135,7 +136,9 @@ def test_a_router_restarted_mid_traffic_routes_to_the_warm_worker_at_once():
 def test_killing_50_of_200_workers_loses_no_request_and_no_token():
     async def scenario():
         started_at = time.monotonic()
-        cluster = await SimCluster(SimConfig(sim_decodes=200, sim_blocks=256), QUICK).start()
+        # 60 tokens at 20 ms a step: every stream still runs when the victims die
+        cluster = await SimCluster(SimConfig(sim_decodes=200, sim_blocks=256),
+                                   dataclasses.replace(QUICK, decode_step_s=0.02)).start()
         core = await start_core(cluster, decode_policy="min_load", health_interval_s=1.0, max_attempts=5,
                                 retry_backoff_s=0.02)
         setup_s = time.monotonic() - started_at
@@ -254,3 +257,35 @@ def test_a_restarted_worker_is_reindexed_and_a_worker_without_events_stays_appro
     before, after, legacy_source, fresh_source = asyncio.run(scenario())
     assert (before, after) == (256, 0)
     assert (legacy_source, fresh_source) == ("approximate", "kv_events")
+
+
+def test_a_prompt_sent_while_its_prefix_prefills_follows_it_and_hits():
+    """The router counts the pages it just dispatched as pending on that worker (its events
+    store them only after the prefill), so a second prompt with the same long prefix, sent
+    while the first is prefilling, goes to the same worker, which waits for that prefill and
+    hits. Without pending blocks (ttl 0) the second one goes elsewhere and computes it all."""
+    slow = SimTiming(prefill_base_s=0.0005, prefill_token_s=1e-3, prefill_attention_s=0, decode_step_s=0.004,
+                     decode_seq_s=0, decode_ctx_token_s=0, transfer_base_s=0)
+
+    async def scenario():
+        cluster = await SimCluster(SimConfig(sim_decodes=4), slow).start()
+        outcomes = []
+        for ttl, stem in zip((5.0, 0.0), groups(9, 2, 512)):  # 32 pages: a 0.5 s prefill
+            core = await start_core(cluster, kv_pending_ttl_s=ttl)
+            first = asyncio.ensure_future(generate(core, f"a{ttl}", stem + [1] * 8, 2))
+            await until(lambda: any(w.running_tokens for w in cluster.decodes))
+            home = next(w for w in cluster.decodes if w.running_tokens)
+            pending = {row["address"]: row["pending_kv_blocks"] for row in core.worker_statuses()}
+            admitted = {w.address: w.admitted for w in cluster.decodes}
+            _, usage = await generate(core, f"b{ttl}", stem + [2] * 8, 2)
+            chosen = [w.address for w in cluster.decodes if w.admitted > admitted[w.address]]
+            await first
+            await until(lambda: core.kv_index.pending_blocks(home.address) == 0)  # its events confirmed them
+            outcomes.append((chosen == [home.address], usage.cached_tokens, pending[home.address],
+                             core.kv_index.pending_confirmed))
+            await core.stop()
+        await cluster.stop()
+        return outcomes
+    with_pending, without = asyncio.run(scenario())
+    assert with_pending == (True, 512, 32, 32)
+    assert without == (False, 0, 0, 0)

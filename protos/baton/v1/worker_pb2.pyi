@@ -256,6 +256,51 @@ class EncodeResponse(_message.Message):
     cache_hits: int
     def __init__(self, request_id: _Optional[str] = ..., num_embedding_tokens: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., bytes_transferred: _Optional[int] = ..., cache_hits: _Optional[int] = ...) -> None: ...
 
+class DecodeStreamFrame(_message.Message):
+    __slots__ = ("call_id", "start", "cancel")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    start: DecodeRequest
+    cancel: bool
+    def __init__(self, call_id: _Optional[int] = ..., start: _Optional[_Union[DecodeRequest, _Mapping]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class DecodeStreamFrames(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[DecodeStreamFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[DecodeStreamFrame, _Mapping]]] = ...) -> None: ...
+
+class DecodeStreamEvent(_message.Message):
+    __slots__ = ("call_id", "response", "end", "status_code", "details", "trailing_metadata")
+    class TrailingMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    TRAILING_METADATA_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    response: DecodeResponse
+    end: bool
+    status_code: int
+    details: str
+    trailing_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, call_id: _Optional[int] = ..., response: _Optional[_Union[DecodeResponse, _Mapping]] = ..., end: _Optional[bool] = ..., status_code: _Optional[int] = ..., details: _Optional[str] = ..., trailing_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class DecodeStreamEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[DecodeStreamEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[DecodeStreamEvent, _Mapping]]] = ...) -> None: ...
+
 class KVEventsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

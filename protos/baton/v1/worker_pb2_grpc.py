@@ -197,6 +197,11 @@ class DecodeStub:
                 request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/baton.v1.Decode/GenerateStream',
+                request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeStreamFrames.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeStreamEvents.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.v1.Decode/Abort',
                 request_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -218,6 +223,12 @@ class DecodeServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -248,6 +259,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
                     response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeStreamFrames.FromString,
+                    response_serializer=baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeStreamEvents.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -292,6 +308,33 @@ class Decode:
             '/baton.v1.Decode/Generate',
             baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
             baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/baton.v1.Decode/GenerateStream',
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeStreamFrames.SerializeToString,
+            baton_dot_protos_dot_baton_dot_v1_dot_worker__pb2.DecodeStreamEvents.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,3 +90,29 @@ def test_min_latency_and_weighted_policies():
         make_policy("weighted", weights="a:1=0")
     with pytest.raises(ValueError, match="host:port=weight"):
         make_policy("weighted", weights="a:1")
+
+
+def test_pending_blocks_score_until_the_events_store_them_and_expire_or_drop_at_the_bound():
+    now = [0.0]
+    index = KVIndex(pending_ttl_s=2.0, max_pending=12, clock=lambda: now[0])
+    a, b = prompt(1, 40), prompt(2, 40)
+    index.replace("w1", BS, block_hashes(a[:8], BS))
+    index.replace("w2", BS, [])
+    index.dispatched("w1", a)                                   # pages 3..10 of a are pending on w1
+    index.dispatched("untracked", a)                            # no block size known: nothing recorded
+    assert index.matched_tokens(a, ["w1", "w2", "untracked"]) == {"w1": 40, "w2": 0, "untracked": 0}
+    assert (index.entries, index.pending_entries, index.pending_blocks("w1")) == (2, 8, 8)
+    index.stored("w1", block_hashes(a, BS)[2:6])                # the worker's events confirm 4 of them
+    assert (index.entries, index.pending_entries, index.pending_confirmed) == (6, 4, 4)
+    now[0] = 1.0
+    index.dispatched("w2", b)                                   # 10 more: the oldest 2 of w1's are dropped
+    assert index.pending_entries == 12 and index.pending_expired == 2 and index.pending_blocks("w1") == 2
+    assert index.matched_tokens(a, ["w1"]) == {"w1": 24} and index.matched_tokens(b, ["w2"]) == {"w2": 40}
+    now[0] = 2.5                                                # w1's are past their 2 s, w2's are not
+    assert index.pending_blocks("w1") == 0 and index.pending_blocks("w2") == 10 and index.pending_expired == 4
+    index.forget("w2")                                          # a broken stream forgets pending too
+    assert index.pending_entries == 0 and index.matched_tokens(b, ["w2"]) == {"w2": 0}
+    off = KVIndex(pending_ttl_s=0)
+    off.replace("w", BS, [])
+    off.dispatched("w", a)
+    assert off.pending_entries == 0

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.protos.baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from baton.protos.block_hash import block_hashes
-from baton.protos.errors import error_from_rpc
+from baton.protos.errors import ErrorCode, error_from_rpc
 from baton.services.sim.cluster import SimCluster
 from baton.services.sim.config import SimConfig, SimFaults, SimTiming
 from baton.services.sim.kv_cache import SimKVCache
@@ -185,3 +185,44 @@ def test_timing_model_prefill_is_quadratic_and_cached_prefixes_are_faster():
             await cluster.stop()
     cold, warm = asyncio.run(scenario())
     assert cold > 0.2 and warm < cold / 3
+
+
+def test_a_request_whose_prefix_is_prefilling_waits_for_it_then_hits_bounded_by_its_deadline():
+    slow = SimTiming(prefill_base_s=0, prefill_token_s=1e-3, prefill_attention_s=0, decode_step_s=0.001,
+                     decode_seq_s=0, decode_ctx_token_s=0, transfer_base_s=0)
+
+    async def scenario():
+        cluster = await SimCluster(SimConfig(sim_decodes=1, sim_block_size=16), slow).start()
+        worker = cluster.decodes[0]
+        address = worker.address
+        try:
+            prefix = list(range(1000, 1400))                     # 25 pages: a 0.4 s prefill
+            first = asyncio.ensure_future(_generate(address, prefix + [1] * 8, 2, "a"))
+            while not worker.running_tokens:                     # the first one is prefilling
+                await asyncio.sleep(0.005)
+            second = asyncio.ensure_future(_generate(address, prefix + [2] * 8, 2, "b"))
+            other = asyncio.ensure_future(_generate(address, list(range(5000, 5040)), 2, "c"))
+            while worker.waiting != 1:                            # the second waits, counted as queued
+                await asyncio.sleep(0.005)
+            (_, other_usage), (_, usage_b) = await other, await second
+            _, usage_a = await first
+            async with grpc.aio.insecure_channel(address) as channel:  # a deadline shorter than the prefill
+                long = asyncio.ensure_future(_generate(address, list(range(7000, 7400)), 2, "d"))
+                while not worker.running_tokens:
+                    await asyncio.sleep(0.005)
+                started = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    async for _ in worker_pb2_grpc.DecodeStub(channel).Generate(worker_pb2.DecodeRequest(
+                            request_id="e", prompt_token_ids=list(range(7000, 7400)) + [3], timeout_ms=100,
+                            params=common_pb2.SamplingParams(max_tokens=2)), timeout=10):
+                        pass
+                waited = time.monotonic() - started
+                await long
+            worker.kv.check_integrity()
+            return usage_a, usage_b, other_usage, error_from_rpc(refused.value).code, waited, worker.waiting
+        finally:
+            await cluster.stop()
+    usage_a, usage_b, other_usage, code, waited, waiting = asyncio.run(scenario())
+    assert usage_a.cached_tokens == 0 and usage_b.cached_tokens == 400  # the second hit what the first computed
+    assert other_usage.cached_tokens == 0                               # an unrelated prompt did not wait
+    assert code == ErrorCode.DEADLINE_EXCEEDED and waited < 0.3 and waiting == 0

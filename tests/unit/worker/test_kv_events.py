@@ -111,3 +111,23 @@ def test_a_stored_page_is_named_like_the_router_names_a_prompts_page():
         assert publisher.block_set() == {block_hashes(list(range(16)), PAGE)[3]}
     finally:
         loop.close()
+
+
+def test_closing_the_publisher_ends_every_subscription_and_refuses_new_ones():
+    async def scenario():
+        publisher = KVEventPublisher(PAGE, asyncio.get_running_loop())
+        publisher.stored_hashes(0, [11, 12])
+        received = []
+
+        async def subscriber():
+            async for batch in publisher.subscribe():
+                received.append(batch)
+        task = asyncio.create_task(subscriber())
+        await asyncio.sleep(0.01)
+        publisher.close()
+        await asyncio.wait_for(task, 2)  # it ended instead of waiting for batches that never come
+        late = [batch async for batch in publisher.subscribe()]
+        return received, late
+    received, late = asyncio.run(scenario())
+    assert len(received) == 1 and received[0].snapshot
+    assert late == []
