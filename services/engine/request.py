@@ -63,6 +63,8 @@ class Request:
     output token is the placeholder PENDING_TOKEN until the engine reads that step's tokens back."""
     multimodal: Any = None
     """The request's images (`multimodal.inputs.MultimodalState`): spans, prefix-cache key; None for text."""
+    prompt_array: Any = field(default=None, repr=False)
+    """`prompt_token_ids` as an int64 numpy array, built by the model runner on first use (`runner/positions.py`)."""
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -5,9 +5,12 @@ slot of every new token, the block table of every sequence, their context slots 
 a backend that reads them) and the choice of rows whose logits are computed (the last
 token of every request that samples this step).
 
-Host work per step is plain Python over ints: no per-sequence tensors and no device-to-host
-copy; the step's integers become one tensor through numpy (`np.fromiter`, several times faster
-than `torch.tensor` on a list) and travel in one pinned buffer and one asynchronous copy.
+Host work per step grows with the sequences, not with their tokens: one Python pass over
+the items collects per-sequence integers (start, length, the blocks under the new tokens), then
+numpy builds the per-token arrays (token ids as slices of each prompt's cached numpy array,
+positions, KV slots) into one int64 buffer, which travels in one pinned buffer and one
+asynchronous copy; no per-sequence tensors (a backend that reads context slots gets views of
+one tensor) and no device-to-host copy. `bench/host_step_cpu.py` measures it.
 
 CUDA graphs (GPU, fused model, Triton backend): decode-only steps of up to the largest
 captured batch size replay a captured graph instead (`cuda_graph.CudaGraphRunner` owns the
@@ -26,8 +29,7 @@ the previous step and not yet read back by the host) is taken on the GPU from `p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import chain
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ from baton.services.engine.runner.prompt_logprobs import PromptRows
 from baton.services.engine.runner.cuda_graph import CudaGraphRunner
 from baton.services.engine.runner.piecewise_graph import capture_piecewise
 from baton.services.engine.runner.multimodal_step import MultimodalStep
-from baton.services.engine.runner.positions import slot_range, token_at, token_slice
+from baton.services.engine.runner.positions import context_slots, step_positions, step_slots, token_array
 from baton.services.engine.scheduling.scheduler import ScheduledItem
 from baton.services.engine.host_copy import to_device_async
 
@@ -90,10 +92,19 @@ class ModelRunner:
 
     # --- eager steps -----------------------------------------------------------------
     def prepare(self, items: list[ScheduledItem]) -> StepInputs:
-        """Build the step's tensors from the scheduled items."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        """Build the step's tensors from the scheduled items (see the module doc: per-sequence
+        Python, per-token numpy)."""
+        page = self.page_size
+        starts: list[int] = []
+        lens: list[int] = []
+        firsts: list[int] = []
+        blocks: list[int] = []
+        """The blocks under each sequence's new tokens, sequence after sequence."""
+        block_base: list[int] = []
+        single_rows: list[int] = []
+        single_ids: list[int] = []
+        chunks: list[tuple[int, Any, int, int]] = []
+        """(first row, request, start, end) of every multi-token sequence."""
         seqs: list[SequenceSlice] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
@@ -101,58 +112,70 @@ class ModelRunner:
         gather_src: list[int] = []
         prompt_rows = PromptRows()
         images: Optional[MultimodalStep] = None
-        page = self.page_size
-        want_context = self.backend.uses_context_slots
+        count = 0
         for item in items:
             req = item.request
             start, n = item.start, item.num_tokens
             end = start + n
-            table = req.block_table
-            first = len(ids)
+            table, prompt, output = req.block_table, req.prompt_token_ids, req.output_token_ids
+            first, count = count, count + n
+            starts.append(start)
+            lens.append(n)
+            firsts.append(first)
+            block = start // page
+            block_base.append(len(blocks) - block)
+            p = len(prompt)
             if n == 1:
-                ids.append(token_at(req, start))
-                positions.append(start)
-                slots.append(table[start // page] * page + start % page)
+                last = prompt[start] if start < p else output[start - p]
+                single_rows.append(first)
+                single_ids.append(last)
+                blocks.append(table[block])
             else:
-                ids.extend(token_slice(req, start, end))
-                positions.extend(range(start, end))
-                slots.extend(slot_range(table, start, end, page))
-            if ids[-1] == PENDING_TOKEN:  # only a request's last token can be pending
-                gather_dst.append(len(ids) - 1)
+                chunks.append((first, req, start, end))
+                blocks.extend(table[block:(end - 1) // page + 1])
+                last = output[end - 1 - p] if end > p else 0
+            if last == PENDING_TOKEN:  # only a request's last token can be pending
+                gather_dst.append(count - 1)
                 gather_src.append(req.pending_row)
-            blocks = table[:(end + page - 1) // page]
-            tables.append(blocks)
-            context = None
-            if want_context:
-                offsets = torch.arange(page)
-                context = (torch.tensor(blocks, dtype=torch.long)[:, None] * page + offsets[None, :]).reshape(-1)
-                context = context[:end].to(self.device)
-            seqs.append(SequenceSlice(query_start=first, query_len=n, prefix_len=start, context_slots=context))
-            if item.samples:
-                sample_rows.append(len(ids) - 1)
+            tables.append(table[:(end + page - 1) // page])
+            seqs.append(SequenceSlice(query_start=first, query_len=n, prefix_len=start))
+            if end == p + len(output):  # item.samples
+                sample_rows.append(count - 1)
             if req.params.prompt_logprobs is not None:
                 prompt_rows.add(item, first)
             if req.multimodal is not None:
                 images = images or MultimodalStep(bool(self.model.config.mrope_section))
                 images.add(req.multimodal, start, end, first, len(req.prompt_token_ids))
-        count = len(ids)
-        parts = (ids, positions, slots, sample_rows, gather_dst, gather_src)
-        # numpy reads a list of ints several times faster than torch.tensor does (it was the largest host cost
-        # of a many-sequence prefill step)
-        host = torch.from_numpy(np.fromiter(chain(*parts), dtype=np.int64, count=sum(map(len, parts))))
+        rows, g = len(sample_rows), len(gather_dst)
+        buf = np.empty(3 * count + rows + 2 * g, dtype=np.int64)
+        ids, positions, slots = buf[:count], buf[count:2 * count], buf[2 * count:3 * count]
+        seq_of_row = step_positions(starts, lens, firsts, count, positions)
+        step_slots(positions, seq_of_row, blocks, block_base, page, slots)
+        if single_rows:
+            ids[single_rows] = single_ids
+        for first, req, start, end in chunks:
+            ids[first:first + end - start] = token_array(req, start, end)
+        tail = buf[3 * count:]
+        tail[:rows] = sample_rows
+        tail[rows:rows + g] = gather_dst
+        tail[rows + g:] = gather_src
+        host = torch.from_numpy(buf)
         if self.device.type == "cuda":
             dev = to_device_async(host, self.device)
         else:
             dev = host
+        if self.backend.uses_context_slots:
+            for seq, context in zip(seqs, context_slots(tables, [s.context_len for s in seqs], page, self.device)):
+                seq.context_slots = context
         if gather_dst:
-            g, base = len(gather_dst), 3 * count + len(sample_rows)
+            base = 3 * count + rows
             dst, src = dev[base:base + g], dev[base + g:base + 2 * g]
             dev[:count].index_put_((dst,), self.prev_tokens.index_select(0, src).long())
-        dev_rows = dev[3 * count:3 * count + len(sample_rows)]
+        dev_rows = dev[3 * count:3 * count + rows]
         meta = AttentionMetadata(seqs=seqs, slot_mapping=dev[2 * count:3 * count], sliding_window=self.sliding_window,
                                  block_tables=tables, page_size=page)
         return StepInputs(input_ids=dev[:count], positions=dev[count:2 * count], meta=meta,
-                          sample_rows=dev_rows, all_rows_sample=len(sample_rows) == count, prompt_rows=prompt_rows,
+                          sample_rows=dev_rows, all_rows_sample=rows == count, prompt_rows=prompt_rows,
                           model_kwargs=images.model_kwargs(dev[count:2 * count], self.device) if images else {})
 
     @torch.inference_mode()

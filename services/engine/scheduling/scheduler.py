@@ -6,9 +6,10 @@ One `schedule()` call per engine step, under a token budget:
 2. then waiting requests, ordered by the policy (fcfs, lpm = longest cached prefix first,
    priority = lowest `priority` value first, ties by arrival), while the batch has room;
    each starts from its longest cached prefix in the radix cache.
-When blocks run out, the scheduler first evicts unused cached prefixes, then preempts the
-most recently admitted running request (recompute: its blocks are released, its generated
-tokens kept, and it goes back to the front of the queue).
+When blocks run out, the scheduler first evicts unused cached prefixes (for the running
+requests' share of a step in one eviction, not one per request: `_evict_for_running`), then
+preempts the most recently admitted running request (recompute: its blocks are released, its
+generated tokens kept, and it goes back to the front of the queue).
 
 Decode side of disaggregation (allocator verbs in nano-vllm's style): `reserve_external`
 matches the prefix cache and allocates blocks for a whole prompt whose KV is written from
@@ -144,6 +145,7 @@ class Scheduler:
         """Pick this step's work; never returns a request twice."""
         budget = self.config.max_num_batched_tokens
         items: list[ScheduledItem] = []
+        self._evict_for_running(budget)
         for request in list(self._running):
             if request.status is not RequestStatus.RUNNING or budget <= 0:
                 continue
@@ -153,6 +155,25 @@ class Scheduler:
                 budget -= n
         self._admit(items, budget)
         return items
+
+    def _evict_for_running(self, budget: int) -> None:
+        """Evict, in one call, the cached blocks the running requests' share of this step is short
+        of: each eviction walks the whole radix tree, so one per request that allocates would make
+        the step's host time grow with its sequences times the cached prefixes. The LRU leaves go
+        in the same order as with one eviction per request; nothing happens while the pool has room
+        for any step."""
+        page, free = self.page_size, self.pool.num_free
+        if free >= budget // page + 2 * len(self._running):  # no step's running share can need more
+            return
+        need = 0
+        for request in self._running:
+            if request.status is not RequestStatus.RUNNING or budget <= 0:
+                continue
+            n = min(request.num_uncomputed_tokens, self.config.prefill_chunk, budget)
+            need += self._blocks_needed(request, n)
+            budget -= n
+        if need > free:
+            self.cache.evict(need - free)
 
     def _admit(self, items: list[ScheduledItem], budget: int) -> None:
         for request in self._ordered_waiting():
