@@ -3,7 +3,7 @@
 - `protocol`: request bodies; `convert`: bodies -> prompt ids + wire SamplingParams;
   `responses` / `logprobs`: OpenAI response objects and stream chunks;
   `errors`: the OpenAI error body and status mapping; `relay`: core -> client streaming,
-  disconnect and abort; `app`: `create_app(core)`; `server`: `serve_gateway(core, host, port)`;
+  disconnect and abort; `sse`: server-sent event framing (compact JSON); `app`: `create_app(core)`; `server`: `serve_gateway(core, host, port)`;
   `dashboard`: the live HTML page; `extensions` / `select`: the routes beyond the OpenAI API;
   `auth`: API / admin key dependencies, the cancel route, the self-contained /docs.
 """

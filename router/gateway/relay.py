@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 from baton.protos.errors import ErrorCode
 from baton.router.gateway.errors import CLIENT_CLOSED_STATUS, as_api_error, status_for_code
 from baton.router.gateway.responses import ChatStream, CompletionStream
+from baton.router.gateway.sse import SSE_DONE, sse
 from baton.router.stream import StreamClosed
 from baton.router.types import Chunk, ChunkStream
 from baton.protos.errors import BatonError
@@ -70,26 +71,19 @@ class DisconnectWatcher:
             task.cancel()
 
 
-def sse(obj: Any) -> str:
-    """One server-sent event carrying a JSON object."""
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-
-
 async def sse_body(stream: ChunkStream, first: Optional[Chunk],
-                   formatter: Union[ChatStream, CompletionStream]) -> AsyncIterator[str]:
+                   formatter: Union[ChatStream, CompletionStream]) -> AsyncIterator[bytes]:
     """The SSE body of a streamed response, starting from an already received first chunk.
 
     Ends with the usage chunk (when asked for) and `[DONE]`; an error mid-stream is sent as
     one `data: {"error": ...}` event and the stream closes without `[DONE]`."""
     try:
         chunk = first
+        event = formatter.event
         while chunk is not None:
-            obj = formatter.chunk(chunk)
-            if obj is not None:
-                yield sse(obj)
+            data = event(chunk)
+            if data is not None:
+                yield data
             chunk = await stream.next()
         usage = formatter.usage_chunk()
         if usage is not None:

@@ -14,13 +14,13 @@ An error mid-stream is one `error` event, then `response.failed` is not sent: th
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, AsyncIterator, Optional
 
 from baton.protos.errors import BatonError
 from baton.router.gateway.errors import as_api_error
 from baton.router.gateway.responses import ChatStream
+from baton.router.gateway.sse import compact_json
 from baton.router.gateway.responses_api import (ResponseShell, function_call_item, message_item, new_id,
                                                 status_of, text_part, usage_of)
 from baton.router.stream import StreamClosed
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def event(kind: str, data: dict[str, Any]) -> str:
-    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"event: {kind}\ndata: {compact_json(data)}\n\n"
 
 
 class _Call:

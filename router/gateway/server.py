@@ -6,6 +6,10 @@ running loop without touching signal handlers (the caller owns them), waits unti
 connections and returns `(server, port)`: the `GatewayServer` (a `uvicorn.Server`, also
 holding `.port` and `.task`) and the bound port. Stop it with `server.should_exit = True`
 (then await `server.task`), or `await server.stop()`.
+
+HTTP/1.1 is parsed by `httptools` (C, a dependency) when it imports, else by uvicorn's
+pure-Python h11: `http_protocol()` says which. uvicorn's own event loop choice is not used
+(the running asyncio loop, which grpc.aio shares, serves both; no uvloop).
 """
 from __future__ import annotations
 
@@ -42,6 +46,15 @@ class GatewayServer(uvicorn.Server):
             await self.task
 
 
+def http_protocol() -> str:
+    """uvicorn's HTTP implementation here: "httptools" when it imports, else "h11"."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -64,7 +77,7 @@ async def serve_gateway(core, host: str = "127.0.0.1", port: int = 0, *,
     sock = _bind(host, port)
     config = uvicorn.Config(
         create_app(core), log_level=log_level, access_log=access_log, lifespan="off",
-        timeout_graceful_shutdown=graceful_shutdown_s, ws="none")
+        timeout_graceful_shutdown=graceful_shutdown_s, ws="none", http=http_protocol())
     server = GatewayServer(config)
     server.host, server.port = host, sock.getsockname()[1]
     server.task = asyncio.create_task(server.serve(sockets=[sock]), name=f"gateway-{server.port}")

@@ -6,7 +6,7 @@ import asyncio
 import httpx
 import openai
 
-from baton.router.gateway.server import serve_gateway
+from baton.router.gateway.server import http_protocol, serve_gateway
 
 
 async def _until(predicate, timeout_s: float = 3.0) -> bool:
@@ -21,6 +21,8 @@ def test_serve_and_abort_on_disconnect(fake_core) -> None:
     async def scenario() -> None:
         server, port = await serve_gateway(fake_core, "127.0.0.1", 0)
         assert port == server.port and port > 0
+        assert http_protocol() == "httptools"  # a dependency: the C parser, not the pure-Python h11
+        assert server.config.http_protocol_class.__name__ == "HttpToolsProtocol"
         base = f"http://127.0.0.1:{port}"
         try:
             client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
