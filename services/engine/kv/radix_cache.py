@@ -7,7 +7,19 @@ Invariants (checked by `check_integrity`):
 - the tree holds one pool reference per block of every node;
 - `lock_ref` of a node counts the requests using it or a descendant; locked nodes are
   never evicted, and `locked_blocks` counts the blocks of nodes with lock_ref > 0;
-- eviction removes least-recently-used unlocked leaves first.
+- eviction removes least-recently-used unlocked leaves first (a node's `last_access` is never
+  below a child's, and the nodes one call touches lie on one path, so no two leaves share a
+  `last_access`: the order is total);
+- the eviction heap holds at most one entry `(key, seq, node)` per node of the tree, with
+  `node.heap_entry == seq` and `key <= node.last_access`; every unlocked leaf has one.
+
+Eviction pops that heap instead of walking the tree, so its cost grows with the leaves it
+evicts (and the entries it re-keys), not with the tree. An entry is pushed when a leaf is
+created, when a leaf's lock count drops to 0 and when an eviction leaves a parent childless,
+each time only if the node has none. A match or insert that touches a node leaves its entry
+alone (the key is then below `last_access`); `evict` re-keys such an entry when it pops it and
+drops the entry of a node locked or given a child since (the node is pushed again when it is
+an unlocked leaf once more). The entry popped with an exact key is the LRU unlocked leaf.
 
 Events: when `events` holds a `KVEventSink` (kv_events.py), every page that enters the
 tree is reported as stored and every evicted page as removed (with the token path before
@@ -23,6 +35,9 @@ from typing import Optional, Sequence
 from baton.services.engine.kv.block_pool import BlockPool
 from baton.services.engine.kv.kv_events import KVEventSink
 
+_EVICTED = -2
+"""`RadixNode.heap_entry` of a node evicted from the tree (never pushed again)."""
+
 
 @dataclass(eq=False)
 class RadixNode:
@@ -34,6 +49,8 @@ class RadixNode:
     children: dict[tuple[int, ...], "RadixNode"] = field(default_factory=dict)
     lock_ref: int = 0
     last_access: int = 0
+    heap_entry: int = -1
+    """Sequence number of the node's eviction-heap entry (-1: none, -2: evicted)."""
 
 
 @dataclass
@@ -63,6 +80,8 @@ class RadixCache:
         self.tokens_looked_up = 0
         self.tokens_matched = 0
         self._clock = itertools.count(1)
+        self._seq = itertools.count()
+        self._heap: list[tuple[int, int, RadixNode]] = []
         self.events: Optional[KVEventSink] = None
         """Told of every page stored and evicted (None: nobody listens)."""
 
@@ -121,6 +140,7 @@ class RadixCache:
                 leaf = RadixNode(key=tuple(tokens[pos:usable]), blocks=new_blocks, parent=node, last_access=now)
                 node.children[leaf.key[:page]] = leaf
                 self.cached_blocks += len(new_blocks)
+                self._offer(leaf)
                 if self.events is not None:
                     self.events.stored(tokens[:pos], leaf.key)
                 return present
@@ -148,15 +168,22 @@ class RadixCache:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self.locked_blocks -= len(node.blocks)
+                self._offer(node)
             node = node.parent
 
     def evict(self, num_blocks: int) -> int:
         """Free at least `num_blocks` blocks if possible, LRU unlocked leaves first; returns blocks evicted."""
-        heap = [(n.last_access, id(n), n) for n in self._leaves() if n.lock_ref == 0]
-        heapq.heapify(heap)
         evicted = 0
-        while evicted < num_blocks and heap:
-            _, _, leaf = heapq.heappop(heap)
+        while evicted < num_blocks and self._heap:
+            key, _, leaf = heapq.heappop(self._heap)
+            if leaf.children or leaf.lock_ref:
+                leaf.heap_entry = -1  # pushed again once it is an unlocked leaf
+                continue
+            if key != leaf.last_access:  # touched since it was pushed: back under its true time
+                leaf.heap_entry = seq = next(self._seq)
+                heapq.heappush(self._heap, (leaf.last_access, seq, leaf))
+                continue
+            leaf.heap_entry = _EVICTED
             parent = leaf.parent
             del parent.children[leaf.key[:self.page_size]]
             if self.events is not None:
@@ -164,8 +191,7 @@ class RadixCache:
             self.pool.release(leaf.blocks)
             self.cached_blocks -= len(leaf.blocks)
             evicted += len(leaf.blocks)
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+            self._offer(parent)
         return evicted
 
     def reset(self) -> None:
@@ -203,19 +229,17 @@ class RadixCache:
             node = node.parent
         return [t for key in reversed(keys) for t in key]
 
-    def _leaves(self) -> list[RadixNode]:
-        leaves, stack = [], [self.root]
-        while stack:
-            node = stack.pop()
-            if node.children:
-                stack.extend(node.children.values())
-            elif node is not self.root:
-                leaves.append(node)
-        return leaves
+    def _offer(self, node: RadixNode) -> None:
+        """Give `node` an eviction-heap entry if it is an unlocked leaf without one."""
+        if node.heap_entry == -1 and not node.children and not node.lock_ref and node is not self.root:
+            node.heap_entry = seq = next(self._seq)
+            heapq.heappush(self._heap, (node.last_access, seq, node))
 
     def check_integrity(self) -> None:
         """Raise AssertionError when an invariant of the module docstring does not hold."""
         page, cached, locked, stack = self.page_size, 0, 0, [self.root]
+        entries = {seq: (key, node) for key, seq, node in self._heap}
+        assert len(entries) == len(self._heap), "two heap entries share a sequence number"
         while stack:
             node = stack.pop()
             for first, child in node.children.items():
@@ -226,8 +250,16 @@ class RadixCache:
                 assert child.lock_ref >= sum(c.lock_ref for c in child.children.values()), "lock_ref below children's"
                 for b in child.blocks:
                     assert self.pool.refcount(b) >= 1, f"cached block {b} is free"
+                assert child.last_access <= node.last_access or node is self.root, "child newer than parent"
+                if child.heap_entry >= 0:
+                    key, entry_node = entries.pop(child.heap_entry, (None, None))
+                    assert entry_node is child, "node's heap entry is missing"
+                    assert key <= child.last_access, "heap key above the node's last access"
+                else:
+                    assert child.children or child.lock_ref, "unlocked leaf without a heap entry"
                 cached += len(child.blocks)
                 locked += len(child.blocks) if child.lock_ref > 0 else 0
                 stack.append(child)
         assert cached == self.cached_blocks, f"cached_blocks {self.cached_blocks} != {cached}"
         assert locked == self.locked_blocks, f"locked_blocks {self.locked_blocks} != {locked}"
+        assert not entries, "heap entries of nodes not in the tree, or not theirs"

@@ -158,8 +158,8 @@ class Scheduler:
 
     def _evict_for_running(self, budget: int) -> None:
         """Evict, in one call, the cached blocks the running requests' share of this step is short
-        of: each eviction walks the whole radix tree, so one per request that allocates would make
-        the step's host time grow with its sequences times the cached prefixes. The LRU leaves go
+        of (one call per request that allocates used to cost a whole radix-tree walk each; eviction
+        now pops a heap of leaves, but one call still does the step's bookkeeping once). The LRU leaves go
         in the same order as with one eviction per request; nothing happens while the pool has room
         for any step."""
         page, free = self.page_size, self.pool.num_free

@@ -1,5 +1,5 @@
-"""A step whose running requests are short of blocks evicts cached prefixes in one radix-tree walk,
-not one per request (each `evict` walks the whole tree), and the least recently used prefixes
+"""A step whose running requests are short of blocks evicts cached prefixes in one `evict` call,
+not one per request, and the least recently used prefixes
 go first, as they did with one eviction per request. Bare pool and cache, no model."""
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.device_defaults import resolve_config
