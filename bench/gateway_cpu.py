@@ -43,6 +43,7 @@ from pathlib import Path
 
 from baton.bench.router_scale import ZERO, SimProcess, _cpu_s, machine
 from baton.services.common.server import free_port, wait_for_health
+from baton.bench.machine import report
 
 PROMPT = list(range(64))
 _HIDE_HTTPTOOLS = "raise ImportError('hidden by bench/gateway_cpu.py --h11')\n"
@@ -294,10 +295,7 @@ def main(argv=None) -> int:
         sim.stop()
     print(json.dumps(result), flush=True)
     text = report(args, result)
-    print(text)
-    if args.results:
-        with open(args.results, "a") as out:
-            out.write("\n" + text)
+    report(text, args.results)
     return 0
 
 

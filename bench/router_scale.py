@@ -45,6 +45,7 @@ from pathlib import Path
 
 import grpc
 
+from baton.bench.machine import report
 from baton.bench.router_scale_prefix import POLICIES, WIDE_GUARD, PrefixWorkload, RunResult, run_policy
 from baton.protos.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from baton.services.common.server import free_port, wait_for_health
@@ -353,10 +354,7 @@ def main(argv=None) -> int:
         print(json.dumps(overhead, indent=1), flush=True)
     prefix = run_prefix(args) if args.part in ("prefix", "all") else []
     text = section(args, overhead, prefix)
-    print(text)
-    if args.results:
-        with open(args.results, "a") as out:
-            out.write("\n" + text)
+    report(text, args.results)
     return 0
 
 

@@ -26,6 +26,7 @@ import time
 
 from baton.protos.baton.v1 import common_pb2
 from baton.protos.errors import BatonError
+from baton.bench.machine import report
 
 
 def rss_mib() -> float:
@@ -159,10 +160,7 @@ def main(argv=None) -> int:
         f"{'met' if growth <= 0.10 else 'missed'}); the index peaked at {result['max_entries']} of its "
         f"{result['bound']} entries ({'within' if result['max_entries'] <= result['bound'] else 'over'} its bound).",
         ""])
-    print(text)
-    if args.results:
-        with open(args.results, "a") as out:
-            out.write("\n" + text)
+    report(text, args.results)
     return 0
 
 
