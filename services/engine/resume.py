@@ -76,7 +76,7 @@ def replay(request: Request, tokens: Sequence[int]) -> None:
             text.append(emitted)
             if stopped:
                 raise ValueError("resume: the output already ends in a stop string")
-        request.text = "".join(text)
+        request.text_parts = [part for part in text if part]
     request.output_token_ids = tokens
     advance_generator(request.generator, len(tokens) if not request.params.greedy else 0)
 

@@ -71,7 +71,8 @@ class OutputProcessor:
             if reason is not None:
                 self._finish(request, reason, stop_reason)
                 text += self._flush(request)
-        request.text += text
+        if text:
+            request.text_parts.append(text)
         return RequestDelta(
             request_id=request.request_id, parent_id=request.parent_id, index=request.index,
             new_token_ids=[token], new_text=text, finish_reason=request.finish_reason,
