@@ -98,10 +98,12 @@ class WorkerEntry:
         return self._stub
 
     def generate(self, request: worker_pb2.DecodeRequest, timeout: float):
-        """Start `Decode.Generate` on this worker: on its shared stream (requests with images,
-        megabytes each, get a call of their own), else a separate call. Either reads and
-        cancels as a `grpc.aio` call."""
-        if not self.use_decode_stream or request.images:
+        """Start `Decode.Generate` on this worker: on its shared stream, else a separate call.
+        Requests with images (megabytes each way) or prompt logprobs (a response as large as the
+        prompt times its top-k) get a call of their own: one message past the channel's limit
+        would break the stream for every request on it. Either reads and cancels as a `grpc.aio`
+        call."""
+        if not self.use_decode_stream or request.images or request.params.HasField("prompt_logprobs"):
             return self.decode_stub().Generate(request, timeout=timeout)
         if self._streams is None:
             self._streams = DecodeStreamClient(self.address, self.decode_stub())

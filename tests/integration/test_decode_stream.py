@@ -211,3 +211,23 @@ def test_a_draining_worker_stops_without_waiting_out_its_grace_for_the_routers_i
     tokens, took = asyncio.run(scenario())
     assert tokens == expected_tokens([6, 6, 6], 4)
     assert took < 5, took
+
+
+def test_requests_with_prompt_logprobs_get_a_call_of_their_own():
+    """Their responses grow with the prompt: one past the channel's limit must not break the stream."""
+    async def scenario():
+        cluster = await SimCluster(SimConfig(sim_decodes=1), QUICK).start()
+        core = RouterCore(RouterConfig(decode=cluster.addresses()["decode"][0], health_interval_s=0.5))
+        await core.start()
+        await core.registry.wait_first_check(10)
+        tokens = []
+        params = common_pb2.SamplingParams(max_tokens=4, prompt_logprobs=1)
+        async for chunk in core.generate(RouterRequest("plp", [3, 1, 4], params, timeout_s=20)):
+            tokens += chunk.token_ids
+        streams = next(iter(core.registry.workers.values()))._streams
+        await core.stop()
+        await cluster.stop()
+        return tokens, streams
+    tokens, streams = asyncio.run(scenario())
+    assert tokens == expected_tokens([3, 1, 4], 4)
+    assert streams is None  # no shared stream was opened for it
