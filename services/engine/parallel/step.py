@@ -22,6 +22,7 @@ import torch
 
 from baton.services.engine.attention.base import AttentionBackend, AttentionMetadata, SequenceSlice
 from baton.services.engine.runner.model_runner import StepInputs
+from baton.services.engine.runner.positions import context_slots
 from baton.services.engine.runner.prompt_logprobs import PromptRows
 
 OP_STEP = 1
@@ -98,15 +99,12 @@ def inputs_from(message: StepMessage, tensor: torch.Tensor, page_size: int, slid
                 backend: AttentionBackend) -> StepInputs:
     """A follower: rank 0's step rebuilt from its message and broadcast tensor."""
     n = message.num_tokens
-    seqs = []
-    for (start, length, prefix), table in zip(message.seqs, message.block_tables):
-        context = None
-        if backend.uses_context_slots:
-            end = prefix + length
-            offsets = torch.arange(page_size)
-            context = (torch.tensor(table, dtype=torch.long)[:, None] * page_size + offsets[None, :]).reshape(-1)
-            context = context[:end].to(tensor.device)
-        seqs.append(SequenceSlice(query_start=start, query_len=length, prefix_len=prefix, context_slots=context))
+    seqs = [SequenceSlice(query_start=start, query_len=length, prefix_len=prefix)
+            for start, length, prefix in message.seqs]
+    if backend.uses_context_slots:  # as rank 0's prepare builds them: views of one tensor
+        for seq, context in zip(seqs, context_slots(message.block_tables, [s.context_len for s in seqs], page_size,
+                                                    tensor.device)):
+            seq.context_slots = context
     meta = AttentionMetadata(seqs=seqs, slot_mapping=tensor[2 * n:3 * n], sliding_window=sliding_window,
                              block_tables=message.block_tables, page_size=page_size)
     rows = PromptRows()
