@@ -134,7 +134,9 @@ def greedy(max_tokens: int):
 
 
 def timed_generate(llm, prompts, params) -> tuple[float, int]:
-    torch.cuda.synchronize()
+    """(seconds, output tokens) of one `generate` (synchronized on CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start

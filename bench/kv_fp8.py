@@ -86,19 +86,6 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def timed_generate(llm, prompts, params) -> tuple[float, int]:
-    """(seconds, output tokens) of one `generate` (synchronized on CUDA)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    seconds = time.perf_counter() - start
-    errors = [o.error for o in outputs if o.error]
-    if errors:
-        raise RuntimeError(errors[0])
-    return seconds, sum(len(o.outputs[0].token_ids) for o in outputs)
-
-
 def long_workload(vocab: int, prompts: int, length: int) -> list[list[int]]:
     rng = random.Random(7)
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(prompts)]
@@ -108,7 +95,7 @@ def run_engine(model: str, kind: str, options: dict, reference: dict | None,
                quick: bool = False) -> tuple[dict, dict]:
     """One engine's figures (in this process); returns (result row, what the next engine compares
     against: the sequences, the greedy outputs and the teacher-forced logits)."""
-    from baton.bench.gpu_engine import greedy, workloads
+    from baton.bench.gpu_engine import greedy, timed_generate, workloads
     from baton.services.engine import LLM
     (n_acc, acc_prompt, acc_new), (n_long, long_in, long_out) = (
         (QUICK["acc"], QUICK["long"]) if quick else ((ACC_SEQS, ACC_PROMPT, ACC_NEW), (LONG_PROMPTS, LONG_IN, LONG_OUT)))

@@ -17,8 +17,11 @@ Semantics are those of separate `Generate` calls:
   handler's `finally` aborts the request in the engine); no end event follows;
 - the stream ending (the router went away, or cancelled it) cancels every call on it.
 
-`serve_decode_stream` is what both the real decode servicer and the simulated one return
-from their `GenerateStream` method.
+- the server stopping (`DecodeStreamServer.close`, a stop hook) makes each stream take no new
+  call (UNAVAILABLE: the router retries elsewhere) and end once its calls are done.
+
+Both the real decode servicer and the simulated one serve their `GenerateStream` through a
+`DecodeStreamServer`.
 """
 from __future__ import annotations
 
@@ -96,7 +99,14 @@ class _Stream:
         self.generate, self.context = generate, context
         self.calls: dict[int, asyncio.Task] = {}
         self.out: asyncio.Queue = asyncio.Queue()
-        self.reading = True
+        self.accepting = True
+        """False once the caller closed its side or the server is stopping: no new call; the
+        stream ends once the calls in flight are done."""
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        if not self.calls:
+            self.out.put_nowait(_DONE)
 
     async def run_call(self, call_id: int, request: worker_pb2.DecodeRequest) -> None:
         loop = asyncio.get_running_loop()
@@ -118,7 +128,7 @@ class _Stream:
         finally:
             if self.calls.get(call_id) is asyncio.current_task():
                 del self.calls[call_id]
-            if not self.reading and not self.calls:
+            if not self.accepting and not self.calls:
                 put(_DONE)
 
     async def read_frames(self, frames: AsyncIterator[worker_pb2.DecodeStreamFrames]) -> None:
@@ -129,6 +139,9 @@ class _Stream:
                         task = self.calls.pop(frame.call_id, None)
                         if task is not None:
                             task.cancel()
+                    elif not self.accepting:  # the server is stopping: the caller retries elsewhere
+                        self.out.put_nowait(_end(frame.call_id, grpc.StatusCode.UNAVAILABLE,
+                                                 "the decode worker is stopping"))
                     elif frame.call_id in self.calls:
                         self.out.put_nowait(_end(frame.call_id, grpc.StatusCode.INVALID_ARGUMENT,
                                                  f"call id {frame.call_id} is already running on this stream"))
@@ -136,9 +149,7 @@ class _Stream:
                         self.calls[frame.call_id] = asyncio.create_task(
                             self.run_call(frame.call_id, frame.start), name=f"decode-call-{frame.start.request_id}")
         finally:
-            self.reading = False  # the caller closed its side: end once the calls in flight are done
-            if not self.calls:
-                self.out.put_nowait(_DONE)
+            self.stop_accepting()  # the caller closed its side
 
     def cancel_all(self) -> None:
         for task in list(self.calls.values()):
@@ -146,30 +157,49 @@ class _Stream:
         self.calls.clear()
 
 
-async def serve_decode_stream(generate: GenerateHandler, frames: AsyncIterator[worker_pb2.DecodeStreamFrames],
-                              context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeStreamEvents]:
-    """Serve one `GenerateStream` RPC: run each started call through `generate` and stream
-    the events back in batches, until the caller closes its side and the calls are done."""
-    stream = _Stream(generate, context)
-    reader = asyncio.create_task(stream.read_frames(frames), name="decode-stream-reader")
-    out = stream.out
-    item = None
-    try:
-        while True:
-            if item is None:
-                item = await out.get()
-            batch, size = [], 0
-            while item is not _DONE:
-                batch.append(item)
-                size += item.ByteSize()
-                item = None
-                if out.empty() or size >= MAX_BATCH_BYTES:
-                    break
-                item = out.get_nowait()
-            if batch:
-                yield worker_pb2.DecodeStreamEvents(events=batch)
-            if item is _DONE:
-                return
-    finally:
-        reader.cancel()
-        stream.cancel_all()
+class DecodeStreamServer:
+    """The `GenerateStream` RPCs of one servicer: `serve` runs one through `generate`;
+    `close` (a `ServiceServer` stop hook) makes each take no new call and end once its calls
+    are done, so a stopping server does not wait out its grace period for idle streams."""
+
+    def __init__(self, generate: GenerateHandler) -> None:
+        self.generate = generate
+        self._streams: set[_Stream] = set()
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True
+        for stream in list(self._streams):
+            stream.stop_accepting()
+
+    async def serve(self, frames: AsyncIterator[worker_pb2.DecodeStreamFrames],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeStreamEvents]:
+        """Serve one `GenerateStream` RPC: run each started call and stream the events back in
+        batches, until the caller closes its side (or the server stops) and the calls are done."""
+        stream = _Stream(self.generate, context)
+        if self._closed:
+            stream.stop_accepting()
+        self._streams.add(stream)
+        reader = asyncio.create_task(stream.read_frames(frames), name="decode-stream-reader")
+        out = stream.out
+        item = None
+        try:
+            while True:
+                if item is None:
+                    item = await out.get()
+                batch, size = [], 0
+                while item is not _DONE:
+                    batch.append(item)
+                    size += item.ByteSize()
+                    item = None
+                    if out.empty() or size >= MAX_BATCH_BYTES:
+                        break
+                    item = out.get_nowait()
+                if batch:
+                    yield worker_pb2.DecodeStreamEvents(events=batch)
+                if item is _DONE:
+                    return
+        finally:
+            self._streams.discard(stream)
+            reader.cancel()
+            stream.cancel_all()

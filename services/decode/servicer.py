@@ -33,7 +33,7 @@ import grpc
 from baton.protos.baton.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 from baton.protos.cluster_auth import open_channel
 from baton.protos.errors import BatonError, ErrorCode, ErrorOrigin, abort_with, error_from_rpc
-from baton.services.common.decode_stream import serve_decode_stream
+from baton.services.common.decode_stream import DecodeStreamServer
 from baton.services.decode import images as decode_images
 from baton.services.engine.request import RequestDelta
 from baton.services.engine.sampling_params import SamplingParams
@@ -50,6 +50,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.decode_streams = DecodeStreamServer(self.Generate)
+        """The router's multiplexed streams (`GenerateStream`); `close` is the server's stop hook."""
 
     async def Generate(self, request: worker_pb2.DecodeRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeResponse]:
@@ -94,7 +96,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
 
     async def GenerateStream(self, request_iterator, context) -> AsyncIterator[worker_pb2.DecodeStreamEvents]:
         """Many `Generate` calls on one stream (the router's data plane, services/common/decode_stream.py)."""
-        async for events in serve_decode_stream(self.Generate, request_iterator, context):
+        async for events in self.decode_streams.serve(request_iterator, context):
             yield events
 
     def _chunk(self, delta: RequestDelta, counts: list[int], done: list[bool],

@@ -92,7 +92,9 @@ class SimWorker:
         self.kv.publisher = self.publisher
         server = self.server = ServiceServer(self.server_config)
         if self.role == worker_pb2.DECODE:
-            server.add_servicer(worker_pb2_grpc.add_DecodeServicer_to_server, SimDecodeServicer(self))
+            decode = SimDecodeServicer(self)
+            server.add_servicer(worker_pb2_grpc.add_DecodeServicer_to_server, decode)
+            server.add_stop_hook(decode.decode_streams.close)
         else:
             server.add_servicer(worker_pb2_grpc.add_PrefillServicer_to_server, SimPrefillServicer(self))
         if self.config.sim_kv_events:

@@ -81,6 +81,8 @@ async def serve_worker(service: WorkerService, engine_config: EngineConfig, serv
     server = ServiceServer(server_config, registry=runtime.metrics.registry,
                            on_drain=lambda: runtime.drain(server_config.drain_timeout_s))
     server.add_servicer(service.add_to_server, servicer)
+    if hasattr(servicer, "decode_streams"):  # a decode worker: its multiplexed streams end when the server stops
+        server.add_stop_hook(servicer.decode_streams.close)
     kv_events = KVEventPublisher(engine_config.page_size, asyncio.get_running_loop())
     server.add_servicer(worker_pb2_grpc.add_KVEventsServicer_to_server, KVEventsServicer(kv_events))
     server.add_stop_hook(kv_events.close)

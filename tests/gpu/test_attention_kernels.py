@@ -29,20 +29,26 @@ def record(kernel: str, dtype: torch.dtype, err: float) -> None:
     MAX_ERRORS[key] = max(MAX_ERRORS.get(key, 0.0), err)
 
 
-def make_cache(ctx_lens: list[int], num_kv_heads: int, head_dim: int, page: int, dtype: torch.dtype,
-               device: str, gen: torch.Generator):
-    """Random K/V caches with every sequence on randomly placed blocks; its int32 block table."""
+def random_block_tables(ctx_lens: list[int], page: int, spare: int, gen: torch.Generator):
+    """Each sequence's blocks at random places among sum(blocks) + `spare` ones: (block lists, their int32
+    block table padded with block 0, the number of blocks)."""
     needed = [max(1, math.ceil(n / page)) for n in ctx_lens]
-    total = sum(needed) + 3
+    total = sum(needed) + spare
     order = torch.randperm(total, generator=gen).tolist()
     tables, used = [], 0
     for n in needed:
         tables.append(order[used:used + n])
         used += n
-    width = max(needed)
-    table = torch.zeros(len(ctx_lens), width, dtype=torch.int32)
+    table = torch.zeros(len(ctx_lens), max(needed), dtype=torch.int32)
     for i, row in enumerate(tables):
         table[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    return tables, table, total
+
+
+def make_cache(ctx_lens: list[int], num_kv_heads: int, head_dim: int, page: int, dtype: torch.dtype,
+               device: str, gen: torch.Generator):
+    """Random K/V caches with every sequence on randomly placed blocks; its int32 block table."""
+    tables, table, total = random_block_tables(ctx_lens, page, 3, gen)
     shape = (total * page, num_kv_heads, head_dim)
     k = torch.randn(shape, generator=gen).to(dtype).to(device)
     v = torch.randn(shape, generator=gen).to(dtype).to(device)

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from baton.services.engine.attention.triton_kernels import (  # noqa: E402
     extend_attention, extend_blocks, extend_tiles)
-from tests.gpu.test_attention_kernels import TOLERANCE, reference, rel_error  # noqa: E402
+from tests.gpu.test_attention_kernels import TOLERANCE, random_block_tables, reference, rel_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -50,16 +50,7 @@ def ragged_lengths(rng: random.Random, batch: int, longest_new: int, longest_pre
 def paged_cache(ctx_lens: list[int], kv_heads: int, head_dim: int, page: int, dtype: torch.dtype, seed: int):
     """Random K/V over the whole cache (made on the device: large), each sequence on random
     blocks with spare blocks between; (k, v, tables as lists, int32 block table)."""
-    needed = [max(1, math.ceil(n / page)) for n in ctx_lens]
-    total = sum(needed) + 17
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
-    tables, used = [], 0
-    for n in needed:
-        tables.append(order[used:used + n])
-        used += n
-    table = torch.zeros(len(ctx_lens), max(needed), dtype=torch.int32)
-    for i, row in enumerate(tables):
-        table[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    tables, table, total = random_block_tables(ctx_lens, page, 17, torch.Generator().manual_seed(seed))
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     shape = (total * page, kv_heads, head_dim)
     k = torch.randn(shape, generator=gen, device=DEVICE).to(dtype)

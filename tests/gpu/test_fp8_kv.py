@@ -18,7 +18,6 @@ of `ENGINE_*`, and holds twice the KV tokens of a bf16 cache in the same memory 
 """
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -29,6 +28,7 @@ pytest.importorskip("triton")
 from baton.services.engine.attention.triton_kernels import (  # noqa: E402
     decode_attention, extend_attention, extend_blocks, extend_tiles)
 from baton.services.engine.kv.fp8 import FP8_DTYPE, dequantize, quantize, scale_from_amax  # noqa: E402
+from tests.gpu.test_attention_kernels import random_block_tables, reference, rel_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter (TRITON_INTERPRET=1)
 KERNEL_BOUND = 1e-2
@@ -42,16 +42,7 @@ ENGINE_MEAN_LOGIT_ERROR = 0.3
 
 def quantized_cache(ctx_lens, kv_heads, head_dim, page, gen, dtype=torch.bfloat16):
     """(bf16 K, V, fp8 K, V, K scales, V scales, block lists, int32 block table) on DEVICE."""
-    needed = [max(1, math.ceil(n / page)) for n in ctx_lens]
-    total = sum(needed) + 3
-    order = torch.randperm(total, generator=gen).tolist()
-    tables, used = [], 0
-    for n in needed:
-        tables.append(order[used:used + n])
-        used += n
-    table = torch.zeros(len(ctx_lens), max(needed), dtype=torch.int32)
-    for i, row in enumerate(tables):
-        table[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    tables, table, total = random_block_tables(ctx_lens, page, 3, gen)
     magnitude = torch.tensor([4.0 ** (h - 1) for h in range(kv_heads)])[None, :, None]  # 0.25, 1, 4, ...
     shape = (total * page, kv_heads, head_dim)
     k = (torch.randn(shape, generator=gen) * magnitude).to(dtype)
@@ -61,30 +52,6 @@ def quantized_cache(ctx_lens, kv_heads, head_dim, page, gen, dtype=torch.bfloat1
     kq, vq = quantize(k, ks), quantize(v, vs)
     to = lambda t: t.to(DEVICE)  # noqa: E731
     return to(k), to(v), to(kq), to(vq), to(ks), to(vs), tables, to(table)
-
-
-def reference(q, k, v, tables, page, seqs, scale):
-    """float64 causal attention; seqs = [(q_start, q_len, prefix_len)]; [T, Hq * D], NaN elsewhere."""
-    tokens, num_heads, head_dim = q.shape
-    group = num_heads // k.shape[1]
-    out = torch.full((tokens, num_heads * head_dim), float("nan"), dtype=torch.float64, device=q.device)
-    for table, (start, q_len, prefix) in zip(tables, seqs):
-        ctx = prefix + q_len
-        pos = torch.arange(ctx, device=q.device)
-        slots = torch.tensor(table, device=q.device)[pos // page] * page + pos % page
-        keys = k[slots].double().repeat_interleave(group, dim=1)
-        vals = v[slots].double().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[start:start + q_len].double(), keys) * scale
-        visible = pos[None, :] <= (prefix + torch.arange(q_len, device=q.device))[:, None]
-        o = torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible[None], float("-inf")).softmax(-1), vals)
-        out[start:start + q_len] = o.reshape(q_len, -1)
-    return out
-
-
-def rel(out, ref, rows):
-    got, want = out[rows].double(), ref[rows]
-    assert torch.isfinite(got).all(), "unwritten or non-finite outputs"
-    return ((got - want).norm() / want.norm()).item()
 
 
 def deq(xq, scale):
@@ -115,11 +82,11 @@ def test_fp8_decode_kernel_within_bounds(batch, longest, group, kv_heads, head_d
 
     fp8 = run(kq, vq, k_scale=ks, v_scale=vs)
     bf16 = run(k, v)
-    exact = reference(q, deq(kq, ks), deq(vq, vs), tables, page, seqs, scale)
-    original = reference(q, k, v, tables, page, seqs, scale)
-    assert rel(fp8, exact, rows) < KERNEL_BOUND
-    assert rel(bf16, original, rows) < KERNEL_BOUND
-    assert rel(fp8, original, rows) < FP8_BOUND
+    exact = reference(q, deq(kq, ks), deq(vq, vs), tables, page, seqs, None, scale)
+    original = reference(q, k, v, tables, page, seqs, None, scale)
+    assert rel_error(fp8, exact, rows) < KERNEL_BOUND
+    assert rel_error(bf16, original, rows) < KERNEL_BOUND
+    assert rel_error(fp8, original, rows) < FP8_BOUND
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -145,12 +112,12 @@ def test_fp8_extend_kernel_within_bounds(q_lens, prefixes, group, kv_heads, head
 
     seqs = list(zip(starts, q_lens, prefixes))
     rows = torch.arange(tokens, device=DEVICE)
-    exact = reference(q, deq(kq, ks), deq(vq, vs), tables, page, seqs, scale)
-    original = reference(q, k, v, tables, page, seqs, scale)
+    exact = reference(q, deq(kq, ks), deq(vq, vs), tables, page, seqs, None, scale)
+    original = reference(q, k, v, tables, page, seqs, None, scale)
     fp8 = run(kq, vq, k_scale=ks, v_scale=vs)
-    assert rel(fp8, exact, rows) < KERNEL_BOUND
-    assert rel(run(k, v), original, rows) < KERNEL_BOUND
-    assert rel(fp8, original, rows) < FP8_BOUND
+    assert rel_error(fp8, exact, rows) < KERNEL_BOUND
+    assert rel_error(run(k, v), original, rows) < KERNEL_BOUND
+    assert rel_error(fp8, original, rows) < FP8_BOUND
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

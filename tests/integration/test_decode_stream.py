@@ -39,8 +39,8 @@ async def read_all(call) -> list[int]:
     return tokens
 
 
-async def sim(**overrides):
-    cluster = await SimCluster(SimConfig(sim_decodes=1, **overrides), QUICK).start()
+async def sim(server: ServerConfig = ServerConfig(metrics_port=-1), **overrides):
+    cluster = await SimCluster(SimConfig(sim_decodes=1, **overrides), QUICK, server=server).start()
     address = cluster.decodes[0].address
     channel = open_channel(address)
     return cluster, channel, DecodeStreamClient(address, worker_pb2_grpc.DecodeStub(channel))
@@ -231,3 +231,24 @@ def test_requests_with_prompt_logprobs_get_a_call_of_their_own():
     tokens, streams = asyncio.run(scenario())
     assert tokens == expected_tokens([3, 1, 4], 4)
     assert streams is None  # no shared stream was opened for it
+
+
+def test_a_stopping_worker_finishes_the_calls_on_a_stream_and_ends_it_whoever_holds_it():
+    """No router health check involved: the worker's own stop ends the stream once its call is done."""
+    async def scenario():
+        cluster, channel, client = await sim(server=ServerConfig(metrics_port=-1, drain_timeout_s=30))
+        assert await read_all(client.generate(request("warm", [2, 2], 2), 10))  # the stream is open
+        running = client.generate(request("running", [5, 4, 3], 40), 20)  # 40 steps of 2 ms
+        first = list((await running.read()).token_ids)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        drain = asyncio.ensure_future(cluster.decodes[0].server.drain())
+        tokens = first + await read_all(running)
+        await asyncio.wait_for(drain, 10)  # its grace alone is 30 s
+        took = loop.time() - started
+        await channel.close()
+        await cluster.stop()
+        return tokens, took
+    tokens, took = asyncio.run(scenario())
+    assert tokens == expected_tokens([5, 4, 3], 40)  # the call in flight ran to its end
+    assert took < 5, took
