@@ -11,6 +11,8 @@
 #   probe     TTFT layer by layer at no load (bench/ttft_probe.py): decode worker gRPC, router gRPC, gateway
 #             HTTP, and `vllm serve` HTTP, each server at 0.4 of the GPU (baton first, then vLLM)
 #   probe-gil the decode-worker layer of the probe with Python's 5 ms switch interval and with the workers' 0.5 ms
+#   profile   `colocated` with py-spy (carried in .whl/) recording the decode worker and the router for PROFILE_S
+#             seconds (default 10), PROFILE_DELAY_S (default 25) after the cluster is up, into $OUT/pyspy_*.txt
 #   gputests  pytest tests/gpu
 #   long      issue 17's long-context figures: vLLM's 32k-token prefill (bench/vllm_long_prefill.py), then Baton's
 #             (gpu_engine sections ceil,l,p: decode attention at 8k / 32k contexts vs the KV-read limit, 32k prefill)
@@ -67,6 +69,16 @@ for step in "$@"; do
       serve vllm "env PYTHONPATH=/tmp/vsite VLLM_USE_FLASHINFER_SAMPLER=0 python3 -m vllm.entrypoints.cli.main serve $MODEL --attention-backend FLASH_ATTN --gpu-memory-utilization 0.85 --port {port}" ;;
     colocated)
       serve baton-colocated${TAG:-} "python3 -m baton.deploy.cli up --model $MODEL --prefills 0 ${BATON_ARGS:-} --port {port}" ;;
+    profile)
+      ( for _ in $(seq 1 400); do grep -q "Baton is up" "$OUT"/baton-colocated${TAG:-}.log 2>/dev/null && break; sleep 1; done
+        sleep "${PROFILE_DELAY_S:-25}"
+        for name in "serve decode" "deploy.cli router"; do
+          pid=$(pgrep -f "$name" | head -1); tag=${name##* }
+          [ -n "$pid" ] && /tmp/site/bin/py-spy record -p "$pid" -d "${PROFILE_S:-10}" -r 100 --threads --nonblocking \
+            -f raw -o "$OUT/pyspy_$tag.txt" >/dev/null 2>&1 &
+        done; wait ) &
+      serve baton-colocated${TAG:-} "python3 -m baton.deploy.cli up --model $MODEL --prefills 0 ${BATON_ARGS:-} --port {port}"
+      wait ;;
     1p1d)
       serve baton-1p1d${TAG:-} "python3 -m baton.deploy.cli up --model $MODEL --prefills 1 --decodes 1 ${BATON_ARGS:-} --port {port}" ;;
     1p1d-tcp)

@@ -72,6 +72,8 @@ class EngineConfig:
     """Run every step synchronously; by default (CUDA only) the host schedules and launches step N+1 before reading step N's tokens back (steps with grammar, penalty or logprobs requests always run synchronously)."""
     skip_warmup: bool = False
     """Skip the start-up warm-up steps (CUDA only; they compile every kernel variant serving uses before the engine takes requests)."""
+    log_stats_interval_s: float = 10.0
+    """Seconds between a worker's engine-stats log lines (steps, step time, tokens per step, batch and queue; vLLM's periodic stats line); 0: none."""
     tp_size: int = 1
     """Tensor-parallel ranks (--tp): one process per rank, each on its own GPU (cuda:0..N-1 of the visible ones) or CPU (gloo); heads split evenly (docs/parallel.md)."""
 
@@ -96,6 +98,7 @@ class EngineConfig:
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be at least 2"),
             (self.num_threads >= 0, "num_threads must be non-negative"),
             (self.tp_size >= 1, "tp_size must be at least 1"),
+            (self.log_stats_interval_s >= 0, "log_stats_interval_s must be non-negative"),
             (self.cuda_graph_max_bs is None or self.cuda_graph_max_bs >= 0, "cuda_graph_max_bs must be non-negative"),
             (self.piecewise_cuda_graph_max_tokens >= 0, "piecewise_cuda_graph_max_tokens must be non-negative"),
         ]

@@ -2,8 +2,10 @@
 
 The engine is single-threaded by design. This thread owns it: between steps it runs the
 commands asyncio code submitted (`call`), then steps while there is work, and delivers
-every `RequestDelta` to the asyncio queue of its request (`open_stream`). A failing step
-fails every open stream with the error instead of killing the service.
+every `RequestDelta` to the asyncio queue of its request (`open_stream`): a step's deltas
+go over in one `call_soon_threadsafe` (one wake-up of the loop per step, not per token). A
+failing step fails every open stream with the error instead of killing the service. Every
+`stats_interval_s` it logs a line of what it did (step_stats.StepStats).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 from typing import Any, Callable, Optional
 
 from baton.services.engine.request import RequestDelta
+from baton.services.worker.step_stats import StepStats
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,8 @@ class StreamClosed(Exception):
 class EngineThread:
     """Owns an engine; `await call(fn)` runs fn(engine) on the engine thread."""
 
-    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, idle_wait_s: float = 0.05) -> None:
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, idle_wait_s: float = 0.05,
+                 stats_interval_s: float = 0.0) -> None:
         self.engine = engine
         self.loop = loop
         self.idle_wait_s = idle_wait_s
@@ -35,6 +39,7 @@ class EngineThread:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.steps = 0
+        self.step_stats = StepStats(stats_interval_s)
         self._busy_since: Optional[float] = None
         """monotonic time the current step or command began; None between them."""
 
@@ -98,7 +103,7 @@ class EngineThread:
             if self._stopped.is_set() or not self.engine.has_unfinished():
                 continue
             try:
-                self._busy_since = time.monotonic()
+                self._busy_since = started = time.monotonic()
                 deltas = self.engine.step()
                 self.steps += 1
             except Exception as error:  # keep serving: fail what was running
@@ -108,8 +113,12 @@ class EngineThread:
                 continue
             finally:
                 self._busy_since = None
-            for delta in deltas:
-                self._deliver(delta.parent_id, delta)
+            if deltas:
+                self.loop.call_soon_threadsafe(self._deliver_all, deltas)
+            if self.step_stats.enabled:
+                self.step_stats.record_step(time.monotonic() - started, getattr(self.engine, "last_schedule", ()),
+                                            len(deltas))
+                self.step_stats.maybe_log(self.engine)
 
     def _run_commands(self, block: bool) -> None:
         try:
@@ -124,15 +133,25 @@ class EngineThread:
                 return
 
     def _run_one(self, fn: Callable[[Any], Any], future: Optional[asyncio.Future]) -> None:
-        self._busy_since = time.monotonic()
+        self._busy_since = started = time.monotonic()
         try:
             result, error = fn(self.engine), None
         except Exception as exc:  # returned to the caller, not fatal here
             result, error = None, exc
         finally:
             self._busy_since = None
+        if self.step_stats.enabled:
+            self.step_stats.record_command(time.monotonic() - started)
         if future is not None:
             self.loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def _deliver_all(self, deltas: list[RequestDelta]) -> None:
+        """On the loop: put one step's deltas into their streams (a stream closed since is skipped)."""
+        streams = self._streams
+        for delta in deltas:
+            stream = streams.get(delta.parent_id)
+            if stream is not None:
+                stream.put_nowait(delta)
 
     def _deliver(self, request_id: str, item: RequestDelta | BaseException) -> None:
         stream = self._streams.get(request_id)

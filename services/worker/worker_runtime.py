@@ -125,7 +125,8 @@ class WorkerRuntime:
                 WorkerImages.create, str(engine.parts.model_path), engine.runner.device, engine.parts.dtype,
                 self.role_name, self.worker_id, backend, self._transfer_options(), self.metrics.registry,
                 self.credentials)
-        self.thread = EngineThread(engine, asyncio.get_running_loop())
+        self.thread = EngineThread(engine, asyncio.get_running_loop(),
+                                   stats_interval_s=self.engine_config.log_stats_interval_s)
         self.grammars = GrammarPool(engine, self.config.max_grammar_bytes, self.config.grammar_compile_timeout_s,
                                     self.config.grammar_compile_threads)
         self.thread.start()
