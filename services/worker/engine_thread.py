@@ -30,7 +30,9 @@ class EngineThread:
     """Owns an engine; `await call(fn)` runs fn(engine) on the engine thread."""
 
     def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, idle_wait_s: float = 0.05,
-                 stats_interval_s: float = 0.0) -> None:
+                 stats_interval_s: float = 0.0, step_seconds: Any = None, scheduled_tokens: Any = None) -> None:
+        """`stats_interval_s`, `step_seconds` and `scheduled_tokens`: see `StepStats` (a log line every so
+        many seconds; a Prometheus histogram and the (prefill, decode) token counters it feeds)."""
         self.engine = engine
         self.loop = loop
         self.idle_wait_s = idle_wait_s
@@ -39,7 +41,7 @@ class EngineThread:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.steps = 0
-        self.step_stats = StepStats(stats_interval_s)
+        self.step_stats = StepStats(stats_interval_s, step_seconds=step_seconds, scheduled_tokens=scheduled_tokens)
         self._busy_since: Optional[float] = None
         """monotonic time the current step or command began; None between them."""
 
@@ -115,7 +117,7 @@ class EngineThread:
                 self._busy_since = None
             if deltas:
                 self.loop.call_soon_threadsafe(self._deliver_all, deltas)
-            if self.step_stats.enabled:
+            if self.step_stats.recording:
                 self.step_stats.record_step(time.monotonic() - started, getattr(self.engine, "last_schedule", ()),
                                             len(deltas))
                 self.step_stats.maybe_log(self.engine)
@@ -140,7 +142,7 @@ class EngineThread:
             result, error = None, exc
         finally:
             self._busy_since = None
-        if self.step_stats.enabled:
+        if self.step_stats.recording:
             self.step_stats.record_command(time.monotonic() - started)
         if future is not None:
             self.loop.call_soon_threadsafe(_settle, future, result, error)

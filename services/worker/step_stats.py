@@ -5,7 +5,9 @@ second, the mean and longest step, the share of wall time the thread spent stepp
 commands, the tokens scheduled per step (prefill chunks and decode tokens apart, from the engine's
 `last_schedule`), and the batch and queue at the end of the window. It is how a lease tells a slow
 engine from a slow serving path around it. Counting is a few additions per step on the engine thread;
-the line itself is written from that thread too, once per `interval_s`.
+the line itself is written from that thread too, once per `interval_s`. The same counts feed
+the worker's Prometheus metrics when given (`baton_worker_engine_step_seconds`,
+`baton_worker_engine_scheduled_tokens{kind}`), whatever the interval.
 """
 from __future__ import annotations
 
@@ -34,11 +36,16 @@ class StepWindow:
 
 
 class StepStats:
-    """Counts steps and logs a line every `interval_s` (0: counts nothing and logs nothing)."""
+    """Counts steps and logs a line every `interval_s` (0: no line); observes the metrics given."""
 
-    def __init__(self, interval_s: float, clock=time.monotonic) -> None:
+    def __init__(self, interval_s: float, clock=time.monotonic, step_seconds: Any = None,
+                 scheduled_tokens: Optional[tuple[Any, Any]] = None) -> None:
+        """`step_seconds`: a histogram (anything with `observe`) of step wall times; `scheduled_tokens`:
+        (prefill, decode) counters (anything with `inc`)."""
         self.interval_s = interval_s
         self._clock = clock
+        self._step_seconds = step_seconds
+        self._scheduled_tokens = scheduled_tokens
         self.window = StepWindow(started=clock())
         self.last_line: Optional[str] = None
         """The latest line logged (tests and debugging read it)."""
@@ -47,6 +54,11 @@ class StepStats:
     def enabled(self) -> bool:
         """True when lines are logged."""
         return self.interval_s > 0
+
+    @property
+    def recording(self) -> bool:
+        """True when steps need counting: lines are logged or metrics observed."""
+        return self.interval_s > 0 or self._step_seconds is not None or self._scheduled_tokens is not None
 
     def record_step(self, seconds: float, schedule: Any, deltas: int) -> None:
         """One engine step: its wall time, the engine's `last_schedule` ((id, start, tokens) per item) and
@@ -66,6 +78,13 @@ class StepStats:
         w.decode_tokens += decode
         if prefill and decode:
             w.mixed_steps += 1
+        if self._step_seconds is not None:
+            self._step_seconds.observe(seconds)
+        if self._scheduled_tokens is not None:
+            if prefill:
+                self._scheduled_tokens[0].inc(prefill)
+            if decode:
+                self._scheduled_tokens[1].inc(decode)
 
     def record_command(self, seconds: float) -> None:
         """One command run between steps (adding, aborting, reading stats...)."""

@@ -60,6 +60,13 @@ class WorkerMetrics:
                               registry=r).labels(**labels)
         self.prefix_hit = Gauge("baton_worker_prefix_cache_hit_ratio", "Prefix-cache tokens matched / looked up",
                                 ["role"], registry=r).labels(**labels)
+        self.engine_step = Histogram("baton_worker_engine_step_seconds", "Wall time of one engine step (schedule, "
+                                     "launch, settle) on the engine thread", ["role"], registry=r,
+                                     buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                              1.0, 2.5)).labels(**labels)
+        scheduled = Counter("baton_worker_engine_scheduled_tokens", "Tokens the engine's steps scheduled, by kind "
+                            "(prefill: prompt chunks; decode: one per running request)", ["role", "kind"], registry=r)
+        self.engine_tokens = (scheduled.labels(role=role, kind="prefill"), scheduled.labels(role=role, kind="decode"))
         if backend:  # the KV transfer series exist (at 0) from the start, not only after the first transfer
             self.transfer_failures.labels(role=role, backend=backend)
             self.transfer_seconds.labels(role=role, backend=backend)
@@ -126,7 +133,8 @@ class WorkerRuntime:
                 self.role_name, self.worker_id, backend, self._transfer_options(), self.metrics.registry,
                 self.credentials)
         self.thread = EngineThread(engine, asyncio.get_running_loop(),
-                                   stats_interval_s=self.engine_config.log_stats_interval_s)
+                                   stats_interval_s=self.engine_config.log_stats_interval_s,
+                                   step_seconds=self.metrics.engine_step, scheduled_tokens=self.metrics.engine_tokens)
         self.grammars = GrammarPool(engine, self.config.max_grammar_bytes, self.config.grammar_compile_timeout_s,
                                     self.config.grammar_compile_threads)
         self.thread.start()

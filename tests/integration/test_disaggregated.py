@@ -71,8 +71,17 @@ def test_seeded_sampling_and_stop_tokens_survive_the_handoff(cluster, colocated)
 def test_decode_only_path_equals_colocated(cluster, colocated):
     _, _, decode = cluster
     batch = prompts(seed=13, count=4)
+    tokens = "baton_worker_engine_scheduled_tokens_total"
+    before = [decode.metric(tokens, kind=k) for k in ("prefill", "decode")]
+    steps_before = decode.metric("baton_worker_engine_step_seconds_count")
     got = asyncio.run(run_all(decode, batch, GREEDY))
     assert [c.token_ids for c in got] == [r.outputs[0].token_ids for r in colocated.generate(batch, GREEDY)]
+    # the decode worker prefilled these prompts itself; each later token is one decode token (a prompt
+    # of one token is scheduled as a decode-sized item, hence the bounds)
+    prefill, decode_tokens = (decode.metric(tokens, kind=k) - b for k, b in zip(("prefill", "decode"), before))
+    assert sum(len(p) for p in batch) - len(batch) <= prefill <= sum(len(p) for p in batch)
+    assert decode_tokens >= len(batch) * (GREEDY.max_tokens - 1)
+    assert decode.metric("baton_worker_engine_step_seconds_count") - steps_before >= GREEDY.max_tokens
     n_params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
     two = asyncio.run(decode_generate(decode.address, batch[0], n_params))
     assert len(two) == 2 and all(len(c.token_ids) == 6 for c in two)
