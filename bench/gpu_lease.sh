@@ -13,6 +13,8 @@
 #   probe-gil the decode-worker layer of the probe with Python's 5 ms switch interval and with the workers' 0.5 ms
 #   profile   `colocated` with py-spy (carried in .whl/) recording the decode worker and the router for PROFILE_S
 #             seconds (default 10), PROFILE_DELAY_S (default 25) after the cluster is up, into $OUT/pyspy_*.txt
+#   pack      tar every file under $OUT into $OUT/results.tgz and keep only it and tables.md (every server's table):
+#             at most 8 files come back from a call, and three servers already write 10 (put it last)
 #   gputests  pytest tests/gpu
 #   long      issue 17's long-context figures: vLLM's 32k-token prefill (bench/vllm_long_prefill.py), then Baton's
 #             (gpu_engine sections ceil,l,p: decode attention at 8k / 32k contexts vs the KV-read limit, 32k prefill)
@@ -115,6 +117,10 @@ for step in "$@"; do
       env PYTHONPATH=/tmp/vsite VLLM_USE_FLASHINFER_SAMPLER=0 python3 bench/vllm_long_prefill.py $MODEL 2>&1 | tail -3
       python3 -m baton.bench.gpu_engine --model $MODEL --sections ceil,l,p --json "$OUT/gpu_long.json" \
         ${BATON_ENGINE:+--engine "$BATON_ENGINE"} 2>&1 | tail -24 ;;
+    pack)
+      cat "$OUT"/*.md > /tmp/tables.md 2>/dev/null
+      tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz /tmp/tables.md "$OUT"/
+      ls -la "$OUT" ;;
     gputests)
       python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
     transfer)
