@@ -67,7 +67,8 @@ def _graph_ms(launch, reps: int = 20) -> tuple[float, float]:
     return result
 
 
-def decode_case(batch: int, context: int, num_sms: int) -> dict[str, Any]:
+def decode_case(batch: int, context: int, num_sms: int, splits: int = 0) -> dict[str, Any]:
+    """One decode-attention case; `splits` > 0 overrides the engine's `num_decode_splits` choice."""
     from baton.services.engine.attention.triton_kernels import decode_attention, decode_workspace, num_decode_splits
     layer_bytes = batch * context * KV_HEADS * HEAD_DIM * 2 * 2  # K and V, bf16
     distinct = min(LAYERS, max(2, math.ceil(2 * 1024**3 / layer_bytes)))  # at least 2 GiB rotated: no L2 reuse
@@ -82,7 +83,8 @@ def decode_case(batch: int, context: int, num_sms: int) -> dict[str, Any]:
     rows = torch.arange(batch, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(batch, HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    splits = num_decode_splits(batch, KV_HEADS, context, num_sms)
+    chosen = num_decode_splits(batch, KV_HEADS, context, num_sms)
+    splits = splits or chosen
     workspace = decode_workspace(batch, HEADS, splits, HEAD_DIM, torch.device("cuda")) if splits > 1 else None
     scale = HEAD_DIM ** -0.5
 
@@ -107,7 +109,8 @@ def decode_case(batch: int, context: int, num_sms: int) -> dict[str, Any]:
     copy_graph, _ = _graph_ms(copy)
     read_limit_ms = copy_graph / 2  # the copy read and wrote the bytes; reading alone takes half
     total = layer_bytes * LAYERS
-    result = {"batch": batch, "context": context, "splits": splits, "distinct_layer_caches": distinct,
+    result = {"batch": batch, "context": context, "splits": splits, "engine_splits": chosen,
+              "distinct_layer_caches": distinct,
               "kv_bytes_per_step": total, "graph_ms": attn_graph, "eager_ms": attn_eager,
               "copy_same_bytes_ms": copy_graph, "kv_read_gb_s": total / (attn_graph / 1e3) / 1e9,
               "copy_rw_gb_s": 2 * total / (copy_graph / 1e3) / 1e9, "ratio": read_limit_ms / attn_graph,
@@ -117,7 +120,9 @@ def decode_case(batch: int, context: int, num_sms: int) -> dict[str, Any]:
     return result
 
 
-def section_l(res: dict, batches=(1, 32), contexts=(8192, 32768)) -> dict:
+def section_l(res: dict, batches=(1, 32), contexts=(8192, 32768), split_sweep=()) -> dict:
+    """Each (batch, context) with the engine's split count, then, at batch 1, each count of `split_sweep`
+    (`gpu_engine --decode-splits`): whether more programs in flight lift batch-1 reads toward the limit."""
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     out: dict[str, Any] = {"shape": f"{HEADS}q/{KV_HEADS}kv heads x {HEAD_DIM}, bf16, page {PAGE}, {LAYERS} layers"}
     big_copy = res.get("ceil", {}).get("copy_bytes_per_s")
@@ -127,6 +132,11 @@ def section_l(res: dict, batches=(1, 32), contexts=(8192, 32768)) -> dict:
             if big_copy:
                 case["ratio_4gib_copy"] = case["kv_read_gb_s"] * 1e9 / big_copy
             out[f"b{batch}_ctx{context}"] = case
+            print("l", json.dumps(case), flush=True)
+    for context in contexts:
+        for splits in split_sweep:
+            case = decode_case(1, context, num_sms, splits)
+            out[f"b1_ctx{context}_s{splits}"] = case
             print("l", json.dumps(case), flush=True)
     return out
 
