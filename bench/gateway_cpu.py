@@ -188,6 +188,8 @@ async def measure(url: str, pid: int, args, profiler: Profiler) -> dict:
         else:
             path, streamed = "/v1/completions", {"model": model, "prompt": PROMPT}
         streamed.update(max_tokens=args.tokens, temperature=0, stream=True)
+        if args.continuous_usage:  # what `baton bench` sends: the usage so far on every chunk
+            streamed["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
 
         async def non_streamed() -> int:
             response = await client.post("/v1/completions", json=one)
@@ -219,10 +221,13 @@ async def measure(url: str, pid: int, args, profiler: Profiler) -> dict:
     return {"idle": idle, "a": a, "b": b}
 
 
-def report(args, result: dict) -> str:
+def section(args, result: dict) -> str:
+    """The markdown section of one run."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     a, b = result["a"], result["b"]
     http = "h11 (httptools hidden)" if args.h11 else ("httptools" if _has_httptools() else "h11")
+    if args.continuous_usage:
+        http += ", streams with continuous usage"
     stream_path = "/v1/chat/completions" if args.stream_api == "chat" else "/v1/completions"
     return "\n".join([
         f"## Gateway CPU ({now})", "",
@@ -275,6 +280,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="do not parse the streamed events (less client CPU)")
     parser.add_argument("--h11", action="store_true", help="hide httptools from the router (uvicorn uses h11)")
+    parser.add_argument("--continuous-usage", action="store_true", help="phase (b) asks for the usage on every "
+                        "chunk (stream_options.continuous_usage_stats, as `baton bench` does)")
     parser.add_argument("--gateway-dir", default="",
                         help="serve baton.router.gateway from this folder (a copy of an older router/gateway)")
     parser.add_argument("--profile", default="", help="record the router with py-spy into this folder")
@@ -294,7 +301,7 @@ def main(argv=None) -> int:
             router.wait(20)
         sim.stop()
     print(json.dumps(result), flush=True)
-    text = report(args, result)
+    text = section(args, result)
     report(text, args.results)
     return 0
 

@@ -193,6 +193,18 @@ class _Stream:
             obj["usage"] = self.usage.as_dict() if self.ctx.continuous_usage and choices else None
         return obj
 
+    def _template_tail(self, text: str) -> Optional[str]:
+        """What follows a templated choice: the usage so far when continuous, else the fixed tail;
+        None when there is no event (no text and no continuous usage: `_skip`'s rule)."""
+        if not self.ctx.continuous_usage:
+            return self._tail if text else None
+        if not self.ctx.include_usage:
+            return self._tail
+        u = self.usage.as_dict()
+        return (f'],"usage":{{"prompt_tokens":{u["prompt_tokens"]},"completion_tokens":{u["completion_tokens"]},'
+                f'"total_tokens":{u["total_tokens"]},"prompt_tokens_details":'
+                f'{{"cached_tokens":{u["prompt_tokens_details"]["cached_tokens"]}}}}}}}\n\n')
+
     def _skip(self, chunk: Chunk) -> bool:
         """Nothing to tell the client: no text, not final, no logprobs to report, and no
         per-chunk usage asked for (with continuous usage every engine step is an event)."""
@@ -216,16 +228,17 @@ class ChatStream(_Stream):
     def __init__(self, ctx: ResponseContext) -> None:
         super().__init__(ctx)
         self._started: set[int] = set()
-        self._plain = type(self).chunk is ChatStream.chunk and not ctx.logprobs and not ctx.continuous_usage
+        self._plain = type(self).chunk is ChatStream.chunk and not ctx.logprobs
         """Whether `event` may use the template (a subclass that rewrites chunks never does)."""
 
     def event(self, chunk: Chunk) -> Optional[bytes]:
         if self._plain and chunk.finish_reason is None and chunk.index in self._started:
             self.usage.add(chunk)
-            if not chunk.text:
+            tail = self._template_tail(chunk.text)
+            if tail is None:
                 return None
             return (f'{self._head}{{"index":{chunk.index},"delta":{{"content":{json_str(chunk.text)}}},'
-                    f'"logprobs":null,"finish_reason":null}}{self._tail}').encode()
+                    f'"logprobs":null,"finish_reason":null}}{tail}').encode()
         return super().event(chunk)
 
     def chunk(self, chunk: Chunk) -> Optional[dict[str, Any]]:
@@ -257,17 +270,17 @@ class CompletionStream(_Stream):
     def __init__(self, ctx: ResponseContext) -> None:
         super().__init__(ctx)
         self._logprobs: dict[int, CompletionLogprobs] = {}
-        self._plain = (type(self).chunk is CompletionStream.chunk and not ctx.logprobs and not ctx.continuous_usage
-                       and not ctx.echo_only)
+        self._plain = type(self).chunk is CompletionStream.chunk and not ctx.logprobs and not ctx.echo_only
         """Whether `event` may use the template (echo only changes a choice's first chunk)."""
 
     def event(self, chunk: Chunk) -> Optional[bytes]:
         if self._plain and chunk.finish_reason is None and chunk.index in self._logprobs:
             self.usage.add(chunk)
-            if not chunk.text:
+            tail = self._template_tail(chunk.text)
+            if tail is None:
                 return None
             return (f'{self._head}{{"index":{chunk.index},"text":{json_str(chunk.text)},'
-                    f'"logprobs":null,"finish_reason":null}}{self._tail}').encode()
+                    f'"logprobs":null,"finish_reason":null}}{tail}').encode()
         return super().event(chunk)
 
     def chunk(self, chunk: Chunk) -> Optional[dict[str, Any]]:

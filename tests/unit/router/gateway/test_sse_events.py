@@ -38,6 +38,7 @@ def _chunks(n: int) -> list[Chunk]:
 
 
 OPTIONS = [dict(), dict(n=2), dict(include_usage=True), dict(include_usage=True, continuous_usage=True),
+           dict(n=2, include_usage=True, continuous_usage=True), dict(continuous_usage=True),
            dict(logprobs=True), dict(n=2, include_usage=True)]
 
 
