@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,24 @@ def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> int:
             proc.kill()
             proc.wait(5)
     return proc.returncode
+
+
+def stop_all(processes, sig: int = signal.SIGTERM, timeout: float = 20) -> list[Optional[int]]:
+    """Signal every process (each with a `proc`: workers, routers) at once, then wait for them all
+    (SIGKILL for any still running after `timeout`): a cluster's teardown takes the slowest one's
+    drain, not the sum of them. Their exit codes, in order."""
+    procs = [p.proc for p in processes]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return [proc.returncode for proc in procs]
 
 
 def start_worker(role: str, model: Path | str, tmp: Path, transfer: str = "tcp", port: int = 0,

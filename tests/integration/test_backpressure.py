@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from baton.services.engine import LLM, SamplingParams
 from tests.helpers.router_client import router_generate
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_router, start_worker
+from tests.helpers.workers import start_router, start_worker, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +58,7 @@ def cluster(model, tmp_path_factory):
     router = start_router(model, tmp, [prefill.address], [decode.address], decode_only_threshold=8,
                           max_queued_requests=12)
     yield router, prefill, decode
-    for process in (router, decode, prefill):
-        process.stop()
+    stop_all((router, decode, prefill))
 
 
 async def _health_latencies(address: str, until: asyncio.Event) -> list[float]:

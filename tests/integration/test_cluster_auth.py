@@ -26,7 +26,7 @@ from baton.services.transfer.descriptor import PeerDescriptor
 from tests.helpers.grpc_client import decode_generate, worker_info
 from tests.helpers.router_client import router_generate
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_router, start_worker
+from tests.helpers.workers import start_router, start_worker, stop_all
 
 ALICE, BOB, ROOT = "alice-key", "bob-key", "root-key"
 
@@ -47,9 +47,8 @@ def cluster(tmp_path_factory):
                           env={"BATON_API_KEYS": BOB})
     yield {"prefill": prefill, "decode": decode, "router": router,
            "credentials": ClusterCredentials.from_files(str(secret))}
-    router.stop()
-    for worker in (decode, prefill):
-        assert worker.stop() == 0, worker.log()[-2000:]
+    codes = stop_all((router, decode, prefill))
+    assert codes[1:] == [0, 0], decode.log()[-2000:] + prefill.log()[-2000:]
 
 
 def prompts(seed: int, count: int = 4) -> list[list[int]]:

@@ -9,7 +9,7 @@ import pytest
 from baton.services.engine import LLM, SamplingParams
 from tests.helpers.grpc_client import decode_generate, worker_info
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_worker
+from tests.helpers.workers import start_worker, stop_all
 
 PAGE = 4
 CHUNK = 16
@@ -32,8 +32,8 @@ def cluster(request, model, tmp_path_factory):
     prefill = start_worker("prefill", model, tmp, transfer=request.param, chunked_prefill_size=CHUNK)
     decode = start_worker("decode", model, tmp, transfer=request.param, chunked_prefill_size=CHUNK)
     yield request.param, prefill, decode
-    for worker in (decode, prefill):
-        assert worker.stop() == 0, worker.log()[-2000:]
+    codes = stop_all((decode, prefill))
+    assert codes == [0, 0], decode.log()[-2000:] + prefill.log()[-2000:]
 
 
 def prompts(seed, count=6):

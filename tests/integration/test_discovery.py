@@ -14,7 +14,7 @@ from baton.router.core import RouterCore
 from baton.router.discovery import NameNotFound, WorkerDiscovery, format_address, resolve_dns, split_target
 from baton.router.types import RouterRequest, Role
 from tests.helpers.tiny_models import make_tiny_model
-from tests.helpers.workers import start_worker
+from tests.helpers.workers import start_worker, stop_all
 
 NAME = "baton-decode.default.svc.cluster.local"
 
@@ -25,8 +25,7 @@ def workers(tmp_path_factory):
     model = make_tiny_model("llama", tmp / "model")
     started = [start_worker("decode", model, tmp) for _ in range(2)]
     yield [w.address for w in started]
-    for worker in started:
-        worker.stop()
+    stop_all(started)
 
 
 class FakeDns:

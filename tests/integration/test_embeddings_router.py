@@ -15,7 +15,7 @@ from baton.router.types import Role
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.engine import Engine
 from tests.helpers.tiny_models import make_tiny_model
-from tests.helpers.workers import start_worker, wait_serving
+from tests.helpers.workers import start_worker, stop_all, wait_serving
 
 INPUTS = [[5, 17, 33, 9, 101], [200, 3], list(range(10, 30))]
 
@@ -32,8 +32,7 @@ def workers(model, tmp_path_factory):
     for worker in started:
         wait_serving(worker)
     yield started
-    for worker in started:
-        worker.stop()
+    stop_all(started)
 
 
 async def with_core(addresses, fn):

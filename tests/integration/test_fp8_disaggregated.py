@@ -11,7 +11,7 @@ import pytest
 from baton.services.engine import LLM, SamplingParams
 from tests.helpers.grpc_client import decode_generate, worker_info
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_worker
+from tests.helpers.workers import start_worker, stop_all
 
 PAGE, CHUNK = 4, 16
 FP8 = dict(kv_cache_dtype="fp8_e4m3", chunked_prefill_size=CHUNK)
@@ -29,8 +29,8 @@ def workers(model, tmp_path_factory):
     prefill = start_worker("prefill", model, tmp, transfer="tcp", **FP8)
     decode = start_worker("decode", model, tmp, transfer="tcp", **FP8)
     yield prefill, decode
-    for worker in (decode, prefill):
-        assert worker.stop() == 0, worker.log()[-2000:]
+    codes = stop_all((decode, prefill))
+    assert codes == [0, 0], decode.log()[-2000:] + prefill.log()[-2000:]
 
 
 def prompts(seed):

@@ -13,7 +13,7 @@ from baton.protos.baton.v1 import common_pb2, router_pb2, router_pb2_grpc
 from baton.services.engine import LLM, SamplingParams
 from tests.helpers.grpc_client import decode_generate
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_router, start_worker
+from tests.helpers.workers import start_router, start_worker, stop_all
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
 
@@ -30,8 +30,7 @@ def cluster(model, tmp_path_factory):
     decode = start_worker("decode", model, tmp)
     router = start_router(model, tmp, [prefill.address], [decode.address], decode_only_threshold=4)
     yield prefill, decode, router
-    for process in (router, decode, prefill):
-        assert process.stop() == 0
+    assert stop_all((router, decode, prefill)) == [0, 0, 0]
 
 
 @pytest.fixture(scope="module")

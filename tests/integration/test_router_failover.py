@@ -14,7 +14,7 @@ from baton.protos.errors import error_from_rpc
 from baton.services.engine import LLM, SamplingParams
 from tests.helpers.router_client import router_generate
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_router, start_worker
+from tests.helpers.workers import start_router, start_worker, stop_all
 
 STREAMS = 8
 MAX_NEW = 300
@@ -54,8 +54,7 @@ def cluster(model, tmp_path):
         started.append(router)
         return router, workers
     yield start
-    for process in reversed(started):
-        process.stop()
+    stop_all(reversed(started))
 
 
 async def stream_all(router, prompts, on_progress=None, **kwargs):
