@@ -118,9 +118,16 @@ class EngineThread:
             if deltas:
                 self.loop.call_soon_threadsafe(self._deliver_all, deltas)
             if self.step_stats.recording:
-                self.step_stats.record_step(time.monotonic() - started, getattr(self.engine, "last_schedule", ()),
-                                            len(deltas))
-                self.step_stats.maybe_log(self.engine)
+                self._count_step(time.monotonic() - started, len(deltas))
+
+    def _count_step(self, seconds: float, deltas: int) -> None:
+        """Feed the step to the stats (line and metrics); a failure there costs the stats, never the thread."""
+        try:
+            self.step_stats.record_step(seconds, getattr(self.engine, "last_schedule", ()), deltas)
+            self.step_stats.maybe_log(self.engine)
+        except Exception:  # noqa: BLE001 - stats are best effort
+            log.exception("engine stats failed; stats are off from now on")
+            self.step_stats = StepStats(0.0)
 
     def _run_commands(self, block: bool) -> None:
         try:

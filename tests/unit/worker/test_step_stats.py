@@ -58,3 +58,31 @@ def test_engine_thread_delivers_a_step_at_once_and_logs_its_window(tmp_path):
     assert window.deltas == 8 and window.steps >= 4
     assert window.decode_tokens == 6               # the first token of each comes from its prefill step
     assert "running 0, waiting 0" in line and f"{window.steps}.0 steps/s" in line
+
+
+def test_a_failing_stats_line_turns_the_stats_off_and_the_engine_steps_on(tmp_path):
+    engine = DisaggEngine(EngineConfig(model=str(make_tiny_model("llama", tmp_path)), page_size=4,
+                                       kv_cache_tokens=256, num_threads=1))
+
+    def broken_stats():  # failure injection: the line's reading of the engine raises
+        raise RuntimeError("stats broke")
+
+    async def main():
+        thread = EngineThread(engine, asyncio.get_running_loop(), stats_interval_s=1e-9)
+        stream = thread.open_stream("a")
+        thread.start()
+        try:
+            await thread.call(lambda e: setattr(e, "stats", broken_stats))
+            params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+            await thread.call(lambda e: e.add_request("a", list(range(3, 12)), params))
+            tokens = []
+            while True:
+                delta = await asyncio.wait_for(stream.get(), 60)
+                tokens += delta.new_token_ids
+                if delta.finish_reason:
+                    return tokens, thread.step_stats.recording
+        finally:
+            thread.stop()
+
+    tokens, recording = asyncio.run(main())
+    assert len(tokens) == 5 and not recording
