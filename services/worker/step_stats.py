@@ -47,6 +47,8 @@ class StepStats:
         self._step_seconds = step_seconds
         self._scheduled_tokens = scheduled_tokens
         self.window = StepWindow(started=clock())
+        self.last_line: Optional[str] = None
+        """The latest line logged (tests and debugging read it)."""
 
     @property
     def enabled(self) -> bool:
@@ -98,6 +100,7 @@ class StepStats:
             return None
         line = self.format(elapsed, engine)
         self.window = StepWindow(started=now)
+        self.last_line = line
         log.info("%s", line)
         return line
 
