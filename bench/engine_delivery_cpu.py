@@ -10,7 +10,7 @@ two machines). This bench is the same-machine A/B on CPU: a real `EngineThread` 
 random-weight Llama engine (hidden 64, 2 layers: the model's compute is small, so the hand-off
 shows), N concurrent greedy requests of M tokens each, every delta consumed by its own asyncio
 task that encodes it as a gRPC `DecodeEvent`-like proto (`services.worker.wire.delta_to_proto`,
-what the servicer does). "per-token" is a subclass that delivers as the old code did. Figures:
+what the servicer does). "per-token" is a subclass whose `_hand_over` delivers as the old code did. Figures:
 wall time, deltas per second, engine steps per second, the loop thread's and the engine
 thread's CPU time per delta (`time.thread_time` in each), and `call_soon_threadsafe` calls.
 Medians over --reps, modes interleaved.
@@ -54,16 +54,9 @@ def thread_classes():
     class PerTokenThread(EngineThread):
         """The hand-off before 2026-12-01: one call_soon_threadsafe per delta."""
 
-        def _run(self) -> None:
-            while not self._stopped.is_set():
-                busy = self.engine.has_unfinished()
-                self._run_commands(block=not busy)
-                if self._stopped.is_set() or not self.engine.has_unfinished():
-                    continue
-                deltas = self.engine.step()
-                self.steps += 1
-                for delta in deltas:
-                    self._deliver(delta.parent_id, delta)
+        def _hand_over(self, deltas) -> None:
+            for delta in deltas:
+                self._deliver(delta.parent_id, delta)
 
     return {"per-step": EngineThread, "per-token": PerTokenThread}
 

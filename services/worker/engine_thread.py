@@ -116,7 +116,7 @@ class EngineThread:
             finally:
                 self._busy_since = None
             if deltas:
-                self.loop.call_soon_threadsafe(self._deliver_all, deltas)
+                self._hand_over(deltas)
             if self.step_stats.recording:
                 self._count_step(time.monotonic() - started, len(deltas))
 
@@ -153,6 +153,10 @@ class EngineThread:
             self.step_stats.record_command(time.monotonic() - started)
         if future is not None:
             self.loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def _hand_over(self, deltas: list[RequestDelta]) -> None:
+        """Give one step's deltas to the loop: one wake-up for all of them."""
+        self.loop.call_soon_threadsafe(self._deliver_all, deltas)
 
     def _deliver_all(self, deltas: list[RequestDelta]) -> None:
         """On the loop: put one step's deltas into their streams (a stream closed since is skipped)."""

@@ -47,8 +47,6 @@ class StepStats:
         self._step_seconds = step_seconds
         self._scheduled_tokens = scheduled_tokens
         self.window = StepWindow(started=clock())
-        self.last_line: Optional[str] = None
-        """The latest line logged (tests and debugging read it)."""
 
     @property
     def enabled(self) -> bool:
@@ -100,7 +98,6 @@ class StepStats:
             return None
         line = self.format(elapsed, engine)
         self.window = StepWindow(started=now)
-        self.last_line = line
         log.info("%s", line)
         return line
 

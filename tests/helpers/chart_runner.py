@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.services.common.server import free_port
-from tests.helpers.workers import REPO
+from tests.helpers.workers import REPO, stop_processes
 
 LOCAL_IP = "127.0.0.1"
 
@@ -266,17 +267,7 @@ class ChartRun:
     def stop(self) -> None:
         """SIGTERM every pod's processes at once (as a namespace delete does), then wait for each
         (SIGKILL after 30 s): the slowest drain bounds the shutdown, not the sum of them."""
-        procs = [proc for pod in reversed(self.pods) for _, proc, _ in pod.procs]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(15)
-        deadline = time.monotonic() + 30
-        for proc in procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_processes([proc for pod in reversed(self.pods) for _, proc, _ in pod.procs], signal.SIGTERM, 30)
 
 
 def _dns_names(service: dict, namespace: str) -> list[str]:

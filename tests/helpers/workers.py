@@ -58,32 +58,29 @@ class WorkerProcess:
 
 def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> int:
     """Signal a process and wait for it (SIGKILL if it outlives `timeout`); its exit code."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
+    return stop_processes([proc], sig, timeout)[0]
 
 
-def stop_all(processes, sig: int = signal.SIGTERM, timeout: float = 20) -> list[Optional[int]]:
-    """Signal every process (each with a `proc`: workers, routers) at once, then wait for them all
-    (SIGKILL for any still running after `timeout`): a cluster's teardown takes the slowest one's
-    drain, not the sum of them. Their exit codes, in order."""
-    procs = [p.proc for p in processes]
+def stop_processes(procs: list[subprocess.Popen], sig: int = signal.SIGTERM,
+                   timeout: float = 20) -> list[Optional[int]]:
+    """Signal every process at once, then wait for them all (SIGKILL for any still running after
+    `timeout`): the slowest drain bounds the shutdown, not the sum of them. Their exit codes, in order."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(sig)
     deadline = time.monotonic() + timeout
     for proc in procs:
         try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
+            proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
     return [proc.returncode for proc in procs]
+
+
+def stop_all(processes, sig: int = signal.SIGTERM, timeout: float = 20) -> list[Optional[int]]:
+    """`stop_processes` over workers and routers (anything with a `proc`): a cluster's teardown."""
+    return stop_processes([p.proc for p in processes], sig, timeout)
 
 
 def start_worker(role: str, model: Path | str, tmp: Path, transfer: str = "tcp", port: int = 0,
