@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--engine", default="", help="extra EngineConfig options as JSON")
     p.add_argument("--decode-splits", default="", help="section l: also time batch-1 decode attention with each of "
                    "these split counts (comma-separated), beside the engine's own choice")
+    p.add_argument("--decode-split-batches", default="1", help="section l: the batch sizes (comma-separated) that "
+                   "--decode-splits sweeps")
     p.add_argument("--tag", default="", help="suffix of this invocation's section keys (another engine config)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the sections this many times (in the same order) and keep the last round: the first "
@@ -346,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
         save()
     if "l" in sections:
         try:
-            res["l"] = section_l(res, split_sweep=[int(x) for x in args.decode_splits.split(",") if x])
+            res["l"] = section_l(res, split_sweep=[int(x) for x in args.decode_splits.split(",") if x],
+                                 sweep_batches=[int(x) for x in args.decode_split_batches.split(",") if x])
         except Exception as error:  # noqa: BLE001 - reported in the table
             res["l"] = {"error": repr(error)}
         save()

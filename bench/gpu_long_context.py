@@ -120,9 +120,10 @@ def decode_case(batch: int, context: int, num_sms: int, splits: int = 0) -> dict
     return result
 
 
-def section_l(res: dict, batches=(1, 32), contexts=(8192, 32768), split_sweep=()) -> dict:
-    """Each (batch, context) with the engine's split count, then, at batch 1, each count of `split_sweep`
-    (`gpu_engine --decode-splits`): whether more programs in flight lift batch-1 reads toward the limit."""
+def section_l(res: dict, batches=(1, 32), contexts=(8192, 32768), split_sweep=(), sweep_batches=(1,)) -> dict:
+    """Each (batch, context) with the engine's split count, then, at each batch of `sweep_batches`, each count
+    of `split_sweep` (`gpu_engine --decode-splits`): whether more programs in flight lift small-batch reads
+    toward the limit."""
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     out: dict[str, Any] = {"shape": f"{HEADS}q/{KV_HEADS}kv heads x {HEAD_DIM}, bf16, page {PAGE}, {LAYERS} layers"}
     big_copy = res.get("ceil", {}).get("copy_bytes_per_s")
@@ -133,10 +134,11 @@ def section_l(res: dict, batches=(1, 32), contexts=(8192, 32768), split_sweep=()
                 case["ratio_4gib_copy"] = case["kv_read_gb_s"] * 1e9 / big_copy
             out[f"b{batch}_ctx{context}"] = case
             print("l", json.dumps(case), flush=True)
-    for context in contexts:
-        for splits in split_sweep:
-            case = decode_case(1, context, num_sms, splits)
-            out[f"b1_ctx{context}_s{splits}"] = case
+    for batch in sweep_batches:
+        for context in contexts:
+            for splits in split_sweep:
+                case = decode_case(batch, context, num_sms, splits)
+                out[f"b{batch}_ctx{context}_s{splits}"] = case
             print("l", json.dumps(case), flush=True)
     return out
 

@@ -33,6 +33,7 @@ accumulator once at the end, so the dots stay in the query's dtype (`KV_FP8`).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -147,6 +148,42 @@ def _decode_reduce_kernel(
     tl.store(Out + row * stride_ot + head * HEAD_DIM + offs_d, out.to(Out.dtype.element_ty), mask=d_mask)
 
 
+@triton.jit
+def _extend_block(q, K, V, table, n0, hi, q_pos, window, qk_scale, acc, m_i, l_i, kv_head, offs_d, d_mask,
+                  stride_kt, stride_kh, stride_vt, stride_vh,
+                  PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """One key block of the extend kernel's online softmax; MASKED: apply the causal / window / length mask."""
+    k_pos = n0 + tl.arange(0, BLOCK_N)
+    k_mask = k_pos < hi
+    block = tl.load(table + k_pos // PAGE_SIZE, mask=k_mask, other=0)
+    slot = block.to(tl.int64) * PAGE_SIZE + k_pos % PAGE_SIZE
+    kv_mask = k_mask[:, None] & d_mask[None, :]
+    k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if KV_FP8:  # e4m3 -> bf16 / fp16 / fp32 is exact; the scales are applied outside the dots
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = qk * qk_scale
+    if MASKED:
+        visible = k_mask[None, :] & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
 @triton.jit(do_not_specialize=["stride_bt"])
 def _extend_kernel(
     Q, K, V, Out, BlockTable, QStart, QLen, PrefixLen, Tiles, KScale, VScale,
@@ -185,33 +222,19 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table = BlockTable + seq.to(tl.int64) * stride_bt
-    for n0 in range(lo, hi, BLOCK_N):
-        k_pos = n0 + tl.arange(0, BLOCK_N)
-        k_mask = k_pos < hi
-        block = tl.load(table + k_pos // PAGE_SIZE, mask=k_mask, other=0)
-        slot = block.to(tl.int64) * PAGE_SIZE + k_pos % PAGE_SIZE
-        kv_mask = k_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        if KV_FP8:  # e4m3 -> bf16 / fp16 / fp32 is exact; the scales are applied outside the dots
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        visible = k_mask[None, :] & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    # key blocks every query of the tile sees whole (they end at or before the tile's first query, and
+    # no window applies) skip the per-element mask; only the blocks on the diagonal (and a window's edge) pay it
+    full_end = lo
+    if window >= hi:
+        full_end = tl.maximum(lo, ((prefix + m_block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
+    for n0 in range(lo, full_end, BLOCK_N):
+        acc, m_i, l_i = _extend_block(q, K, V, table, n0, hi, q_pos, window, qk_scale, acc, m_i, l_i, kv_head,
+                                      offs_d, d_mask, stride_kt, stride_kh, stride_vt, stride_vh,
+                                      PAGE_SIZE, BLOCK_N, IEEE, KV_FP8, False)
+    for n0 in range(full_end, hi, BLOCK_N):
+        acc, m_i, l_i = _extend_block(q, K, V, table, n0, hi, q_pos, window, qk_scale, acc, m_i, l_i, kv_head,
+                                      offs_d, d_mask, stride_kt, stride_kh, stride_vt, stride_vh,
+                                      PAGE_SIZE, BLOCK_N, IEEE, KV_FP8, True)
 
     if KV_FP8:
         acc = acc * tl.load(VScale + kv_head)
@@ -233,11 +256,21 @@ def decode_block_n(head_dim: int) -> int:
     return 64 if padded_head_dim(head_dim) <= 128 else 32
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer() -> bool:
+    """Whether the current CUDA device has Hopper's shared memory (228 KB a multiprocessor) or more."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
 def extend_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the extend kernel."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the extend kernel. On Hopper, 16-bit heads of 128 take
+    128-row tiles and three stages: 18-20% faster than (64, 64, 4, 2) on an H200 (32k last chunk 7.82 ->
+    6.43 ms, 8 x (1k prefix + 1k) 1.00 -> 0.86 ms; bench/RESULTS.md "extend kernel")."""
     wide = padded_head_dim(head_dim) > 128
     if wide or dtype == torch.float32:
         return (64, 32, 8 if wide else 4, 2)
+    if _hopper_or_newer():
+        return (128, 64, 4, 3)
     return (64, 64, 4, 2)
 
 
@@ -247,11 +280,13 @@ def extend_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def num_decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132,
-                      min_tokens_per_split: int = 256, max_splits: int = 32) -> int:
+                      min_tokens_per_split: int = 128, max_splits: int = 64) -> int:
     """How many pieces to cut each decode sequence into: enough programs to fill the GPU
-    (about two per multiprocessor), each with at least `min_tokens_per_split` keys."""
+    (at most four per multiprocessor), each with at least `min_tokens_per_split` keys. Measured on an H200
+    (bench/RESULTS.md "decode splits"), 8 KV heads: batch 1 reads fastest with 64 splits (82% of the read
+    limit at 32k, 69% with 32), batch 4 with 16, batch 32 with 2 (3 is 29% slower): about 512 programs."""
     programs = max(1, batch * num_kv_heads)
-    wanted = triton.cdiv(2 * num_sms, programs)
+    wanted = (4 * num_sms) // programs
     by_length = max(1, triton.cdiv(max_context, min_tokens_per_split))
     return max(1, min(wanted, by_length, max_splits))
 
