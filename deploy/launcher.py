@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from baton.deploy.placement import (MULTICAST_OFF, Placement, choose_transfer, parse_gpus, place_workers,
                                     visible_gpus)
 from baton.router.config import RouterConfig
-from baton.services.common.server import free_port, wait_for_health
+from baton.services.common.server import free_ports, wait_for_health
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.engine_setup import resolve_model_path
 
@@ -193,9 +193,10 @@ class Cluster:
                   "--num-threads", str(self.up.worker_threads), "--drain-timeout-s", str(self.up.drain_timeout_s),
                   *engine_flags(self.engine), *self._secret_flags()]
         addresses: dict[str, list[str]] = {"prefill": [], "decode": [], "encoder": []}
+        ports = free_ports(2 * len(roles) + 2, self.up.host)  # distinct: picked together, before any child binds
         for n, ((role, i), placement) in enumerate(zip(roles, placements)):
-            port = free_port(self.up.host)
-            metrics_port = self.up.worker_metrics_port + n if self.up.worker_metrics_port else free_port(self.up.host)
+            port = ports[2 * n]
+            metrics_port = self.up.worker_metrics_port + n if self.up.worker_metrics_port else ports[2 * n + 1]
             encoder_transfer = ["--transfer", "tcp"] if role == "encoder" and self.transfer in ("cuda_ipc", "nccl") else []
             self._spawn(f"{role}-{i}", ["serve", role, "--port", str(port), "--metrics-port", str(metrics_port),
                                         *common, *encoder_transfer, *self._placed(placement)], _visible_env(placement))
@@ -205,9 +206,9 @@ class Cluster:
         deadline = time.monotonic() + self.up.startup_timeout_s
         for address in addresses["prefill"] + addresses["decode"] + addresses["encoder"]:
             self._wait_grpc(address, deadline)
-        http_port = self.up.port or free_port(self.up.host)
+        http_port = self.up.port or ports[-2]
         self._spawn("router", ["router", "--model", model, "--host", self.up.host, "--http-port", str(http_port),
-                               "--grpc-port", str(self.up.grpc_port or free_port(self.up.host)),  # kept on restart
+                               "--grpc-port", str(self.up.grpc_port or ports[-1]),  # kept on restart
                                "--prefill", ",".join(addresses["prefill"]),
                                "--decode", ",".join(addresses["decode"]), *self._key_flags(), *self._secret_flags(),
                                "--encoders", ",".join(addresses["encoder"]),

@@ -29,9 +29,12 @@ def test_generate_raw_with_a_local_model_folder(tmp_path):
 
 
 def test_bad_flags_and_bad_folder_fail_clearly(tmp_path):
-    missing = baton("generate", "hi", "--model", str(tmp_path / "nope"))
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(3) as pool:  # three CLI start-ups side by side
+        missing, bad, schema = pool.map(lambda args: baton(*args), [
+            ("generate", "hi", "--model", str(tmp_path / "nope")),
+            ("generate", "hi", "--page-size", "0", "--model", str(tmp_path)),
+            ("generate", "hi", "--json-schema", "{not json", "--max-tokens", "2")])
     assert missing.returncode == 2 and "no such folder" in missing.stderr
-    bad = baton("generate", "hi", "--page-size", "0", "--model", str(tmp_path))
     assert bad.returncode == 2 and "page_size" in bad.stderr
-    schema = baton("generate", "hi", "--json-schema", "{not json", "--max-tokens", "2")
     assert schema.returncode == 2 and "JSON" in schema.stderr

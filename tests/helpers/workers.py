@@ -15,9 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from baton.services.common.server import free_port, wait_for_health
+from baton.services.common.server import free_ports, wait_for_health
 
 REPO = Path(__file__).resolve().parents[2]
+_handed_out: set[int] = set()
+"""Ports this test process gave to a worker or router: workers now load side by side, and a port picked
+while an earlier one is not bound yet could otherwise come back from the kernel twice."""
+
+
+def unused_ports(count: int) -> list[int]:
+    """`count` free ports never handed out before by this test process."""
+    while True:
+        ports = free_ports(count)
+        if not _handed_out.intersection(ports):
+            _handed_out.update(ports)
+            return ports
 
 
 @dataclass
@@ -86,7 +98,7 @@ def stop_all(processes, sig: int = signal.SIGTERM, timeout: float = 20) -> list[
 def start_worker(role: str, model: Path | str, tmp: Path, transfer: str = "tcp", port: int = 0,
                  fault: Optional[str] = None, wait: bool = True, **flags) -> WorkerProcess:
     """Start `baton serve ROLE` (optionally with a fault injected) and wait until SERVING."""
-    port = port or free_port()
+    port = port or unused_ports(1)[0]
     args = ["serve", role, "--model", str(model), "--port", str(port), "--transfer", transfer,
             "--num-threads", "1", "--drain-timeout-s", "10"]
     for key, value in {"page_size": 4, "kv_cache_tokens": 4096, **flags}.items():
@@ -101,6 +113,18 @@ def start_worker(role: str, model: Path | str, tmp: Path, transfer: str = "tcp",
     if wait:
         wait_serving(worker)
     return worker
+
+
+def wait_all_serving(workers: list[WorkerProcess], timeout: float = 90) -> list[WorkerProcess]:
+    """Block until every worker (started with wait=False, so they load side by side) is SERVING; the
+    workers. One that fails stops the others before the error is raised."""
+    try:
+        for worker in workers:
+            wait_serving(worker, timeout)
+    except BaseException:
+        stop_all(workers, signal.SIGKILL, 5)
+        raise
+    return workers
 
 
 def wait_serving(worker: WorkerProcess, timeout: float = 90) -> None:
@@ -135,7 +159,7 @@ class RouterProcess:
 def start_router(model: Path | str, tmp: Path, prefill: list[str], decode: list[str],
                  **flags) -> RouterProcess:
     """Start `baton router` in front of the given workers and wait for its /health."""
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = unused_ports(2)
     args = ["router", "--model", str(model), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
             "--prefill", ",".join(prefill), "--decode", ",".join(decode)]
     env_overrides = flags.pop("env", {})

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from baton.services.engine import LLM, SamplingParams
 from tests.helpers.router_client import router_generate
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_router, start_worker, stop_all
+from tests.helpers.workers import start_router, start_worker, stop_all, wait_all_serving
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +51,11 @@ def cluster(model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("backpressure")
     # Decode: 4 running, 2 queued, KV for ~6 prompts at once (reservations get refused);
     # prefill: 2 queued. The router holds up to 12 requests while both are full.
-    prefill = start_worker("prefill", model, tmp, kv_cache_tokens=1024, max_running_requests=2,
-                           max_queued_requests=2)
-    decode = start_worker("decode", model, tmp, kv_cache_tokens=512, max_running_requests=4,
-                          max_queued_requests=2)
+    prefill, decode = wait_all_serving([
+        start_worker("prefill", model, tmp, kv_cache_tokens=1024, max_running_requests=2, max_queued_requests=2,
+                     wait=False),
+        start_worker("decode", model, tmp, kv_cache_tokens=512, max_running_requests=4, max_queued_requests=2,
+                     wait=False)])
     router = start_router(model, tmp, [prefill.address], [decode.address], decode_only_threshold=8,
                           max_queued_requests=12)
     yield router, prefill, decode

@@ -26,7 +26,7 @@ from baton.services.transfer.descriptor import PeerDescriptor
 from tests.helpers.grpc_client import decode_generate, worker_info
 from tests.helpers.router_client import router_generate
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_router, start_worker, stop_all
+from tests.helpers.workers import start_router, start_worker, stop_all, wait_all_serving
 
 ALICE, BOB, ROOT = "alice-key", "bob-key", "root-key"
 
@@ -39,8 +39,8 @@ def cluster(tmp_path_factory):
     secret.write_text(secrets.token_hex(32) + "\n")
     (tmp / "admin-keys").write_text(ROOT + "\n")
     (tmp / "api-keys").write_text(ALICE + "\n")
-    prefill = start_worker("prefill", model, tmp, cluster_secret_file=secret)
-    decode = start_worker("decode", model, tmp, cluster_secret_file=secret)
+    prefill, decode = wait_all_serving([start_worker(role, model, tmp, cluster_secret_file=secret, wait=False)
+                                        for role in ("prefill", "decode")])
     router = start_router(model, tmp, [prefill.address], [decode.address], decode_only_threshold=0,
                           cluster_secret_file=secret, api_keys_file=tmp / "api-keys",
                           admin_api_keys_file=tmp / "admin-keys", protect_admin_endpoints=True,

@@ -9,7 +9,7 @@ import pytest
 from baton.services.engine import LLM, SamplingParams
 from tests.helpers.grpc_client import decode_generate, worker_info
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_worker, stop_all
+from tests.helpers.workers import start_worker, stop_all, wait_all_serving
 
 PAGE = 4
 CHUNK = 16
@@ -29,8 +29,8 @@ def colocated(model):
 @pytest.fixture(scope="module", params=["tcp", "nixl", "nccl"])  # nccl: over gloo on the CPU
 def cluster(request, model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"cluster-{request.param}")
-    prefill = start_worker("prefill", model, tmp, transfer=request.param, chunked_prefill_size=CHUNK)
-    decode = start_worker("decode", model, tmp, transfer=request.param, chunked_prefill_size=CHUNK)
+    prefill, decode = wait_all_serving([start_worker(role, model, tmp, transfer=request.param, chunked_prefill_size=CHUNK,
+                                                     wait=False) for role in ("prefill", "decode")])
     yield request.param, prefill, decode
     codes = stop_all((decode, prefill))
     assert codes == [0, 0], decode.log()[-2000:] + prefill.log()[-2000:]

@@ -14,7 +14,7 @@ from baton.protos.errors import ErrorCode, error_from_rpc
 from baton.services.engine import LLM, SamplingParams
 from tests.helpers.grpc_client import decode_generate, worker_info
 from tests.helpers.tiny_models import make_tiny_model
-from tests.helpers.workers import start_worker, wait_serving
+from tests.helpers.workers import start_worker, wait_all_serving, wait_serving
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 PROMPT = list(range(3, 40))
@@ -41,8 +41,9 @@ def error_code(excinfo):
 
 @pytest.mark.parametrize("transfer", ["tcp", "nixl"])
 def test_prefill_killed_mid_transfer_fails_fast_and_frees_blocks(model, tmp_path, transfer):
-    decode = start_worker("decode", model, tmp_path, transfer=transfer)
-    prefill = start_worker("prefill", model, tmp_path, transfer=transfer, fault="slow_transfer")
+    decode, prefill = wait_all_serving([start_worker("decode", model, tmp_path, transfer=transfer, wait=False),
+                                        start_worker("prefill", model, tmp_path, transfer=transfer, fault="slow_transfer",
+                                                     wait=False)])
     try:
         killer = threading.Timer(1.5, lambda: prefill.proc.send_signal(signal.SIGKILL))
         killer.start()
@@ -60,8 +61,8 @@ def test_prefill_killed_mid_transfer_fails_fast_and_frees_blocks(model, tmp_path
 
 @pytest.mark.parametrize("transfer", ["tcp", "nixl"])
 def test_restarted_peers_are_rehandshaked(model, tmp_path, transfer, expected):
-    decode = start_worker("decode", model, tmp_path, transfer=transfer)
-    prefill = start_worker("prefill", model, tmp_path, transfer=transfer)
+    decode, prefill = wait_all_serving([start_worker(role, model, tmp_path, transfer=transfer, wait=False)
+                                        for role in ("decode", "prefill")])
     try:
         assert generate(decode, prefill.address).token_ids == expected
         old_epoch = asyncio.run(worker_info(decode.address)).epoch
@@ -78,8 +79,8 @@ def test_restarted_peers_are_rehandshaked(model, tmp_path, transfer, expected):
 
 
 def test_kv_layout_mismatch_is_a_clear_error(model, tmp_path):
-    decode = start_worker("decode", model, tmp_path, page_size=8)
-    prefill = start_worker("prefill", model, tmp_path, page_size=4)
+    decode, prefill = wait_all_serving([start_worker("decode", model, tmp_path, page_size=8, wait=False),
+                                        start_worker("prefill", model, tmp_path, page_size=4, wait=False)])
     try:
         with pytest.raises(grpc.RpcError) as excinfo:
             generate(decode, prefill.address)

@@ -14,7 +14,7 @@ from baton.router.core import RouterCore
 from baton.router.discovery import NameNotFound, WorkerDiscovery, format_address, resolve_dns, split_target
 from baton.router.types import RouterRequest, Role
 from tests.helpers.tiny_models import make_tiny_model
-from tests.helpers.workers import start_worker, stop_all
+from tests.helpers.workers import start_worker, stop_all, wait_all_serving
 
 NAME = "baton-decode.default.svc.cluster.local"
 
@@ -23,7 +23,7 @@ NAME = "baton-decode.default.svc.cluster.local"
 def workers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("discovery")
     model = make_tiny_model("llama", tmp / "model")
-    started = [start_worker("decode", model, tmp) for _ in range(2)]
+    started = wait_all_serving([start_worker("decode", model, tmp, wait=False) for _ in range(2)])
     yield [w.address for w in started]
     stop_all(started)
 

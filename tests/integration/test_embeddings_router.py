@@ -15,7 +15,7 @@ from baton.router.types import Role
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.engine import Engine
 from tests.helpers.tiny_models import make_tiny_model
-from tests.helpers.workers import start_worker, stop_all, wait_serving
+from tests.helpers.workers import start_worker, stop_all, wait_all_serving
 
 INPUTS = [[5, 17, 33, 9, 101], [200, 3], list(range(10, 30))]
 
@@ -28,9 +28,7 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workers(model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embed")
-    started = [start_worker("decode", model, tmp, wait=False) for _ in range(2)]
-    for worker in started:
-        wait_serving(worker)
+    started = wait_all_serving([start_worker("decode", model, tmp, wait=False) for _ in range(2)])
     yield started
     stop_all(started)
 

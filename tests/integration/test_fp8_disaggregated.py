@@ -11,7 +11,7 @@ import pytest
 from baton.services.engine import LLM, SamplingParams
 from tests.helpers.grpc_client import decode_generate, worker_info
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_worker, stop_all
+from tests.helpers.workers import start_worker, stop_all, wait_all_serving
 
 PAGE, CHUNK = 4, 16
 FP8 = dict(kv_cache_dtype="fp8_e4m3", chunked_prefill_size=CHUNK)
@@ -26,8 +26,8 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workers(model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fp8-cluster")
-    prefill = start_worker("prefill", model, tmp, transfer="tcp", **FP8)
-    decode = start_worker("decode", model, tmp, transfer="tcp", **FP8)
+    prefill, decode = wait_all_serving([start_worker(role, model, tmp, transfer="tcp", wait=False, **FP8)
+                                        for role in ("prefill", "decode")])
     yield prefill, decode
     codes = stop_all((decode, prefill))
     assert codes == [0, 0], decode.log()[-2000:] + prefill.log()[-2000:]

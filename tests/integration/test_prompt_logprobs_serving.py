@@ -13,7 +13,7 @@ from baton.protos.baton.v1 import common_pb2, router_pb2, router_pb2_grpc
 from baton.services.engine import LLM, SamplingParams
 from tests.helpers.grpc_client import decode_generate
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_router, start_worker, stop_all
+from tests.helpers.workers import start_router, start_worker, stop_all, wait_all_serving
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
 
@@ -26,8 +26,7 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plp")
-    prefill = start_worker("prefill", model, tmp)
-    decode = start_worker("decode", model, tmp)
+    prefill, decode = wait_all_serving([start_worker(role, model, tmp, wait=False) for role in ("prefill", "decode")])
     router = start_router(model, tmp, [prefill.address], [decode.address], decode_only_threshold=4)
     yield prefill, decode, router
     assert stop_all((router, decode, prefill)) == [0, 0, 0]

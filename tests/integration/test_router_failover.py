@@ -14,7 +14,7 @@ from baton.protos.errors import error_from_rpc
 from baton.services.engine import LLM, SamplingParams
 from tests.helpers.router_client import router_generate
 from tests.helpers.tiny_models import VOCAB, make_tiny_model
-from tests.helpers.workers import start_router, start_worker, stop_all
+from tests.helpers.workers import start_router, start_worker, stop_all, wait_all_serving
 
 STREAMS = 8
 MAX_NEW = 300
@@ -45,10 +45,12 @@ def cluster(model, tmp_path):
     def start(prefills=1, decodes=2, worker_flags=None, **router_flags):
         workers = {"prefill": [], "decode": []}
         for role, count in (("prefill", prefills), ("decode", decodes)):
-            for _ in range(count):
-                worker = start_worker(role, model, tmp_path, **{"kv_cache_tokens": 8192, **(worker_flags or {})})
+            for _ in range(count):  # they load side by side
+                worker = start_worker(role, model, tmp_path, wait=False,
+                                      **{"kv_cache_tokens": 8192, **(worker_flags or {})})
                 started.append(worker)
                 workers[role].append(worker)
+        wait_all_serving(workers["prefill"] + workers["decode"])
         router = start_router(model, tmp_path, [w.address for w in workers["prefill"]],
                               [w.address for w in workers["decode"]], decode_only_threshold=8, **router_flags)
         started.append(router)

@@ -252,3 +252,20 @@ def test_sigterm_drains_in_flight_and_refuses_new_work() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_free_ports_are_distinct_and_bindable():
+    import socket
+
+    from baton.services.common.server import free_ports
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+    held = []
+    try:
+        for port in ports:  # every one can be bound at once: none was handed out twice
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", port))
+            held.append(sock)
+    finally:
+        for sock in held:
+            sock.close()
