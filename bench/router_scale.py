@@ -105,12 +105,17 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds the process `pid` has used (Linux /proc; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds the process `pid` and its live children (the processes of `baton router
+    --processes`) have used (Linux /proc; 0 elsewhere)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 async def _measure(call, sequential: int, concurrency: int, seconds: float, pid: int) -> dict:
@@ -138,8 +143,10 @@ async def _measure(call, sequential: int, concurrency: int, seconds: float, pid:
             "cpu_busy": cpu / elapsed}
 
 
-async def _overhead(worker: str, servers: dict, sequential: int, concurrency: int, seconds: float) -> dict:
-    """`servers`: name -> (address of a Router service, or "" for the worker itself; pid)."""
+async def _overhead(worker: str, servers: dict, sequential: int, concurrency: int, seconds: float,
+                    router_channels: int = 1) -> dict:
+    """`servers`: name -> (address of a Router service, or "" for the worker itself; pid). The router rows
+    call over `router_channels` connections in turn (several processes on one port each take connections)."""
     prompt = list(range(64))
     params = common_pb2.SamplingParams(max_tokens=1)
     counter = [0]
@@ -148,8 +155,12 @@ async def _overhead(worker: str, servers: dict, sequential: int, concurrency: in
         if address.startswith("http://"):
             results[name] = await _http(address, prompt, sequential, concurrency, seconds, pid)
             continue
-        async with grpc.aio.insecure_channel(address or worker) as channel:
-            decode, route = worker_pb2_grpc.DecodeStub(channel), router_pb2_grpc.RouterStub(channel)
+        count = router_channels if name.startswith("router") else 1
+        channels = [grpc.aio.insecure_channel(address or worker, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(count)]  # a subchannel pool each: one TCP connection each
+        try:
+            decode = worker_pb2_grpc.DecodeStub(channels[0])
+            routes = [router_pb2_grpc.RouterStub(channel) for channel in channels]
 
             async def direct():
                 counter[0] += 1
@@ -158,10 +169,14 @@ async def _overhead(worker: str, servers: dict, sequential: int, concurrency: in
                     pass
 
             async def routed():
-                async for _ in route.Generate(router_pb2.GenerateRequest(
+                counter[0] += 1
+                async for _ in routes[counter[0] % count].Generate(router_pb2.GenerateRequest(
                         token_ids=router_pb2.TokenIds(ids=prompt), params=params)):
                     pass
             results[name] = await _measure(routed if address else direct, sequential, concurrency, seconds, pid)
+        finally:
+            for channel in channels:
+                await channel.close()
     return results
 
 
@@ -185,8 +200,9 @@ def run_overhead(args) -> dict:
     from baton.services.engine.default_model import ensure_default_model
     # --pin: each measured server on a core of its own, the bench client and the worker on the other
     pin = args.pin and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
-    loop_cpus, server_cpus = ({min(os.sched_getaffinity(0))}, set(sorted(os.sched_getaffinity(0))[1:2])) if pin \
-        else (None, None)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    loop_cpus, server_cpus = ({cores[0]}, set(cores[1:2])) if pin else (None, None)
+    router_cpus = set(cores[1:1 + args.router_processes]) if pin else None  # --router-processes N: N cores
     if pin:
         os.sched_setaffinity(0, loop_cpus)
     args.pinned = pin
@@ -199,7 +215,11 @@ def run_overhead(args) -> dict:
         router = [sys.executable, "-m", "baton.deploy.cli", "router", "--model", str(ensure_default_model()),
                   "--decode", worker, "--decode-policy", "round_robin", "--decode-only-threshold", "1000000000"]
         quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_pinned(server_cpus))
-        children.append(subprocess.Popen([*router, "--grpc-port", str(port), "--http-port", str(http_port)], **quiet))
+        own = [free_port() for _ in range(2 * args.router_processes)] if args.router_processes > 1 else []
+        own_flags = ["--processes", str(args.router_processes), "--process-ports",
+                     ",".join(f"{own[i]}:{own[i + 1]}" for i in range(0, len(own), 2))] if own else []
+        children.append(subprocess.Popen([*router, "--grpc-port", str(port), "--http-port", str(http_port), *own_flags],
+                                         **{**quiet, "preexec_fn": _pinned(router_cpus)}))
         children.append(subprocess.Popen([*router, "--grpc-port", str(calls_port), "--http-port", str(free_port()),
                                           "--no-decode-stream"], **quiet))
         children.append(subprocess.Popen([sys.executable, "-m", "baton.bench.grpc_floor_proxy", worker,
@@ -212,9 +232,10 @@ def run_overhead(args) -> dict:
                    "router_calls": (f"127.0.0.1:{calls_port}", children[1].pid),
                    "router": (f"127.0.0.1:{port}", children[0].pid),
                    "http": (f"http://127.0.0.1:{http_port}", children[0].pid)}
-        for address, _ in list(servers.values())[1:5]:
-            asyncio.run(wait_for_health(address, 120))
-        return asyncio.run(_overhead(worker, servers, args.sequential, args.concurrency, args.overhead_s))
+        for address in [a for a, _ in list(servers.values())[1:5]] + [f"127.0.0.1:{p}" for p in own[1::2]]:
+            asyncio.run(wait_for_health(address, 120))  # with --router-processes: each process on its own port too
+        return asyncio.run(_overhead(worker, servers, args.sequential, args.concurrency, args.overhead_s,
+                                     router_channels=4 * args.router_processes if own else 1))
     finally:
         for child in children:
             child.terminate()
@@ -265,6 +286,10 @@ def _overhead_lines(args, overhead: dict) -> list[str]:
                "(the direct row: client and worker on their one core). " if getattr(args, "pinned", False) else
                "Three processes share the cores: the bench client (grpc.aio, one process), the server measured, "
                "and the worker process. ")
+            + (f"`baton router --processes {args.router_processes}` for the router rows (one process before it; "
+               f"its gRPC rows call over {4 * args.router_processes} connections in turn"
+               + (f", on {args.router_processes} cores of its own" if getattr(args, "pinned", False) else "")
+               + "; its CPU counts every process). " if getattr(args, "router_processes", 1) > 1 else "")
             + "CPU us/req is the measured "
             "server process's own CPU time (/proc utime + stime) during the req/s phase divided by the requests "
             "(for the direct row: the worker process); cores busy = that CPU time / wall time", "",
@@ -335,6 +360,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sequential", type=int, default=500, help="sequential requests for the latency figures")
     parser.add_argument("--concurrency", type=int, default=32, help="clients for the req/s figures")
     parser.add_argument("--overhead-s", type=float, default=8.0, help="seconds of each req/s measurement")
+    parser.add_argument("--router-processes", type=int, default=1,
+                        help="overhead: `baton router --processes N` for the router rows (pinned: on N cores of its own)")
     parser.add_argument("--pin", action="store_true",
                         help="overhead: each measured server on a core of its own, the client and worker on another "
                              "(req/s is then the server's capacity on one core)")

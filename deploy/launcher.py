@@ -84,6 +84,8 @@ class UpConfig:
     """Comma-separated GPU indices to place workers on, one per GPU while there are enough (empty: every visible GPU; none on CPU)."""
     router_max_queued_requests: int = 1024
     """Requests the router holds while no worker has room; one more gets 429."""
+    router_processes: int = 1
+    """Router processes on the gateway's ports (`baton router --processes`): more than 1 spreads the router's CPU over cores."""
     request_timeout_s: float = RouterConfig.request_timeout_s
     """Deadline of a whole request at the router, first byte to last."""
     max_migrations: int = RouterConfig.max_migrations
@@ -119,6 +121,8 @@ class UpConfig:
         if self.transfer not in ("auto", "tcp", "nixl", "cuda_ipc", "nccl"):
             raise ValueError("transfer must be auto, tcp, nixl, cuda_ipc or nccl")
         parse_gpus(self.gpus)
+        if self.router_processes < 1:
+            raise ValueError("router_processes must be at least 1")
         if self.router_max_queued_requests < 1:
             raise ValueError("router_max_queued_requests must be at least 1")
         if self.open_cluster and self.cluster_secret_file:
@@ -193,7 +197,10 @@ class Cluster:
                   "--num-threads", str(self.up.worker_threads), "--drain-timeout-s", str(self.up.drain_timeout_s),
                   *engine_flags(self.engine), *self._secret_flags()]
         addresses: dict[str, list[str]] = {"prefill": [], "decode": [], "encoder": []}
-        ports = free_ports(2 * len(roles) + 2, self.up.host)  # distinct: picked together, before any child binds
+        processes = self.up.router_processes
+        # distinct, picked together before any child binds: each worker's pair, each router process's own pair
+        # (with --router-processes), then the router's HTTP and gRPC ports
+        ports = free_ports(2 * len(roles) + 2 + (2 * processes if processes > 1 else 0), self.up.host)
         for n, ((role, i), placement) in enumerate(zip(roles, placements)):
             port = ports[2 * n]
             metrics_port = self.up.worker_metrics_port + n if self.up.worker_metrics_port else ports[2 * n + 1]
@@ -217,12 +224,22 @@ class Cluster:
                                "--chat-template", self.up.chat_template, "--tool-call-parser", self.up.tool_call_parser,
                                "--prefill-backlog-limit", str(self.up.prefill_backlog_limit),
                                "--max-queued-requests", str(self.up.router_max_queued_requests),
+                               *self._router_process_flags(ports[2 * len(roles):-2]),
                                *self._failover_flags()],
                     {"CUDA_VISIBLE_DEVICES": ""})
         self.gateway_url = f"http://{self.up.host}:{http_port}"
-        self.metrics_targets.insert(0, MetricsTarget("router", "router", f"{self.up.host}:{http_port}"))
+        own = ports[2 * len(roles):-2]
+        self.metrics_targets[:0] = [MetricsTarget("router", "router", f"{self.up.host}:{http_port}")] if not own else [
+            MetricsTarget(f"router-{i}", "router", f"{self.up.host}:{own[2 * i]}") for i in range(len(own) // 2)]
         self._wait_http(self.gateway_url + "/health", deadline)
         return self.gateway_url
+
+    def _router_process_flags(self, own: list[int]) -> list[str]:
+        """--processes and each router process's own HTTP:gRPC ports (where Prometheus scrapes it)."""
+        if not own:
+            return []
+        pairs = ",".join(f"{own[i]}:{own[i + 1]}" for i in range(0, len(own), 2))
+        return ["--processes", str(len(own) // 2), "--process-ports", pairs]
 
     def _private_file(self, name: str, text: str) -> str:
         """Write `text` to a file readable by this user only, in the run directory; its path."""

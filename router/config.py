@@ -40,6 +40,16 @@ class RouterConfig:
     """cache_aware: relative load gap (max > min * this) that must also hold before load wins over affinity."""
     router_peers: str = ""
     """Comma-separated gRPC host:port of the other router replicas before the same workers: the router queue limit is shared among the live ones."""
+    processes: int = 1
+    """Router processes sharing --http-port and --grpc-port (SO_REUSEPORT, Linux), each a replica of the others (as with --router-peers): more than 1 spreads the router's CPU over cores, like vLLM's --api-server-count (router/processes.py)."""
+    process_ports: str = ""
+    """With --processes N: N comma-separated HTTP:gRPC port pairs, each process's own (its /metrics for Prometheus, its health for its peers); empty: picked free."""
+    reuse_port: bool = False
+    """Bind --http-port and --grpc-port with SO_REUSEPORT (set for each process of --processes; off: a second router on a taken port fails)."""
+    own_http_port: int = 0
+    """A second HTTP port this process alone listens on (each process of --processes gets one); 0: none."""
+    own_grpc_port: int = 0
+    """A second gRPC port this process alone listens on (its peers check its health there); 0: none."""
     kv_events: bool = True
     """Subscribe to the workers' KV events: cache-aware scores from what each really caches (off: the approximate tree only)."""
     kv_index_max_entries: int = 1_000_000
@@ -164,6 +174,11 @@ class RouterConfig:
                 or self.kv_pending_ttl_s < 0 or self.kv_pending_max_entries < 0):
             raise ValueError("health_check_interval must be >= 0, max_unhealthy_workers >= -1, "
                              "kv_index_max_entries >= 1, kv_pending_ttl_s and kv_pending_max_entries >= 0")
+        if self.processes < 1:
+            raise ValueError("processes must be at least 1")
+        if self.process_ports and len(self.port_pairs()) != self.processes:
+            raise ValueError(f"process_ports must hold one HTTP:gRPC pair per process ({self.processes}), "
+                             f"got {self.process_ports!r}")
         if self.health_check_interval > 0:
             object.__setattr__(self, "health_interval_s", self.health_check_interval)
         if self.discovery_interval_s <= 0:
@@ -194,6 +209,17 @@ class RouterConfig:
     def cluster_credentials(self) -> ClusterCredentials:
         """The cluster secret and TLS files the router's channels to workers use."""
         return self._cluster
+
+    def port_pairs(self) -> list[tuple[int, int]]:
+        """`process_ports` as (HTTP, gRPC) pairs (a clear error for a malformed one)."""
+        pairs = []
+        for item in self.addresses(self.process_ports):
+            try:
+                http, grpc_port = (int(x) for x in item.split(":"))
+            except ValueError:
+                raise ValueError(f"process_ports: {item!r} is not HTTP:gRPC (two port numbers)") from None
+            pairs.append((http, grpc_port))
+        return pairs
 
     @staticmethod
     def addresses(text: str) -> list[str]:

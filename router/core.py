@@ -110,6 +110,7 @@ class RouterCore:
     def _set_replicas(self, live: int) -> None:
         """`live` router replicas serve: this one holds its share of the cluster's queue limit."""
         self.room.limit = ReplicaSet.share(self.config.max_queued_requests, live)
+        self.metrics.live_replicas.set(live)
 
     async def refresh_worker_loads(self) -> None:
         """Before a metrics scrape: the health and breaker gauges set from the registry (whose

@@ -56,15 +56,19 @@ async def keep_health_honest(core: RouterCore, servicer: health.aio.HealthServic
 
 async def start_grpc(core: RouterCore, host: str, port: int) -> tuple[grpc.aio.Server, int, asyncio.Task]:
     """The Router gRPC service with standard health and reflection; returns (server, port, the
-    task that keeps its health status current)."""
-    limit = core.config.max_request_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+    task that keeps its health status current). With `reuse_port` the port may be shared with the
+    other processes of `--processes`; `own_grpc_port` is a second port of this process alone."""
+    config = core.config
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_request_bytes),
+                                      ("grpc.so_reuseport", int(config.reuse_port))])
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     bound = server.add_insecure_port(f"{host}:{port}")
+    if config.own_grpc_port:
+        server.add_insecure_port(f"{host}:{config.own_grpc_port}")
     await server.start()
     return server, bound, asyncio.create_task(keep_health_honest(core, health_servicer))
 
@@ -84,9 +88,11 @@ async def serve_router(config: RouterConfig) -> int:
     if discovery is not None:
         discovery.start()
     grpc_server, grpc_port, health_task = await start_grpc(core, config.host, config.grpc_port)
-    gateway, http_port = await serve_gateway(core, config.host, config.http_port)
+    gateway, http_port = await serve_gateway(core, config.host, config.http_port, reuse_port=config.reuse_port,
+                                             own_port=config.own_http_port)
+    own = f"; own ports http {config.own_http_port}, gRPC {config.own_grpc_port}" if config.own_http_port else ""
     print(f"baton router: gateway http://{config.host}:{http_port}/v1 (model {core.model_name}), "
-          f"gRPC {config.host}:{grpc_port}", flush=True)
+          f"gRPC {config.host}:{grpc_port}{own}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -102,6 +108,9 @@ async def serve_router(config: RouterConfig) -> int:
 
 
 def run_router(config: RouterConfig) -> int:
-    """Blocking entry point used by the CLI."""
+    """Blocking entry point used by the CLI (`--processes` > 1: router/processes.py)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
+    if config.processes > 1:
+        from baton.router.processes import run_router_processes
+        return run_router_processes(config)
     return asyncio.run(serve_router(config))

@@ -40,6 +40,9 @@ class RouterMetrics:
         self.in_flight = Gauge("baton_router_in_flight_requests", "Requests being served", registry=r)
         self.queued = Gauge("baton_router_queued_requests", "Requests waiting in the router for a worker with room",
                             registry=r)
+        self.live_replicas = Gauge("baton_router_live_replicas", "Router replicas counted live, this one included "
+                                   "(the router queue limit is split among them)", registry=r)
+        self.live_replicas.set(1)
         self.backpressure = Counter("baton_router_backpressure", "Times a request waited because workers were full",
                                     ["role", "reason"], registry=r)
         self.failures = Counter("baton_router_failures", "Requests that ended with an error, by error code",

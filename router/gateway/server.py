@@ -55,12 +55,14 @@ def http_protocol() -> str:
     return "httptools"
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # the processes of `baton router --processes` share the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError:
         sock.close()
@@ -71,17 +73,20 @@ def _bind(host: str, port: int) -> socket.socket:
 
 async def serve_gateway(core, host: str = "127.0.0.1", port: int = 0, *,
                         log_level: str = "warning", access_log: bool = False,
-                        graceful_shutdown_s: float = 5.0) -> tuple[GatewayServer, int]:
+                        graceful_shutdown_s: float = 5.0, reuse_port: bool = False,
+                        own_port: int = 0) -> tuple[GatewayServer, int]:
     """Start the HTTP gateway for `core` on `host:port` in the running loop; returns
-    `(server, bound port)` once it is accepting connections."""
-    sock = _bind(host, port)
+    `(server, bound port)` once it is accepting connections. `reuse_port`: the port is shared with
+    other processes (SO_REUSEPORT); `own_port` > 0: the same app also on a port of this process alone."""
+    sock = _bind(host, port, reuse_port)
+    sockets = [sock] + ([_bind(host, own_port)] if own_port else [])
     config = uvicorn.Config(
         create_app(core), log_level=log_level, access_log=access_log, lifespan="off",
         timeout_graceful_shutdown=graceful_shutdown_s, ws="none", http=http_protocol())
     server = GatewayServer(config)
     server.host, server.port = host, sock.getsockname()[1]
-    server.task = asyncio.create_task(server.serve(sockets=[sock]), name=f"gateway-{server.port}")
-    server.task.add_done_callback(lambda _: sock.close())
+    server.task = asyncio.create_task(server.serve(sockets=sockets), name=f"gateway-{server.port}")
+    server.task.add_done_callback(lambda _: [s.close() for s in sockets])
     while not server.started:
         if server.task.done():
             server.task.result()  # raises what stopped it

@@ -179,9 +179,11 @@ def test_over_admission_is_refused_and_api_keys_enforced(cluster, prompts):
 
 def test_dynamic_register_and_deregister(cluster, model, tmp_path, prompts):
     from baton.protos.baton.v1 import router_pb2, router_pb2_grpc, worker_pb2
-    router, _ = cluster(prefills=0, decodes=1)
-    extra = start_worker("decode", model, tmp_path)
+    extra = start_worker("decode", model, tmp_path, wait=False)  # loads beside the cluster's worker
     try:
+        router, _ = cluster(prefills=0, decodes=1)
+        wait_all_serving([extra])
+
         async def scenario():
             async with grpc.aio.insecure_channel(router.grpc_address) as channel:
                 stub = router_pb2_grpc.RouterStub(channel)
