@@ -19,6 +19,8 @@
 #   long      issue 17's long-context figures: vLLM's 32k-token prefill (bench/vllm_long_prefill.py), then Baton's
 #             (gpu_engine sections ceil,l,p: decode attention at 8k / 32k contexts vs the KV-read limit, 32k prefill)
 #   transfer  nixl VRAM vs a device-to-device copy (bench/kv_transfer.py --device cuda)
+#   mixed     issue 17's mixed steps by kernel kind: the linear layers' share of the matmul rate per mix of prefill
+#             chunks and decode rows (bench/mixed_step_profile.py)
 #
 # Results go to $OUT (summary.md, NAME.json/.md per server). Files outside $OUT survive only
 # while the machine stays warm (30 s after a call): send the next call at once.
@@ -127,6 +129,8 @@ for step in "$@"; do
       UCX_NET_DEVICES=lo python3 -m baton.bench.kv_transfer --device cuda --backends "${BACKENDS:-tcp,nixl,cuda_ipc}" \
         --json "$OUT/kv_transfer_cuda.json" \
         --results "$OUT/kv_transfer_cuda.md" 2>&1 | grep -v "NIXL INFO" | tail -30 ;;
+    mixed)
+      python3 -m baton.bench.mixed_step_profile --model $MODEL --json "$OUT/mixed_step.json" 2>&1 | grep -v "^mixed" | tail -14 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

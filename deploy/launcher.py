@@ -224,22 +224,26 @@ class Cluster:
                                "--chat-template", self.up.chat_template, "--tool-call-parser", self.up.tool_call_parser,
                                "--prefill-backlog-limit", str(self.up.prefill_backlog_limit),
                                "--max-queued-requests", str(self.up.router_max_queued_requests),
-                               *self._router_process_flags(ports[2 * len(roles):-2]),
+                               *self._router_processes(http_port, ports[2 * len(roles):-2]),
                                *self._failover_flags()],
                     {"CUDA_VISIBLE_DEVICES": ""})
         self.gateway_url = f"http://{self.up.host}:{http_port}"
-        own = ports[2 * len(roles):-2]
-        self.metrics_targets[:0] = [MetricsTarget("router", "router", f"{self.up.host}:{http_port}")] if not own else [
-            MetricsTarget(f"router-{i}", "router", f"{self.up.host}:{own[2 * i]}") for i in range(len(own) // 2)]
         self._wait_http(self.gateway_url + "/health", deadline)
         return self.gateway_url
 
-    def _router_process_flags(self, own: list[int]) -> list[str]:
-        """--processes and each router process's own HTTP:gRPC ports (where Prometheus scrapes it)."""
-        if not own:
+    def _router_processes(self, http_port: int, own: list[int] | None = None) -> list[str]:
+        """The router's Prometheus targets (first in the list) and its `--processes` flags: one target on the
+        gateway port, or with `router_processes` > 1 one per process on its own port (`own`: their HTTP:gRPC
+        pairs flattened, picked here when not given)."""
+        count = self.up.router_processes
+        if count == 1:
+            self.metrics_targets.insert(0, MetricsTarget("router", "router", f"{self.up.host}:{http_port}"))
             return []
+        own = own or free_ports(2 * count, self.up.host)
+        self.metrics_targets[:0] = [MetricsTarget(f"router-{i}", "router", f"{self.up.host}:{own[2 * i]}")
+                                    for i in range(count)]
         pairs = ",".join(f"{own[i]}:{own[i + 1]}" for i in range(0, len(own), 2))
-        return ["--processes", str(len(own) // 2), "--process-ports", pairs]
+        return ["--processes", str(count), "--process-ports", pairs]
 
     def _private_file(self, name: str, text: str) -> str:
         """Write `text` to a file readable by this user only, in the run directory; its path."""

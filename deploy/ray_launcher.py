@@ -251,10 +251,10 @@ class RayCluster(Cluster):
                                "--ray-actor-prefix", cfg.ray_actor_prefix, "--ray-node-ip", cfg.ray_node_ip,
                                "--discovery-interval-s", str(cfg.ray_discovery_interval_s),
                                *(["--discover-encoders", f"{cfg.ray_actor_prefix}-encoder:0"] if up.encoders else []),
-                               "--allowed-local-media-path", up.allowed_local_media_path],
+                               "--allowed-local-media-path", up.allowed_local_media_path,
+                               *self._router_processes(http_port)],
                     {"CUDA_VISIBLE_DEVICES": ""})
         self.gateway_url = f"http://{up.host}:{http_port}"
-        self.metrics_targets.insert(0, MetricsTarget("router", "router", f"{up.host}:{http_port}"))
         self._wait_http(self.gateway_url + "/health", deadline)
         return self.gateway_url
 

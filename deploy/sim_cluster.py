@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 
-from baton.deploy.launcher import Cluster, MetricsTarget
+from baton.deploy.launcher import Cluster
 from baton.services.common.server import free_port
 from baton.services.engine.engine_setup import resolve_model_path
 
@@ -38,10 +38,9 @@ class SimulatedCluster(Cluster):
                                "--decode", ",".join(addresses["decode"]), *self._key_flags(), *secret,
                                "--decode-only-threshold", str(up.decode_only_threshold),
                                "--max-queued-requests", str(up.router_max_queued_requests),
-                               *self._failover_flags()],
+                               *self._router_processes(http_port), *self._failover_flags()],
                     {"CUDA_VISIBLE_DEVICES": ""})
         self.gateway_url = f"http://{up.host}:{http_port}"
-        self.metrics_targets.insert(0, MetricsTarget("router", "router", f"{up.host}:{http_port}"))
         self._wait_http(self.gateway_url + "/health", deadline)
         return self.gateway_url
 

@@ -15,16 +15,17 @@ up`, Kubernetes) restarts the router whole, so no port is left half served.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from typing import Optional
 
 from baton.router.config import RouterConfig
-from baton.services.common.server import free_ports
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,22 @@ STOP_GRACE_S = 30.0
 """How long stopped children may drain before they are killed."""
 
 
+def pick_ports(count: int, host: str) -> list[int]:
+    """`count` distinct free ports: each probe socket stays bound until all are chosen (the router imports
+    nothing of services/, whose `free_ports` does the same for workers)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket(family, socket.SOCK_STREAM)) for _ in range(count)]
+        for probe in probes:
+            probe.bind((host, 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
 def child_configs(config: RouterConfig) -> list[RouterConfig]:
     """One config per process: the shared ports fixed, its own ports, and the others as its peers."""
     count = config.processes
     pairs = config.port_pairs()
-    picked = free_ports(2 * count + 2, config.host)
+    picked = pick_ports(2 * count + 2, config.host)
     if not pairs:
         pairs = [(picked[2 * i], picked[2 * i + 1]) for i in range(count)]
     http_port, grpc_port = config.http_port or picked[-2], config.grpc_port or picked[-1]
@@ -50,13 +62,26 @@ def child_configs(config: RouterConfig) -> list[RouterConfig]:
     return children
 
 
-def _child_main(fields: dict) -> None:
+def _child_main(fields: dict, parent: int) -> None:
     """A child process: one whole router (its config rebuilt from plain fields: the parent's holds
-    open credentials that do not pickle)."""
+    open credentials that do not pickle). It gets SIGTERM when the parent dies, even by SIGKILL, so
+    no orphan keeps serving the shared ports (Linux; elsewhere the parent's own stop must do)."""
     import sys
 
     from baton.router.main import run_router
+    _term_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        sys.exit(1)
     sys.exit(run_router(RouterConfig(**fields)))
+
+
+def _term_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM) where libc offers it."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.warning("cannot ask for SIGTERM on the parent's death here: a killed parent leaves this process running")
 
 
 def run_router_processes(config: RouterConfig) -> int:
@@ -66,7 +91,7 @@ def run_router_processes(config: RouterConfig) -> int:
     procs = []
     for i, child in enumerate(children):
         fields = {f.name: getattr(child, f.name) for f in dataclasses.fields(child)}
-        proc = context.Process(target=_child_main, args=(fields,), name=f"router-{i}", daemon=False)
+        proc = context.Process(target=_child_main, args=(fields, os.getpid()), name=f"router-{i}", daemon=False)
         proc.start()
         procs.append(proc)
         log.info("router process %d (pid %d): own ports http %d, grpc %d", i, proc.pid, child.own_http_port,

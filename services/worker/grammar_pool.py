@@ -7,7 +7,8 @@ when its text is over `max_grammar_bytes`, compiled in a thread of its own, at m
 `grammar_compile_threads` at once (xgrammar releases the GIL, so the engine keeps stepping
 meanwhile), into the engine's compiled-grammar cache
 (`Engine.grammar_cache`, an LRU keyed by the spec), and the request waits at most
-`grammar_compile_timeout_s` for it. The engine's own `add_request` then finds the grammar
+`grammar_compile_timeout_s` for it (the compiler's one-time set-up on the first spec, building the
+vocabulary's token table, waits outside that limit). The engine's own `add_request` then finds the grammar
 cached (only a spec evicted meanwhile, by hundreds of newer ones, is compiled again there). A bad spec, a spec too large and a compile past its limit are that request's
 INVALID_REQUEST (HTTP 400, `param` naming the field) and nobody else's.
 
@@ -39,6 +40,7 @@ class GrammarPool:
         self.timeout_s = timeout_s
         self._threads = max(1, threads)
         self._slots: Optional[asyncio.Semaphore] = None  # made in the event loop that uses it
+        self._cache_ready = False
 
     async def prepare(self, params: SamplingParams) -> None:
         """Compile the request's grammar (if any) within the limits; BatonError(INVALID_REQUEST) if not."""
@@ -52,6 +54,9 @@ class GrammarPool:
             raise BatonError(ErrorCode.INVALID_REQUEST, f"the structured-output spec is {size} bytes; this worker "
                                                         f"accepts at most {self.max_bytes} (--max-grammar-bytes)",
                              param=param)
+        if not self._cache_ready:  # the one-time compiler set-up (the vocabulary's token table) is not the
+            await asyncio.to_thread(self._engine.grammar_cache)  # request's compile: outside its time limit
+            self._cache_ready = True
         try:
             await asyncio.wait_for(self._compile(spec), self.timeout_s)
         except asyncio.TimeoutError:

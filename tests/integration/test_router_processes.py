@@ -1,8 +1,8 @@
 """`baton router --processes 2`: two router processes on one HTTP and one gRPC port (SO_REUSEPORT)
 in front of a real decode worker. Connections spread over both, every answer equals the greedy
 reference, each process counts the other as a live replica and serves its own /metrics, SIGTERM
-stops them all cleanly, and one process dying takes the router down whole (exit 1) for the
-supervisor to restart."""
+stops them all cleanly, one process dying takes the router down whole (exit 1) for the
+supervisor to restart, and a SIGKILLed parent leaves no child serving the ports."""
 import asyncio
 import json
 import os
@@ -96,6 +96,23 @@ def test_one_process_dying_stops_the_router(model, decode, tmp_path):
         router.stop()
 
 
+def test_a_killed_parent_leaves_no_process_serving(model, decode, tmp_path):
+    router, own = start_two(model, tmp_path, decode)
+    try:
+        pids = [int(p) for p in re.findall(r"router process \d \(pid (\d+)\)", router.log())]
+        router.proc.send_signal(signal.SIGKILL)  # no forwarding: the children see their parent die
+        router.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, "router processes outlived their killed parent"
+            time.sleep(0.1)
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        router.stop()
+
+
 def _replicas(own: list[str]) -> list[float]:
     """Each process's live-replica gauge (0 while its own port does not answer yet)."""
     counts = []
@@ -108,8 +125,9 @@ def _replicas(own: list[str]) -> list[float]:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
         return False
-    return True
