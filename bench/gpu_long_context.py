@@ -139,7 +139,7 @@ def section_l(res: dict, batches=(1, 32), contexts=(8192, 32768), split_sweep=()
             for splits in split_sweep:
                 case = decode_case(batch, context, num_sms, splits)
                 out[f"b{batch}_ctx{context}_s{splits}"] = case
-            print("l", json.dumps(case), flush=True)
+                print("l", json.dumps(case), flush=True)
     return out
 
 

@@ -43,9 +43,9 @@ class Mix:
 
     @property
     def label(self) -> str:
-        parts = [f"{len(self.chunks)} x {self.chunks[0]}"] if len(set(self.chunks)) == 1 else \
-            [" + ".join(str(c) for c in self.chunks)]
-        return " + ".join(parts + ([f"{self.decodes} decodes"] if self.decodes else []))
+        chunks = f"{len(self.chunks)} x {self.chunks[0]}" if len(set(self.chunks)) == 1 else \
+            " + ".join(map(str, self.chunks))
+        return chunks + (f" + {self.decodes} decodes" if self.decodes else "")
 
 
 MIXES = (Mix(0, (4096,)), Mix(0, (1024,) * 4), Mix(0, (256,) * 16), Mix(32, (512,)), Mix(64, (2048, 2048)),

@@ -48,7 +48,7 @@ import grpc
 from baton.bench.machine import report
 from baton.bench.router_scale_prefix import POLICIES, WIDE_GUARD, PrefixWorkload, RunResult, run_policy
 from baton.protos.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from baton.services.common.server import free_port, wait_for_health
+from baton.services.common.server import free_ports, wait_for_health
 
 ZERO = dict(prefill_base_s=0, prefill_token_s=0, prefill_attention_s=0, decode_step_s=0, decode_seq_s=0,
             decode_ctx_token_s=0, transfer_base_s=0)
@@ -210,17 +210,16 @@ def run_overhead(args) -> dict:
     children = []
     try:
         worker = sim.addresses["decode"][0]
-        port, calls_port, http_port = free_port(), free_port(), free_port()
-        floor_port, floor_calls_port = free_port(), free_port()
+        extra = 2 * args.router_processes if args.router_processes > 1 else 0  # each router process's own pair
+        port, calls_port, http_port, calls_http_port, floor_port, floor_calls_port, *own = free_ports(6 + extra)
         router = [sys.executable, "-m", "baton.deploy.cli", "router", "--model", str(ensure_default_model()),
                   "--decode", worker, "--decode-policy", "round_robin", "--decode-only-threshold", "1000000000"]
         quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_pinned(server_cpus))
-        own = [free_port() for _ in range(2 * args.router_processes)] if args.router_processes > 1 else []
         own_flags = ["--processes", str(args.router_processes), "--process-ports",
                      ",".join(f"{own[i]}:{own[i + 1]}" for i in range(0, len(own), 2))] if own else []
         children.append(subprocess.Popen([*router, "--grpc-port", str(port), "--http-port", str(http_port), *own_flags],
                                          **{**quiet, "preexec_fn": _pinned(router_cpus)}))
-        children.append(subprocess.Popen([*router, "--grpc-port", str(calls_port), "--http-port", str(free_port()),
+        children.append(subprocess.Popen([*router, "--grpc-port", str(calls_port), "--http-port", str(calls_http_port),
                                           "--no-decode-stream"], **quiet))
         children.append(subprocess.Popen([sys.executable, "-m", "baton.bench.grpc_floor_proxy", worker,
                                           str(floor_calls_port)], preexec_fn=_pinned(server_cpus)))

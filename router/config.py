@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from baton.protos.cluster_auth import ClusterCredentials
 
@@ -43,13 +44,7 @@ class RouterConfig:
     processes: int = 1
     """Router processes sharing --http-port and --grpc-port (SO_REUSEPORT, Linux), each a replica of the others (as with --router-peers): more than 1 spreads the router's CPU over cores, like vLLM's --api-server-count (router/processes.py)."""
     process_ports: str = ""
-    """With --processes N: N comma-separated HTTP:gRPC port pairs, each process's own (its /metrics for Prometheus, its health for its peers); empty: picked free."""
-    reuse_port: bool = False
-    """Bind --http-port and --grpc-port with SO_REUSEPORT (set for each process of --processes; off: a second router on a taken port fails)."""
-    own_http_port: int = 0
-    """A second HTTP port this process alone listens on (each process of --processes gets one); 0: none."""
-    own_grpc_port: int = 0
-    """A second gRPC port this process alone listens on (its peers check its health there); 0: none."""
+    """With --processes N: N comma-separated HTTP:gRPC port pairs, each process's own (its /metrics for Prometheus, its health for its peers); empty: picked free. With one process and one pair (how each process of --processes starts): its own ports, and --http-port / --grpc-port are shared (SO_REUSEPORT)."""
     kv_events: bool = True
     """Subscribe to the workers' KV events: cache-aware scores from what each really caches (off: the approximate tree only)."""
     kv_index_max_entries: int = 1_000_000
@@ -209,6 +204,12 @@ class RouterConfig:
     def cluster_credentials(self) -> ClusterCredentials:
         """The cluster secret and TLS files the router's channels to workers use."""
         return self._cluster
+
+    @property
+    def own_ports(self) -> Optional[tuple[int, int]]:
+        """This process's own (HTTP, gRPC) ports when it is one of the processes of --processes (its main
+        ports are then shared with the others); None for a router on its own."""
+        return self.port_pairs()[0] if self.processes == 1 and self.process_ports else None
 
     def port_pairs(self) -> list[tuple[int, int]]:
         """`process_ports` as (HTTP, gRPC) pairs (a clear error for a malformed one)."""

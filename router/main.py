@@ -56,19 +56,21 @@ async def keep_health_honest(core: RouterCore, servicer: health.aio.HealthServic
 
 async def start_grpc(core: RouterCore, host: str, port: int) -> tuple[grpc.aio.Server, int, asyncio.Task]:
     """The Router gRPC service with standard health and reflection; returns (server, port, the
-    task that keeps its health status current). With `reuse_port` the port may be shared with the
-    other processes of `--processes`; `own_grpc_port` is a second port of this process alone."""
+    task that keeps its health status current). A process of `--processes` shares `port` with the
+    others and also listens on its own gRPC port (`RouterConfig.own_ports`); otherwise the port is
+    never shared (a second router on it fails)."""
     config = core.config
+    own = config.own_ports
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_request_bytes),
-                                      ("grpc.so_reuseport", int(config.reuse_port))])
+                                      ("grpc.so_reuseport", int(own is not None))])
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     bound = server.add_insecure_port(f"{host}:{port}")
-    if config.own_grpc_port:
-        server.add_insecure_port(f"{host}:{config.own_grpc_port}")
+    if own is not None:
+        server.add_insecure_port(f"{host}:{own[1]}")
     await server.start()
     return server, bound, asyncio.create_task(keep_health_honest(core, health_servicer))
 
@@ -88,11 +90,11 @@ async def serve_router(config: RouterConfig) -> int:
     if discovery is not None:
         discovery.start()
     grpc_server, grpc_port, health_task = await start_grpc(core, config.host, config.grpc_port)
-    gateway, http_port = await serve_gateway(core, config.host, config.http_port, reuse_port=config.reuse_port,
-                                             own_port=config.own_http_port)
-    own = f"; own ports http {config.own_http_port}, gRPC {config.own_grpc_port}" if config.own_http_port else ""
+    own = config.own_ports
+    gateway, http_port = await serve_gateway(core, config.host, config.http_port, own_port=own[0] if own else 0)
+    own_text = f"; own ports http {own[0]}, gRPC {own[1]}" if own else ""
     print(f"baton router: gateway http://{config.host}:{http_port}/v1 (model {core.model_name}), "
-          f"gRPC {config.host}:{grpc_port}{own}", flush=True)
+          f"gRPC {config.host}:{grpc_port}{own_text}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,16 +15,15 @@ up`, Kubernetes) restarts the router whole, so no port is left half served.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import os
 import signal
-import socket
 import time
 from typing import Optional
 
+from baton.protos.ports import free_ports
 from baton.router.config import RouterConfig
 
 log = logging.getLogger(__name__)
@@ -33,22 +32,11 @@ STOP_GRACE_S = 30.0
 """How long stopped children may drain before they are killed."""
 
 
-def pick_ports(count: int, host: str) -> list[int]:
-    """`count` distinct free ports: each probe socket stays bound until all are chosen (the router imports
-    nothing of services/, whose `free_ports` does the same for workers)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket(family, socket.SOCK_STREAM)) for _ in range(count)]
-        for probe in probes:
-            probe.bind((host, 0))
-        return [probe.getsockname()[1] for probe in probes]
-
-
 def child_configs(config: RouterConfig) -> list[RouterConfig]:
     """One config per process: the shared ports fixed, its own ports, and the others as its peers."""
     count = config.processes
     pairs = config.port_pairs()
-    picked = pick_ports(2 * count + 2, config.host)
+    picked = free_ports(2 * count + 2, config.host)
     if not pairs:
         pairs = [(picked[2 * i], picked[2 * i + 1]) for i in range(count)]
     http_port, grpc_port = config.http_port or picked[-2], config.grpc_port or picked[-1]
@@ -56,9 +44,8 @@ def child_configs(config: RouterConfig) -> list[RouterConfig]:
     for i, (own_http, own_grpc) in enumerate(pairs):
         peers = [f"{config.host}:{g}" for j, (_, g) in enumerate(pairs) if j != i]
         peers = RouterConfig.addresses(config.router_peers) + peers
-        children.append(dataclasses.replace(
-            config, processes=1, process_ports="", reuse_port=True, http_port=http_port, grpc_port=grpc_port,
-            own_http_port=own_http, own_grpc_port=own_grpc, router_peers=",".join(peers)))
+        children.append(dataclasses.replace(config, processes=1, process_ports=f"{own_http}:{own_grpc}",
+                                            http_port=http_port, grpc_port=grpc_port, router_peers=",".join(peers)))
     return children
 
 
@@ -94,11 +81,10 @@ def run_router_processes(config: RouterConfig) -> int:
         proc = context.Process(target=_child_main, args=(fields, os.getpid()), name=f"router-{i}", daemon=False)
         proc.start()
         procs.append(proc)
-        log.info("router process %d (pid %d): own ports http %d, grpc %d", i, proc.pid, child.own_http_port,
-                 child.own_grpc_port)
+        log.info("router process %d (pid %d): own ports http:grpc %s", i, proc.pid, child.process_ports)
     print(f"baton router: {len(procs)} processes on http://{config.host}:{children[0].http_port}/v1 and gRPC "
           f"{config.host}:{children[0].grpc_port}; own ports "
-          + ", ".join(f"{c.own_http_port}:{c.own_grpc_port}" for c in children), flush=True)
+          + ", ".join(c.process_ports for c in children), flush=True)
     stopping: Optional[int] = None
 
     def on_signal(signum, _frame) -> None:

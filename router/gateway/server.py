@@ -73,12 +73,12 @@ def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
 
 async def serve_gateway(core, host: str = "127.0.0.1", port: int = 0, *,
                         log_level: str = "warning", access_log: bool = False,
-                        graceful_shutdown_s: float = 5.0, reuse_port: bool = False,
-                        own_port: int = 0) -> tuple[GatewayServer, int]:
+                        graceful_shutdown_s: float = 5.0, own_port: int = 0) -> tuple[GatewayServer, int]:
     """Start the HTTP gateway for `core` on `host:port` in the running loop; returns
-    `(server, bound port)` once it is accepting connections. `reuse_port`: the port is shared with
-    other processes (SO_REUSEPORT); `own_port` > 0: the same app also on a port of this process alone."""
-    sock = _bind(host, port, reuse_port)
+    `(server, bound port)` once it is accepting connections. `own_port` > 0 (a process of `baton router
+    --processes`): `port` is shared with the other processes (SO_REUSEPORT), and the same app also
+    listens on `own_port`, this process's alone."""
+    sock = _bind(host, port, reuse_port=own_port > 0)
     sockets = [sock] + ([_bind(host, own_port)] if own_port else [])
     config = uvicorn.Config(
         create_app(core), log_level=log_level, access_log=access_log, lifespan="off",

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
@@ -39,6 +38,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from baton.protos.cluster_auth import OPEN, ClusterCredentials, add_port, open_channel, server_interceptors
 from baton.protos.errors import BatonError, ErrorCode
+from baton.protos.ports import free_port, free_ports  # noqa: F401 - re-exported for the launchers and tests
 
 logger = logging.getLogger(__name__)
 
@@ -326,22 +326,3 @@ async def wait_for_health(address: str, timeout: float, service: str = "",
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
             delay = min(delay * 2, 0.2)
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (for tests and launchers; bind port 0 where you can)."""
-    return free_ports(1, host)[0]
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct TCP ports free on `host` right now: every probe stays bound until all are picked, so
-    the kernel cannot hand one port out twice (picking them one by one, while the processes given the
-    earlier ones have not bound them yet, can: `baton up` once gave two workers the same metrics port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    probes = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in probes:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in probes]
-    finally:
-        for sock in probes:
-            sock.close()

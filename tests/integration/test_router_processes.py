@@ -43,6 +43,11 @@ def start_two(model, tmp, decode):
     return router, [f"http://127.0.0.1:{own[0]}", f"http://127.0.0.1:{own[2]}"]
 
 
+def child_pids(router) -> list[int]:
+    """The router processes' pids, from the parent's log."""
+    return [int(p) for p in re.findall(r"router process \d \(pid (\d+)\)", router.log())]
+
+
 def scrape(url: str, name: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as reply:
         text = reply.read().decode()
@@ -78,7 +83,7 @@ def test_two_processes_share_the_ports_and_stop_together(model, decode, tmp_path
         served = [scrape(u, "baton_router_requests_total") for u in own]
         assert sum(served) == 2 * len(PROMPTS) and min(served) > 0, served  # both processes took connections
         assert router.stop() == 0  # SIGTERM: both children drain and the parent exits 0
-        pids = [int(p) for p in re.findall(r"router process \d \(pid (\d+)\)", router.log())]
+        pids = child_pids(router)
         assert len(pids) == 2 and not any(_alive(pid) for pid in pids), router.log()[-2000:]
     finally:
         router.stop()
@@ -87,7 +92,7 @@ def test_two_processes_share_the_ports_and_stop_together(model, decode, tmp_path
 def test_one_process_dying_stops_the_router(model, decode, tmp_path):
     router, _ = start_two(model, tmp_path, decode)
     try:
-        pids = [int(p) for p in re.findall(r"router process \d \(pid (\d+)\)", router.log())]
+        pids = child_pids(router)
         os.kill(pids[0], signal.SIGKILL)
         assert router.proc.wait(30) == 1
         assert "exited (code -9): stopping the others" in router.log()
@@ -97,9 +102,9 @@ def test_one_process_dying_stops_the_router(model, decode, tmp_path):
 
 
 def test_a_killed_parent_leaves_no_process_serving(model, decode, tmp_path):
-    router, own = start_two(model, tmp_path, decode)
+    router, _ = start_two(model, tmp_path, decode)
+    pids = child_pids(router)
     try:
-        pids = [int(p) for p in re.findall(r"router process \d \(pid (\d+)\)", router.log())]
         router.proc.send_signal(signal.SIGKILL)  # no forwarding: the children see their parent die
         router.proc.wait(10)
         deadline = time.monotonic() + 30
